@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two cores and several processes: oversubscribed BLAS threads make CPU tests 10-100x slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+    from trl_tokenlevel.tiny import build_tiny_tokenizer
+
+    dataset = load_tiny_preference_dataset()
+    texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in dataset]
+    return build_tiny_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_tokenizer, tmp_path_factory):
+    """A tiny Llama saved to disk once per test session (TRL reloads reference models from a path)."""
+    from trl_tokenlevel.tiny import build_tiny_model, save_tiny_pair
+
+    model = build_tiny_model(tiny_tokenizer)
+    return save_tiny_pair(model, tiny_tokenizer, str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_preference_dataset():
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+
+    return load_tiny_preference_dataset()
