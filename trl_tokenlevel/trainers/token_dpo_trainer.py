@@ -1,0 +1,503 @@
+"""`TokenDPOTrainer`: TRL's `DPOTrainer` with token-level weights and rewards.
+
+With `token_loss_type=None` every method defers to `DPOTrainer`, so training is stock DPO to the bit. With a token
+loss, `_compute_loss` keeps TRL's fused LM-head forward (per-token log-probs, never `[batch, seq, vocab]` logits),
+forms per-token log-ratios against the reference, and hands them with the per-token weights or rewards to a pure
+function in `trl_tokenlevel.ops.preference`. The math lives there; this file moves tensors and logs metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    create_model_from_path,
+    disable_dropout_in_model,
+    get_config_model_id,
+    use_adapter,
+)
+
+from ..data.token_columns import (
+    TOKEN_BATCH_KEYS,
+    TOKEN_COLUMN_FAMILIES,
+    TOKEN_COLUMNS,
+    DataCollatorForTokenPreference,
+    validate_token_columns,
+)
+from ..ops.preference import cdpo_loss, tgdpo_token_weights, treg_loss, weighted_dpo_loss
+from .token_dpo_config import TokenDPOConfig
+
+# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
+_ROW_ID_COLUMN = "__trl_tokenlevel_row__"
+# Bumped whenever the layout of the per-token reference cache changes, so a stale cache is never reused.
+_REF_CACHE_VERSION = "trl_tokenlevel/per_token_ref_logps/v1"
+
+
+class TokenDPOTrainer(DPOTrainer):
+    """Drop-in replacement for [`~trl.DPOTrainer`] with token-level losses.
+
+    Args:
+        model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+        callbacks, optimizers, quantization_config, peft_config:
+            As in [`~trl.DPOTrainer`]. `args` may be a plain `DPOConfig` (stock DPO) or a [`TokenDPOConfig`].
+        guidance_model ([`~transformers.PreTrainedModel`] or `str`, *optional*):
+            TGDPO online mode: a frozen token-reward model (typically a DPO-trained model) sharing the policy's
+            tokenizer. Token rewards `r̂_t = log π_g(y_t) − log π_ref(y_t)` are computed in each step under
+            `no_grad`. Also settable as `args.guidance_model_name_or_path`.
+
+    Example:
+    ```python
+    from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer
+
+    args = TokenDPOConfig(output_dir="out", token_loss_type="cdpo")  # dataset has `rejected_token_weights`
+    trainer = TokenDPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "dpo", "trl-tokenlevel"]
+    _name = "TokenDPO"
+    _paper = {
+        "title": "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization",
+        "id": "2506.14574",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{zhu2025tgdpo,
+                title     = {{TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization}},
+                author    = {Mingkang Zhu and Xi Chen and Zhongdao Wang and Bei Yu and Hengshuang Zhao and Jiaya Jia},
+                year      = 2025,
+                booktitle = {Forty-second International Conference on Machine Learning, {ICML} 2025},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: PreTrainedModel | None = None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        guidance_model: PreTrainedModel | str | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = TokenDPOConfig(f"{model_name.split('/')[-1]}-TokenDPO")
+        # A plain DPOConfig is accepted for drop-in use and means stock DPO.
+        self.token_loss_type = args.token_loss_type if isinstance(args, TokenDPOConfig) else None
+
+        # Everything `_prepare_dataset` reads must exist before `super().__init__()`, which tokenizes the datasets.
+        if guidance_model is None and self.token_loss_type is not None:
+            guidance_model = args.guidance_model_name_or_path
+        if guidance_model is not None and self.token_loss_type != "tgdpo":
+            raise ValueError(
+                f"`guidance_model` is the TGDPO token-reward model, but token_loss_type={self.token_loss_type!r}. "
+                "Set token_loss_type='tgdpo' or drop `guidance_model`."
+            )
+        if isinstance(guidance_model, str):
+            guidance_model = create_model_from_path(guidance_model, **dict(args.model_init_kwargs or {}))
+        self.guidance_model = guidance_model
+
+        if self.token_loss_type is not None:
+            if processing_class is None:
+                processing_class = AutoProcessor.from_pretrained(
+                    model if isinstance(model, str) else get_config_model_id(model.config),
+                    trust_remote_code=args.trust_remote_code,
+                )
+            if data_collator is None:
+                data_collator = self._token_collator(processing_class, args)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+        if self.guidance_model is not None:
+            self._check_same_vocabulary(self.guidance_model, "guidance_model")
+            if args.disable_dropout:
+                disable_dropout_in_model(self.guidance_model)
+            self.guidance_model.requires_grad_(False)
+            add_fused_lm_head(self.guidance_model)
+            self.guidance_model = self.accelerator.prepare_model(self.guidance_model, evaluation_mode=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Initialisation helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _token_collator(processing_class, args) -> DataCollatorForTokenPreference:
+        """The stock preference collator plus per-token columns, with the pad token TRL would pick."""
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if pad_token not in tokenizer.get_vocab():
+            raise ValueError(
+                f"The pad token {pad_token!r} is not in the vocabulary of {type(tokenizer).__name__}. Set "
+                "`tokenizer.pad_token` to a token of the vocabulary."
+            )
+        return DataCollatorForTokenPreference(
+            pad_token_id=tokenizer.convert_tokens_to_ids(pad_token),
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
+        policy_width = self.model.get_output_embeddings().weight.shape[0]
+        other_width = other.get_output_embeddings().weight.shape[0]
+        if policy_width != other_width:
+            raise ValueError(
+                f"`{name}` has an LM head over {other_width} tokens but the policy's covers {policy_width}. Token "
+                "rewards need the same tokenizer and vocabulary: use a model fine-tuned from the same base."
+            )
+
+    def _required_columns_message(self, present: list[str]) -> str | None:
+        """Why the dataset cannot feed the chosen token loss, or None if it can."""
+        weights = TOKEN_COLUMN_FAMILIES["token_weights"][:2]
+        rewards = TOKEN_COLUMN_FAMILIES["token_rewards"][:2]
+        if self.token_loss_type == "weighted" and not set(weights) & set(present):
+            return f"token_loss_type='weighted' needs at least one of the columns {list(weights)}"
+        if self.token_loss_type == "cdpo" and "rejected_token_weights" not in present:
+            return (
+                "token_loss_type='cdpo' needs the column 'rejected_token_weights' (and optionally "
+                "'chosen_token_weights'); build it with `trl_tokenlevel.signals.add_critical_token_weights`"
+            )
+        if self.token_loss_type == "treg" and not set(rewards) <= set(present):
+            return (
+                f"token_loss_type='treg' needs the columns {list(rewards)}; build them with "
+                "`trl_tokenlevel.signals.add_contrastive_prompt_rewards`"
+            )
+        if self.token_loss_type == "tgdpo":
+            has_rewards = set(rewards) <= set(present)
+            if self.guidance_model is not None and set(rewards) & set(present):
+                return (
+                    "token_loss_type='tgdpo' got both a `guidance_model` and token reward columns; use one source "
+                    "of token rewards (drop the columns or the guidance model)"
+                )
+            if self.guidance_model is None and not has_rewards:
+                return (
+                    f"token_loss_type='tgdpo' needs the columns {list(rewards)} (build them with "
+                    "`trl_tokenlevel.signals.add_dpo_token_rewards`) or a `guidance_model`"
+                )
+        return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Dataset preparation: carry and validate per-token columns
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.token_loss_type is None:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        has_token_columns = any(name in (dataset.column_names or []) for name in TOKEN_COLUMNS)
+        track_rows = isinstance(dataset, Dataset) and has_token_columns
+        if track_rows:
+            dataset = dataset.add_column(_ROW_ID_COLUMN, list(range(len(dataset))))
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        row_ids = None
+        if track_rows:
+            row_ids = dataset[_ROW_ID_COLUMN]
+            dataset = dataset.remove_columns(_ROW_ID_COLUMN)
+        present = validate_token_columns(dataset, row_ids)
+        problem = self._required_columns_message(present)
+        if problem is not None:
+            raise ValueError(f"{problem}. The {dataset_name} dataset has columns {dataset.column_names}.")
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # `remove_unused_columns=True` (the default) keeps only signature columns: add ours so they reach the collator.
+        if self.token_loss_type is not None and not self._is_vision_dataset:
+            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Reference log-probs: live (separate model or adapter-disabled PEFT) or precomputed per token
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _reference_forward(self, model, model_kwargs, labels):
+        """Per-token reference log-probs `(2B, L-1)` from `model` under no_grad (adapter disabled for PEFT)."""
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        # The frozen forward never needs router logits (they would only feed a discarded MoE aux loss).
+        kwargs = {key: value for key, value in model_kwargs.items() if key != "output_router_logits"}
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+        ):
+            return model(**kwargs, labels=labels, fused_lm_head=True).log_probs
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """Precompute reference log-probs per completion token (token losses need them unsummed).
+
+        Adds TRL's sum columns (`ref_chosen_logps`, `ref_rejected_logps`) and the per-token columns
+        `ref_chosen_token_logps` / `ref_rejected_token_logps` (one value per completion token; 0 where the collator
+        truncates the token away). The cache fingerprint differs from TRL's sums cache, so neither is reused for the
+        other.
+        """
+        if self.token_loss_type is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` needs a map-style `Dataset`, got an `IterableDataset`. Convert it "
+                "or set `precompute_ref_log_probs=False`."
+            )
+        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, _REF_CACHE_VERSION))]
+        broadcast_object_list(fingerprint, from_process=0)
+        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        if not os.path.exists(cache_file):
+            self._write_ref_cache(dataset, name, batch_size, fingerprint[0], cache_file)
+        self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    def _write_ref_cache(self, dataset, name, batch_size, fingerprint, cache_file) -> None:
+        if self.is_deepspeed_enabled and self.ref_model is None:
+            raise ValueError(
+                "Per-token reference precomputation with DeepSpeed needs an explicit `ref_model`; pass one or set "
+                "`precompute_ref_log_probs=False`."
+            )
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        model = self.ref_model or self.model
+        kept = {"chosen": [], "rejected": []}
+        for batch in tqdm(loader, desc=f"Computing per-token reference log probs for {name} dataset"):
+            model_kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            with self.accelerator.autocast():
+                per_token = self._reference_forward(model, {**model_kwargs, "use_cache": False}, labels)
+            per_token = per_token[:, -(batch["input_ids"].shape[1] - 1) :]
+            # Back to input positions: the log-prob of the token at position p sits at p - 1 after the shift.
+            by_position = torch.cat([per_token.new_zeros(per_token.shape[0], 1), per_token], dim=1).float().cpu()
+            completion = batch["completion_mask"].bool().cpu()
+            rows = [by_position[i][completion[i]].tolist() for i in range(by_position.shape[0])]
+            half = len(rows) // 2
+            # One object per pair, so that `gather_for_metrics` drops the padding duplicates of the last batch.
+            pairs = self.accelerator.gather_for_metrics(list(zip(rows[:half], rows[half:])), use_gather_object=True)
+            for chosen, rejected in pairs:
+                kept["chosen"].append(chosen)
+                kept["rejected"].append(rejected)
+
+        if not self.accelerator.is_main_process:
+            return
+        keep_start = self.args.truncation_mode == "keep_start"
+
+        def to_full_length(values: list[float], completion_length: int) -> list[float]:
+            # The collator truncates the same way, so the zeros land exactly on tokens it removes.
+            missing = [0.0] * (completion_length - len(values))
+            return values + missing if keep_start else missing + values
+
+        def add_columns(batch, indices):
+            columns = {}
+            for side in ("chosen", "rejected"):
+                token_logps = [
+                    to_full_length(kept[side][index], len(ids)) for index, ids in zip(indices, batch[f"{side}_ids"])
+                ]
+                columns[f"ref_{side}_logps"] = [sum(values) for values in token_logps]
+                columns[f"ref_{side}_token_logps"] = token_logps
+            return columns
+
+        dataset.map(
+            add_columns,
+            with_indices=True,
+            batched=True,
+            remove_columns=dataset.column_names,
+            new_fingerprint=fingerprint,
+            cache_file_name=cache_file,
+            desc=f"Caching per-token reference log probs for {name} dataset",
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.token_loss_type is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *TOKEN_BATCH_KEYS}
+        model_kwargs = {key: value for key, value in inputs.items() if key not in non_model_keys}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        if "ref_token_logps" in inputs:
+            ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
+        else:
+            ref_model = self.ref_model if self.ref_model is not None else self.model
+            ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
+        valid = shift_mask.bool()
+        per_token_logratios = torch.where(valid, per_token_logps - ref_per_token_logps, 0.0)
+
+        per_pair_loss = self._token_level_loss(
+            mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask
+        )
+        loss = per_pair_loss.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
+        ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.sum(dim=1).chunk(2, dim=0)
+        self._log_dpo_metrics(
+            mode,
+            inputs,
+            outputs,
+            seq_len,
+            chosen_logps,
+            rejected_logps,
+            chosen_logps - ref_chosen_logps,
+            rejected_logps - ref_rejected_logps,
+        )
+        if return_outputs:
+            # TRL's deprecated `compute_metrics` path needs logits: one extra no-grad forward, as in `DPOTrainer`.
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"})
+            return loss, outputs
+        return loss
+
+    def _token_level_loss(
+        self, mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask
+    ) -> torch.Tensor:
+        """Dispatch to the ops function of `token_loss_type`; returns the per-pair loss `(B,)`."""
+        chosen_logratios, rejected_logratios = per_token_logratios.chunk(2, dim=0)
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        loss_type = self.token_loss_type
+
+        if loss_type in ("weighted", "cdpo"):
+            weights = inputs["token_weights"][:, 1:].to(per_token_logratios.dtype)
+            chosen_weights, rejected_weights = weights.chunk(2, dim=0)
+            self._log_token_stats(mode, "token_weights", weights, shift_mask)
+            if loss_type == "weighted":
+                return weighted_dpo_loss(
+                    chosen_logratios, rejected_logratios, chosen_weights, rejected_weights,
+                    chosen_mask, rejected_mask, self.beta,
+                )  # fmt: skip
+            return cdpo_loss(
+                chosen_logratios, rejected_logratios, chosen_weights, rejected_weights,
+                chosen_mask, rejected_mask, self.beta, aggregation=self.args.cdpo_aggregation,
+            )  # fmt: skip
+
+        rewards = self._token_rewards(inputs, model_kwargs, labels, ref_per_token_logps, shift_mask)
+        self._log_token_stats(mode, "token_rewards", rewards, shift_mask)
+        chosen_rewards, rejected_rewards = rewards.chunk(2, dim=0)
+        if loss_type == "tgdpo":
+            chosen_weights, rejected_weights = tgdpo_token_weights(
+                chosen_rewards, rejected_rewards, self.args.tgdpo_alpha, self.beta, self.args.tgdpo_min_weight
+            )
+            self._log_token_stats(mode, "token_weights", torch.cat([chosen_weights, rejected_weights]), shift_mask)
+            return weighted_dpo_loss(
+                chosen_logratios, rejected_logratios, chosen_weights, rejected_weights,
+                chosen_mask, rejected_mask, self.beta,
+            )  # fmt: skip
+        chosen_logps, rejected_logps = per_token_logps.chunk(2, dim=0)
+        loss, parts = treg_loss(
+            chosen_logratios, rejected_logratios, chosen_rewards, rejected_rewards, chosen_mask, rejected_mask,
+            self.beta, self.args.treg_alpha, reg_form=self.args.treg_reg_form,
+            reg_reduction=self.args.treg_reg_reduction, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        )  # fmt: skip
+        for key in ("reg_chosen", "reg_rejected", "pair_weight"):
+            self._metrics[mode][f"treg/{key}"].append(self.accelerator.gather(parts[key].detach()).mean().item())
+        return loss
+
+    def _token_rewards(self, inputs, model_kwargs, labels, ref_per_token_logps, shift_mask) -> torch.Tensor:
+        """Per-token rewards `(2B, L-1)`: from the dataset columns, or TGDPO's live `log π_g − log π_ref`."""
+        if self.guidance_model is None:
+            return inputs["token_rewards"][:, 1:].to(ref_per_token_logps.dtype)
+        guidance_logps = self._reference_forward(self.guidance_model, model_kwargs, labels)[:, -shift_mask.size(1) :]
+        return torch.where(shift_mask.bool(), guidance_logps - ref_per_token_logps, 0.0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _log_token_stats(self, mode: str, prefix: str, values: torch.Tensor, shift_mask: torch.Tensor) -> None:
+        """Token-weighted mean per side and global min/max over completion tokens, gathered across ranks."""
+        values = values.detach().float()
+        valid = shift_mask.bool()
+        for side, side_values, side_valid in zip(("chosen", "rejected"), values.chunk(2), valid.chunk(2)):
+            total = self.accelerator.gather_for_metrics(side_values[side_valid].sum()).sum()
+            count = self.accelerator.gather_for_metrics(side_valid.sum()).sum()
+            self._metrics[mode][f"{prefix}/{side}_mean"].append((total / count).item() if count > 0 else 0.0)
+        inf = torch.tensor(float("inf"), device=values.device)
+        low = self.accelerator.gather_for_metrics(torch.where(valid, values, inf).min()).min()
+        high = self.accelerator.gather_for_metrics(torch.where(valid, values, -inf).max()).max()
+        if torch.isfinite(low):
+            self._metrics[mode][f"{prefix}/min"].append(low.item())
+            self._metrics[mode][f"{prefix}/max"].append(high.item())
+
+    def _log_dpo_metrics(
+        self, mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios
+    ) -> None:
+        """The metrics `DPOTrainer` logs, with the same names and meaning (rewards are the unweighted `β·ΣΔ`)."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        chosen_mask, rejected_mask = inputs["completion_mask"][:, 1:].chunk(2, dim=0)
+        shift_mask = inputs["completion_mask"][:, 1:]
+
+        entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()).sum()
+        token_count = gather(shift_mask.sum()).sum()
+        metrics["entropy"].append((entropy_sum / token_count).item() if token_count > 0 else 0.0)
+
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        chosen_mean_logits, rejected_mean_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        for side, mean_logits, mask in (
+            ("chosen", chosen_mean_logits, chosen_mask),
+            ("rejected", rejected_mean_logits, rejected_mask),
+        ):
+            total = gather(mean_logits[mask.bool()].sum()).sum().item()
+            count = gather(mask.sum()).sum().item()
+            metrics[f"logits/{side}"].append(total / count if count > 0 else 0.0)
+
+        chosen_is_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+        correct = gather((chosen_is_top1 & chosen_mask.bool()).sum()).sum()
+        count = gather(chosen_mask.sum()).sum()
+        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        chosen_rewards = self.beta * chosen_logratios.detach()
+        rejected_rewards = self.beta * rejected_logratios.detach()
+        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        metrics["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
+        metrics["rewards/margins"].append(self.accelerator.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps.detach()).mean().item())
