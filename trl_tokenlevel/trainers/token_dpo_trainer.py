@@ -442,6 +442,31 @@ class TokenDPOTrainer(DPOTrainer):
         guidance_logps = self._reference_forward(self.guidance_model, model_kwargs, labels)[:, -shift_mask.size(1) :]
         return torch.where(shift_mask.bool(), guidance_logps - ref_per_token_logps, 0.0)
 
+    @torch.no_grad()
+    def compute_token_rewards(self, inputs: dict) -> torch.Tensor:
+        """Per-token implicit rewards `β·(log π_θ(y_t) − log π_ref(y_t))` of a collated batch (From r to Q*).
+
+        Returns `(2B, L-1)` aligned with `completion_mask[:, 1:]` (chosen rows, then rejected rows), 0 outside
+        completions. Works in stock and token mode, with a reference model, a PEFT adapter-disabled reference, or
+        precomputed per-token reference log-probs in the batch.
+        """
+        inputs = self._prepare_inputs(inputs)
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        seq_len = completion_mask.size(1) - 1
+        policy_logps = self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:]
+        if "ref_token_logps" in inputs:
+            ref_logps = inputs["ref_token_logps"][:, 1:]
+        elif self.ref_model is None and not is_peft_model(self.model):
+            raise ValueError(
+                "The reference model is not in memory (precompute_ref_log_probs=True without `ref_model`), so token "
+                "rewards cannot be computed for new rows. Pass `ref_model=` to the trainer."
+            )
+        else:
+            ref_logps = self._reference_forward(self.ref_model or self.model, model_kwargs, labels)[:, -seq_len:]
+        return torch.where(completion_mask[:, 1:].bool(), self.beta * (policy_logps - ref_logps), 0.0)
+
     # ------------------------------------------------------------------------------------------------------------
     # Metrics
     # ------------------------------------------------------------------------------------------------------------

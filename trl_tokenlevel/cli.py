@@ -1,0 +1,36 @@
+"""`trl-tokenlevel` command line: `trl-tokenlevel dpo [--flags | --config file.yaml]`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {"dpo": "Token-level DPO (TokenDPOTrainer); with no flags, a tiny offline CPU job on built-in data."}
+
+
+def _usage() -> str:
+    lines = ["usage: trl-tokenlevel <command> [options]", "", "commands:"]
+    lines += [f"  {name:<6} {help_text}" for name, help_text in COMMANDS.items()]
+    lines += ["", "Run `trl-tokenlevel <command> --help` for the command's flags (every config field is one)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trl-tokenlevel: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    # The default jobs never need the network; real runs that name Hub models still can (the user's environment).
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from trl_tokenlevel.scripts import dpo
+
+    dpo.main(*dpo.parse_args(rest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

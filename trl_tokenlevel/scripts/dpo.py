@@ -1,0 +1,215 @@
+"""Token-level DPO training script.
+
+Built-in tiny default (CPU, about a minute, offline):
+```bash
+trl-tokenlevel dpo
+```
+
+Full training:
+```bash
+trl-tokenlevel dpo \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+    --dataset_name trl-lib/ultrafeedback_binarized \
+    --token_loss_type tgdpo --guidance_model_name_or_path <your-dpo-model> \
+    --learning_rate 5e-7 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
+    --output_dir Qwen2.5-0.5B-TGDPO
+```
+
+LoRA, several GPUs:
+```bash
+accelerate launch --num_processes 2 -m trl_tokenlevel.scripts.dpo \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized \
+    --token_loss_type treg --token_signal treg --use_peft --lora_r 32 --lora_alpha 16 --output_dir out
+```
+Every `TokenDPOConfig`/`DPOConfig` field is a flag; `--config file.yaml` works as in TRL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+TINY_DEFAULTS = dict(
+    per_device_train_batch_size=8,
+    num_train_epochs=4,
+    learning_rate=5e-4,
+    lr_scheduler_type="constant",
+    beta=0.1,
+    logging_steps=10,
+    max_length=64,
+    gradient_checkpointing=False,
+    save_strategy="no",
+    report_to="none",
+    seed=0,
+)
+TOKEN_SIGNALS = ("none", "dpo", "critical", "treg")
+
+
+@dataclass
+class TokenDPOScriptArguments:
+    """Script arguments beside TRL's `ScriptArguments`: which offline token signal to build before training."""
+
+    token_signal: str = field(
+        default="none",
+        metadata={
+            "help": "Build per-token columns before training: 'none'; 'dpo' (DPO token rewards from "
+            "--signal_model_name_or_path vs the base model, for tgdpo); 'critical' (cDPO weights from "
+            "--positive_model_name_or_path/--negative_model_name_or_path); 'treg' (T-REG contrastive-prompt rewards "
+            "with the initial policy as evaluator).",
+            "choices": list(TOKEN_SIGNALS),
+        },
+    )
+    signal_model_name_or_path: str | None = field(default=None, metadata={"help": "DPO model for token_signal='dpo'."})
+    positive_model_name_or_path: str | None = field(default=None, metadata={"help": "cDPO positive model."})
+    negative_model_name_or_path: str | None = field(default=None, metadata={"help": "cDPO negative model."})
+    heatmap_examples: int = field(
+        default=6, metadata={"help": "Held-out pairs drawn in the per-token implicit-reward heatmap (0: none)."}
+    )
+
+
+def make_parser(prog: str | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from trl_tokenlevel import TokenDPOConfig
+
+    parser = TrlParser(
+        (ScriptArguments, TokenDPOScriptArguments, TokenDPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog
+    )
+    # TrainingArguments refuses bf16 without a GPU; default to what the machine supports.
+    parser.set_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), output_dir="tokenlevel-dpo-output")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser(prog="trl-tokenlevel dpo")
+    parsed = parser.parse_args_and_config(args=argv)
+    if parsed[3].model_name_or_path is None:
+        # The built-in tiny job: defaults sized for a CPU minute. Flags and YAML still override them.
+        parser.set_defaults(**TINY_DEFAULTS)
+        parsed = parser.parse_args_and_config(args=argv)
+    return parsed
+
+
+def _load_datasets(script_args, dataset_args, training_args):
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    else:
+        split = load_tiny_preference_dataset().train_test_split(test_size=16, seed=0)
+        return split["train"], split["test"]
+    train = dataset[script_args.dataset_train_split]
+    heldout = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
+    return train, heldout
+
+
+def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    from trl_tokenlevel import signals
+
+    def load(path, what):
+        if path is None:
+            raise ValueError(f"--token_signal {script_args.token_signal} needs {what}.")
+        return AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs).eval()
+
+    if script_args.token_signal == "dpo":
+        dpo_model = load(script_args.signal_model_name_or_path, "--signal_model_name_or_path (a DPO-trained model)")
+        return signals.add_dpo_token_rewards(dataset, dpo_model, load(model_path, "a base model"), tokenizer)
+    if script_args.token_signal == "critical":
+        positive = load(script_args.positive_model_name_or_path, "--positive_model_name_or_path")
+        negative = load(script_args.negative_model_name_or_path, "--negative_model_name_or_path")
+        return signals.add_critical_token_weights(dataset, positive, negative, tokenizer)
+    if script_args.token_signal == "treg":
+        return signals.add_contrastive_prompt_rewards(dataset, load(model_path, "a base model"), tokenizer)
+    return dataset
+
+
+def write_implicit_reward_heatmap(trainer, rows, path: str) -> str | None:
+    """HTML heatmap of `β·log π_θ/π_ref` per completion token for held-out pairs (From r to Q*)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from trl_tokenlevel.data import tokenize_preference_dataset
+    from trl_tokenlevel.viz import TokenRow, token_heatmap_terminal, write_token_heatmap
+
+    tokenizer = trainer.processing_class
+    tokenized = tokenize_preference_dataset(rows, tokenizer)
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(list(tokenized))
+    rewards = trainer.compute_token_rewards(batch).cpu()
+    mask = batch["completion_mask"][:, 1:].bool()
+    n = len(rows)
+    heat_rows = []
+    for i in range(n):
+        for side, row in (("chosen", i), ("rejected", n + i)):
+            ids = batch["input_ids"][row, 1:][mask[row]].tolist()
+            tokens = [tokenizer.decode([token]) for token in ids]
+            prompt = rows[i]["prompt"] if isinstance(rows[i]["prompt"], str) else rows[i]["prompt"][-1]["content"]
+            heat_rows.append(TokenRow(f"{side}: {prompt.strip()}", tokens, rewards[row][mask[row]].tolist()))
+    write_token_heatmap(path, heat_rows, title="Per-token implicit rewards β·log π_θ/π_ref", value_name="reward")
+    trainer.accelerator.print(token_heatmap_terminal(heat_rows[0]))
+    trainer.accelerator.print(token_heatmap_terminal(heat_rows[1]))
+    return path
+
+
+def main(script_args, token_script_args, training_args, model_args, dataset_args):
+    from transformers import AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_tokenlevel import TokenDPOTrainer
+    from trl_tokenlevel.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    train_dataset, heldout = _load_datasets(script_args, dataset_args, training_args)
+    if model_args.model_name_or_path is None:
+        texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in train_dataset]
+        tokenizer = build_tiny_tokenizer(texts)
+        model_path = os.path.join(training_args.output_dir, "tiny-base")
+        save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2), tokenizer, model_path)
+        model_init_kwargs = {}
+    else:
+        model_path = model_args.model_name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
+                                                  trust_remote_code=training_args.trust_remote_code)  # fmt: skip
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs or None
+
+    train_dataset = _add_token_signal(token_script_args, train_dataset, model_path, tokenizer, model_init_kwargs)
+    trainer = TokenDPOTrainer(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=heldout if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+
+    rows = heldout if heldout is not None else train_dataset
+    count = min(token_script_args.heatmap_examples, len(rows))
+    if count > 0 and trainer.accelerator.is_main_process:
+        path = os.path.join(training_args.output_dir, "token_rewards.html")
+        write_implicit_reward_heatmap(trainer, rows.select(range(count)), path)
+        trainer.accelerator.print(f"Per-token implicit-reward heatmap written to {path}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*parse_args())
