@@ -9,7 +9,13 @@ from trl import DPOConfig
 
 # Token-scalar losses: each needs only gathered per-token log-probs plus a per-token weight or reward.
 TOKEN_SCALAR_LOSS_TYPES = ("weighted", "tgdpo", "treg", "cdpo")
-TOKEN_LOSS_TYPES = TOKEN_SCALAR_LOSS_TYPES
+# Full-distribution losses: they need the policy's and the reference's (or teachers') whole next-token distributions,
+# computed from hidden states in tiles by `ops.chunked` (never `[batch, seq, vocab]` logits).
+FULL_DISTRIBUTION_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo", "aligndistil")
+TOKEN_LOSS_TYPES = TOKEN_SCALAR_LOSS_TYPES + FULL_DISTRIBUTION_LOSS_TYPES
+TOKEN_KERNELS = ("auto", "trl", "liger", "torch")
+MAPO_HOOK_SETS = ("all", "resid")
+ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast")
 CDPO_AGGREGATIONS = ("sequence", "per_token", "per_token_completion")
 TREG_REG_FORMS = ("logratio", "logprob")
 TREG_REG_REDUCTIONS = ("sum", "mean")
@@ -32,7 +38,15 @@ class TokenDPOConfig(DPOConfig):
             token rewards (columns `chosen_token_rewards` / `rejected_token_rewards`, or a live `guidance_model`).
             `"treg"`: T-REG ([paper](https://huggingface.co/papers/2412.02685)), DPO plus a token-reward regulariser
             (reward columns). `"cdpo"`: critical-token DPO ([paper](https://huggingface.co/papers/2411.19943)),
-            contrastive-estimation weights (weight columns).
+            contrastive-estimation weights (weight columns). Full-distribution losses (need a live reference):
+            `"tdpo1"` / `"tdpo2"`: TDPO ([paper](https://huggingface.co/papers/2404.11999)), DPO margin corrected by
+            sequential KL(π_ref‖π_θ). `"sparsepo"` / `"mapo"`: SparsePO ([paper](https://huggingface.co/papers/2410.05102)),
+            TDPO1 with learned (SparsePO) or reference-activation (MaPO) token masks. `"aligndistil"`: AlignDistil
+            ([paper](https://huggingface.co/papers/2503.02832)), token-level distillation towards an extrapolated
+            DPO / reverse-DPO teacher on chosen responses.
+        token_kernel (`str`, *optional*, defaults to `"auto"`):
+            Backend of the chunked per-token KL: `"trl"` (TRL's `ChunkedDivergenceFunction`), `"torch"` (our
+            plain-torch tiles), `"liger"`, or `"auto"` (TRL on CUDA, torch elsewhere).
 
         > Parameters of the individual methods
 
@@ -52,6 +66,35 @@ class TokenDPOConfig(DPOConfig):
             cDPO aggregation. `"sequence"` (paper): one sigmoid per pair over weighted token sums. `"per_token"`
             (official code): one sigmoid per aligned position, mean over all positions. `"per_token_completion"`:
             mean over positions where either side is a completion token.
+        tdpo_alpha (`float`, *optional*, defaults to `0.5`):
+            TDPO2 weight α of the sequential-KL difference (TDPO1 ignores it).
+        sparsepo_independent_masks (`bool`, *optional*, defaults to `False`):
+            SparsePO: separate mask networks for the reward and the KL terms (default: one common mask).
+        sparsepo_l1_reward (`float`, *optional*, defaults to `0.0`), sparsepo_l1_kl (`float`, *optional*, defaults to `0.0`):
+            SparsePO L1 penalties λ_u, λ_d on the masks (halved for a common mask, as in the official code).
+        sparsepo_mask_dropout (`float`, *optional*, defaults to `0.01`):
+            Dropout inside the SparsePO mask network.
+        sparsepo_mask_weight_decay (`float`, *optional*, defaults to `0.01`):
+            Weight decay of the mask parameters (own optimizer group, same learning rate).
+        mapo_hooks (`str`, *optional*, defaults to `"all"`):
+            MaPO activations: `"all"` (MLP activation, attention projections, residual stream) or `"resid"`
+            (decoder-layer outputs and final norm). The official `logits` hook is left out: no logits are built.
+        mapo_degenerate_fill (`float`, *optional*, defaults to `1.0`):
+            MaPO mask value for a sequence whose activations are constant or that has one completion token.
+        aligndistil_beta2 (`float`, *optional*, defaults to `10.0`):
+            AlignDistil β₂ (scale of the total variation in ω_t = β₂·TVD_t + 1e-3; 15 on-policy in the paper).
+        aligndistil_temperature (`float`, *optional*, defaults to `1.0`):
+            AlignDistil τ applied to student and teacher logits.
+        aligndistil_mode (`str`, *optional*, defaults to `"aligndistil"`):
+            `"aligndistil"` (adaptive contrastive teacher), or the ablations `"theorem1"` (uses the reference model) and
+            `"theorem1_contrast"`.
+        aligndistil_len_norm (`bool`, *optional*, defaults to `True`):
+            Divide each sequence's loss by its number of completion tokens.
+        aligndistil_official_positions (`bool`, *optional*, defaults to `False`):
+            Reproduce the official code's off-by-one position mask (positions predicting tokens 2..T+1).
+        aligndistil_dpo_model_name_or_path (`str` or `None`), aligndistil_reverse_model_name_or_path (`str` or `None`):
+            AlignDistil teachers (a DPO model and a reverse-DPO model, same tokenizer). Python users can pass
+            `aligndistil_teachers=(dpo_model, reverse_model)` to the trainer instead.
         guidance_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             TGDPO online mode from the command line: path or Hub id of the frozen token-reward model (a DPO-trained
             model sharing the policy's tokenizer). Python users can pass `guidance_model=` to the trainer instead.
@@ -64,7 +107,8 @@ class TokenDPOConfig(DPOConfig):
     token_loss_type: str | None = field(
         default=None,
         metadata={
-            "help": "Token-level loss: None (stock DPO), 'weighted', 'tgdpo', 'treg' or 'cdpo'.",
+            "help": "Token-level loss: None (stock DPO), 'weighted', 'tgdpo', 'treg', 'cdpo', 'tdpo1', 'tdpo2', "
+            "'sparsepo', 'mapo' or 'aligndistil'.",
             "choices": [None, *TOKEN_LOSS_TYPES],
         },
     )
@@ -88,6 +132,41 @@ class TokenDPOConfig(DPOConfig):
     guidance_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "TGDPO online mode: frozen token-reward model (path or Hub id) sharing the tokenizer."},
+    )
+    token_kernel: str = field(
+        default="auto",
+        metadata={"help": "Backend of the chunked per-token KL.", "choices": list(TOKEN_KERNELS)},
+    )
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2 alpha on the sequential-KL difference."})
+    sparsepo_independent_masks: bool = field(
+        default=False, metadata={"help": "SparsePO: separate reward and KL mask networks."}
+    )
+    sparsepo_l1_reward: float = field(default=0.0, metadata={"help": "SparsePO L1 penalty on the reward mask."})
+    sparsepo_l1_kl: float = field(default=0.0, metadata={"help": "SparsePO L1 penalty on the KL mask."})
+    sparsepo_mask_dropout: float = field(default=0.01, metadata={"help": "Dropout inside the SparsePO mask network."})
+    sparsepo_mask_weight_decay: float = field(
+        default=0.01, metadata={"help": "Weight decay of the SparsePO mask parameters."}
+    )
+    mapo_hooks: str = field(
+        default="all", metadata={"help": "MaPO activation hooks.", "choices": list(MAPO_HOOK_SETS)}
+    )
+    mapo_degenerate_fill: float = field(
+        default=1.0, metadata={"help": "MaPO mask for constant-activation or one-token completions."}
+    )
+    aligndistil_beta2: float = field(default=10.0, metadata={"help": "AlignDistil beta2 (TVD scale of omega)."})
+    aligndistil_temperature: float = field(default=1.0, metadata={"help": "AlignDistil temperature tau."})
+    aligndistil_mode: str = field(
+        default="aligndistil", metadata={"help": "AlignDistil teacher.", "choices": list(ALIGNDISTIL_MODES)}
+    )
+    aligndistil_len_norm: bool = field(default=True, metadata={"help": "AlignDistil per-sequence length norm."})
+    aligndistil_official_positions: bool = field(
+        default=False, metadata={"help": "Reproduce the official AlignDistil off-by-one position mask."}
+    )
+    aligndistil_dpo_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "AlignDistil DPO teacher (path or Hub id)."}
+    )
+    aligndistil_reverse_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "AlignDistil reverse-DPO teacher (path or Hub id)."}
     )
 
     def __post_init__(self):
@@ -123,7 +202,7 @@ class TokenDPOConfig(DPOConfig):
                 "use_weighting=True (WPO sequence weights) is not defined for token-level losses. Set "
                 "use_weighting=False."
             )
-        for name in ("tgdpo_alpha", "treg_alpha"):
+        for name in ("tgdpo_alpha", "treg_alpha", "tdpo_alpha", "sparsepo_l1_reward", "sparsepo_l1_kl"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}.")
@@ -137,6 +216,27 @@ class TokenDPOConfig(DPOConfig):
             raise ValueError(
                 f"cdpo_aggregation={self.cdpo_aggregation!r}; valid values: {', '.join(CDPO_AGGREGATIONS)}."
             )
+        if self.token_loss_type in FULL_DISTRIBUTION_LOSS_TYPES:
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    f"token_loss_type={self.token_loss_type!r} needs the reference model's whole next-token "
+                    "distribution at every completion token, which cannot be cached as log-prob sums. Set "
+                    "precompute_ref_log_probs=False (use a LoRA adapter to keep the reference free in memory)."
+                )
+            if self.use_liger_kernel:
+                raise ValueError(
+                    f"use_liger_kernel=True (deprecated in TRL) is not supported with token_loss_type="
+                    f"{self.token_loss_type!r}; select the chunked KL backend with token_kernel instead."
+                )
+        for name, value, choices in (
+            ("token_kernel", self.token_kernel, TOKEN_KERNELS),
+            ("mapo_hooks", self.mapo_hooks, MAPO_HOOK_SETS),
+            ("aligndistil_mode", self.aligndistil_mode, ALIGNDISTIL_MODES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}; valid values: {', '.join(choices)}.")
+        if self.aligndistil_temperature <= 0 or self.aligndistil_beta2 <= 0:
+            raise ValueError("aligndistil_temperature and aligndistil_beta2 must be positive.")
         if self.guidance_model_name_or_path is not None and self.token_loss_type != "tgdpo":
             raise ValueError(
                 "guidance_model_name_or_path is the TGDPO token-reward model; it is only used with "

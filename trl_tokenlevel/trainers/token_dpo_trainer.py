@@ -18,7 +18,7 @@ from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
-from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
@@ -36,13 +36,43 @@ from ..data.token_columns import (
     DataCollatorForTokenPreference,
     validate_token_columns,
 )
-from ..ops.preference import cdpo_loss, tgdpo_token_weights, treg_loss, weighted_dpo_loss
-from .token_dpo_config import TokenDPOConfig
+from ..ops.chunked import (
+    backbone_hidden_states,
+    chunked_token_kl,
+    chunked_total_variation,
+    lm_head_params,
+)
+from ..ops.preference import (
+    cdpo_loss,
+    mapo_zn_rescale,
+    sparsepo_loss,
+    tdpo_loss,
+    tgdpo_token_weights,
+    treg_loss,
+    weighted_dpo_loss,
+)
+from ..signals.masks import SparsePOMask
+from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
+from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
 
 # Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
 _ROW_ID_COLUMN = "__trl_tokenlevel_row__"
+# Losses that read the backbone's last hidden state of policy and reference during the fused forward.
+_HIDDEN_STATE_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo")
+_SPARSEPO_MASK_FILE = "sparsepo_mask.pt"
 # Bumped whenever the layout of the per-token reference cache changes, so a stale cache is never reused.
 _REF_CACHE_VERSION = "trl_tokenlevel/per_token_ref_logps/v1"
+
+
+class _ZeroGradientsAfterStep(TrainerCallback):
+    """Zero the gradients of modules trained beside the model (they would otherwise accumulate across steps)."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for module in self.modules:
+            module.zero_grad(set_to_none=True)
 
 
 class TokenDPOTrainer(DPOTrainer):
@@ -56,6 +86,9 @@ class TokenDPOTrainer(DPOTrainer):
             TGDPO online mode: a frozen token-reward model (typically a DPO-trained model) sharing the policy's
             tokenizer. Token rewards `r̂_t = log π_g(y_t) − log π_ref(y_t)` are computed in each step under
             `no_grad`. Also settable as `args.guidance_model_name_or_path`.
+        aligndistil_teachers (`tuple` of two models or paths, *optional*):
+            AlignDistil's frozen (DPO model, reverse-DPO model), sharing the policy's tokenizer. Also settable as
+            `args.aligndistil_dpo_model_name_or_path` / `args.aligndistil_reverse_model_name_or_path`.
 
     Example:
     ```python
@@ -97,6 +130,7 @@ class TokenDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
         guidance_model: PreTrainedModel | str | None = None,
+        aligndistil_teachers: tuple[PreTrainedModel | str, PreTrainedModel | str] | None = None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -115,6 +149,7 @@ class TokenDPOTrainer(DPOTrainer):
         if isinstance(guidance_model, str):
             guidance_model = create_model_from_path(guidance_model, **dict(args.model_init_kwargs or {}))
         self.guidance_model = guidance_model
+        self.aligndistil_teachers = self._load_aligndistil_teachers(args, aligndistil_teachers)
 
         if self.token_loss_type is not None:
             if processing_class is None:
@@ -141,12 +176,21 @@ class TokenDPOTrainer(DPOTrainer):
         )
 
         if self.guidance_model is not None:
-            self._check_same_vocabulary(self.guidance_model, "guidance_model")
-            if args.disable_dropout:
-                disable_dropout_in_model(self.guidance_model)
-            self.guidance_model.requires_grad_(False)
             add_fused_lm_head(self.guidance_model)
-            self.guidance_model = self.accelerator.prepare_model(self.guidance_model, evaluation_mode=True)
+            self.guidance_model = self._prepare_frozen(self.guidance_model, "guidance_model")
+        if self.aligndistil_teachers is not None:
+            self.aligndistil_teachers = tuple(
+                self._prepare_frozen(teacher, name)
+                for teacher, name in zip(self.aligndistil_teachers, ("DPO teacher", "reverse-DPO teacher"))
+            )
+            if args.aligndistil_mode != "theorem1":
+                # Only chosen responses against the two teachers: the reference model is not used, so free it.
+                self.ref_model = None
+        self.sparsepo_masks = None
+        if self.token_loss_type == "sparsepo":
+            self.sparsepo_masks = self._build_sparsepo_masks()
+            # `Trainer` zeroes only the model's gradients after each optimizer step; the masks live beside it.
+            self.add_callback(_ZeroGradientsAfterStep(self.sparsepo_masks))
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -168,6 +212,73 @@ class TokenDPOTrainer(DPOTrainer):
             truncation_mode=args.truncation_mode,
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
+
+    def _load_aligndistil_teachers(self, args, teachers):
+        if self.token_loss_type != "aligndistil":
+            if teachers is not None:
+                raise ValueError("`aligndistil_teachers` is only used with token_loss_type='aligndistil'.")
+            return None
+        if teachers is None:
+            paths = (args.aligndistil_dpo_model_name_or_path, args.aligndistil_reverse_model_name_or_path)
+            if None in paths:
+                raise ValueError(
+                    "token_loss_type='aligndistil' needs a DPO teacher and a reverse-DPO teacher (trained on swapped "
+                    "pairs): pass `aligndistil_teachers=(dpo_model, reverse_model)` or set "
+                    "aligndistil_dpo_model_name_or_path and aligndistil_reverse_model_name_or_path."
+                )
+            teachers = paths
+        return tuple(
+            create_model_from_path(t, **dict(args.model_init_kwargs or {})) if isinstance(t, str) else t
+            for t in teachers
+        )
+
+    def _prepare_frozen(self, model: PreTrainedModel, name: str) -> PreTrainedModel:
+        """Check the vocabulary, freeze, drop dropout and place a frozen auxiliary model like TRL's reference."""
+        self._check_same_vocabulary(model, name)
+        if self.args.disable_dropout:
+            disable_dropout_in_model(model)
+        model.requires_grad_(False)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _build_sparsepo_masks(self) -> list:
+        """One mask network (common mask) or two (reward, KL), on the training device, data-parallel like the model."""
+        config = causal_lm_of(self.model, self.accelerator).config.get_text_config()
+        count = 2 if self.args.sparsepo_independent_masks else 1
+        masks = []
+        for _ in range(count):
+            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout)
+            masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
+        return masks
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.sparsepo_masks is not None and not any(
+            group.get("sparsepo_mask") for group in optimizer.param_groups
+        ):
+            # The mask networks train with the policy, at the same learning rate, with their own weight decay.
+            params = [p for mask in self.sparsepo_masks for p in mask.parameters()]
+            optimizer.add_param_group(
+                {"params": params, "weight_decay": self.args.sparsepo_mask_weight_decay, "sparsepo_mask": True}
+            )
+        return optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # Checkpoints go through here too, so the SparsePO masks are saved with every checkpoint and the final model.
+        if self.sparsepo_masks is not None and self.accelerator.is_main_process:
+            output_dir = output_dir or self.args.output_dir
+            states = [self.accelerator.unwrap_model(mask).state_dict() for mask in self.sparsepo_masks]
+            torch.save(states, os.path.join(output_dir, _SPARSEPO_MASK_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.sparsepo_masks is not None:
+            path = os.path.join(resume_from_checkpoint, _SPARSEPO_MASK_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run.")
+            states = torch.load(path, map_location=self.accelerator.device)
+            for mask, state in zip(self.sparsepo_masks, states, strict=True):
+                self.accelerator.unwrap_model(mask).load_state_dict(state)
 
     def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
         policy_width = self.model.get_output_embeddings().weight.shape[0]
@@ -342,6 +453,8 @@ class TokenDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         if self.token_loss_type is None:
             return super()._compute_loss(model, inputs, return_outputs)
+        if self.token_loss_type == "aligndistil":
+            return self._aligndistil_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *TOKEN_BATCH_KEYS}
         model_kwargs = {key: value for key, value in inputs.items() if key not in non_model_keys}
@@ -353,20 +466,30 @@ class TokenDPOTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # Full-distribution losses read the backbone's last hidden state during this same forward (no second pass).
+        policy_lm = causal_lm_of(model, self.accelerator)
+        reads_hidden = self.token_loss_type in _HIDDEN_STATE_LOSS_TYPES
+        with capture_last_hidden_state(policy_lm) if reads_hidden else contextlib.nullcontext({}) as policy_capture:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
         per_token_logps = outputs.log_probs[:, -seq_len:]
         if "ref_token_logps" in inputs:
             ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
+            ref_capture = {}
         else:
             ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
+            with self._reference_capture(ref_model) as ref_capture:
+                ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
         valid = shift_mask.bool()
         per_token_logratios = torch.where(valid, per_token_logps - ref_per_token_logps, 0.0)
+        distribution = None
+        if reads_hidden:
+            distribution = self._distribution_signals(policy_lm, policy_capture, ref_capture, valid, seq_len)
 
         per_pair_loss = self._token_level_loss(
-            mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask
-        )
+            mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask,
+            distribution,
+        )  # fmt: skip
         loss = per_pair_loss.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -391,13 +514,64 @@ class TokenDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
+    @contextlib.contextmanager
+    def _reference_capture(self, ref_model):
+        """During the reference forward, capture what the full-distribution loss needs from the reference."""
+        if self.token_loss_type not in _HIDDEN_STATE_LOSS_TYPES:
+            yield {}
+            return
+        ref_lm = causal_lm_of(ref_model, self.accelerator)
+        with contextlib.ExitStack() as stack:
+            capture = {"lm": ref_lm, "hidden": stack.enter_context(capture_last_hidden_state(ref_lm))}
+            if self.token_loss_type == "mapo":
+                capture["activations"] = stack.enter_context(record_activation_means(ref_lm, self.args.mapo_hooks))
+            if self.token_loss_type == "sparsepo":
+                capture["layers"] = stack.enter_context(record_layer_outputs(ref_lm))
+            yield capture
+
+    def _distribution_signals(self, policy_lm, policy_capture, ref_capture, valid, seq_len) -> dict:
+        """Per-token KL(π_ref‖π_θ) `(2B, L-1)` from hidden states in tiles, plus the SparsePO/MaPO token masks."""
+
+        def at_predicting_positions(states):  # (2B, L, ...) -> (2B, L-1, ...), the positions that predict y_t
+            return states[:, :-1][:, -seq_len:]
+
+        policy_head, ref_head = lm_head_params(policy_lm), lm_head_params(ref_capture["lm"])
+        kl = chunked_token_kl(
+            at_predicting_positions(policy_capture["hidden"])[valid], policy_head["weight"], policy_head["bias"],
+            at_predicting_positions(ref_capture["hidden"]["hidden"])[valid], ref_head["weight"], ref_head["bias"],
+            direction="forward", student_logit_scale=policy_head["logit_scale"],
+            teacher_logit_scale=ref_head["logit_scale"], student_softcap=policy_head["softcap"],
+            teacher_softcap=ref_head["softcap"], backend=self.args.token_kernel,
+        )  # fmt: skip
+        signals = {"kl": torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)}
+        if self.token_loss_type == "mapo":
+            per_type = []
+            for means in ref_capture["activations"].values():
+                masks = [
+                    mapo_zn_rescale(at_predicting_positions(m), valid, self.args.mapo_degenerate_fill) for m in means
+                ]
+                per_type.append(torch.stack(masks).mean(0))
+            signals["reward_mask"] = torch.stack(per_type).mean(0)
+        elif self.token_loss_type == "sparsepo":
+            layers = [at_predicting_positions(h) for h in ref_capture["layers"]]
+            signals["reward_mask"] = self.sparsepo_masks[0](layers)
+            if len(self.sparsepo_masks) == 2:
+                signals["kl_mask"] = self.sparsepo_masks[1](layers)
+        return signals
+
     def _token_level_loss(
-        self, mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask
+        self, mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask,
+        distribution=None,
     ) -> torch.Tensor:
         """Dispatch to the ops function of `token_loss_type`; returns the per-pair loss `(B,)`."""
         chosen_logratios, rejected_logratios = per_token_logratios.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
         loss_type = self.token_loss_type
+
+        if distribution is not None:
+            return self._full_distribution_loss(
+                mode, chosen_logratios, rejected_logratios, chosen_mask, rejected_mask, shift_mask, distribution
+            )
 
         if loss_type in ("weighted", "cdpo"):
             weights = inputs["token_weights"][:, 1:].to(per_token_logratios.dtype)
@@ -433,6 +607,125 @@ class TokenDPOTrainer(DPOTrainer):
         )  # fmt: skip
         for key in ("reg_chosen", "reg_rejected", "pair_weight"):
             self._metrics[mode][f"treg/{key}"].append(self.accelerator.gather(parts[key].detach()).mean().item())
+        return loss
+
+    def _full_distribution_loss(
+        self, mode, chosen_logratios, rejected_logratios, chosen_mask, rejected_mask, shift_mask, distribution
+    ) -> torch.Tensor:
+        chosen_kl, rejected_kl = distribution["kl"].chunk(2, dim=0)
+        if self.token_loss_type in ("tdpo1", "tdpo2"):
+            loss, parts = tdpo_loss(
+                chosen_logratios, rejected_logratios, chosen_kl, rejected_kl, chosen_mask, rejected_mask,
+                self.beta, self.args.tdpo_alpha, variant=self.token_loss_type,
+            )  # fmt: skip
+        else:
+            reward_chosen, reward_rejected = distribution["reward_mask"].chunk(2, dim=0)
+            kl_chosen, kl_rejected = distribution["kl_mask"].chunk(2, dim=0) if "kl_mask" in distribution else (None, None)
+            sparse = self.token_loss_type == "sparsepo"
+            loss, parts = sparsepo_loss(
+                chosen_logratios, rejected_logratios, chosen_kl, rejected_kl, chosen_mask, rejected_mask,
+                reward_chosen, reward_rejected, kl_chosen, kl_rejected, beta=self.beta,
+                l1_reward=self.args.sparsepo_l1_reward if sparse else 0.0,
+                l1_kl=self.args.sparsepo_l1_kl if sparse else 0.0,
+            )  # fmt: skip
+            self._log_token_stats(mode, "mask", distribution["reward_mask"], shift_mask)
+            for side in ("chosen", "rejected"):
+                sparsity = self.accelerator.gather(parts[f"mask_sparsity_{side}"]).mean().item()
+                self._metrics[mode][f"mask/{side}_sparsity"].append(sparsity)
+        gather = self.accelerator.gather
+        seq_kl_chosen, seq_kl_rejected = gather(parts["seq_kl_chosen"]), gather(parts["seq_kl_rejected"])
+        self._metrics[mode]["seq_kl/chosen"].append(seq_kl_chosen.mean().item())
+        self._metrics[mode]["seq_kl/rejected"].append(seq_kl_rejected.mean().item())
+        self._metrics[mode]["seq_kl/margin"].append((seq_kl_chosen - seq_kl_rejected).abs().mean().item())
+        return loss
+
+    def _aligndistil_loss(self, model, inputs, return_outputs):
+        r"""AlignDistil, off-policy: reverse KL from the policy to a per-token extrapolated teacher on chosen responses.
+
+        The teacher logits are a linear combination of two heads, `z* = a_t·z^1 + b_t·z^2` (aligndistil:
+        `a = 1+ω_t, b = −ω_t` on DPO / reverse-DPO logits), which equals one projection of the concatenated hidden
+        states `[a·h¹ ; b·h² ; a ; b]` with the concatenated head `[W¹, W², bias¹, bias²]`: the chunked reverse-KL
+        kernel then never builds logits. ω_t itself comes from a chunked total-variation pass.
+        """
+        mode = "train" if self.model.training else "eval"
+        batch_size = inputs["input_ids"].shape[0] // 2  # chosen rows only: the student never sees rejected responses
+        input_ids, attention_mask = inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size]
+        completion_mask = inputs["completion_mask"][:batch_size]
+        seq_len = completion_mask.size(1) - 1
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        policy_lm = causal_lm_of(model, self.accelerator)
+        with capture_last_hidden_state(policy_lm) as capture:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # Default: the standard causal shift. The official code masks unshifted positions (tokens 2..T+1).
+        positions = completion_mask[:, :-1] if self.args.aligndistil_official_positions else completion_mask[:, 1:]
+        valid = positions.bool()
+        student = capture["hidden"][:, :-1][:, -seq_len:][valid]
+
+        dpo_teacher, second = self.aligndistil_teachers[0], self.aligndistil_teachers[1]
+        args, beta, beta2 = self.args, self.beta, self.args.aligndistil_beta2
+        with torch.no_grad():
+            dpo_hidden = backbone_hidden_states(dpo_teacher, input_ids, attention_mask)[:, :-1][valid]
+            if args.aligndistil_mode == "theorem1":
+                second = self.ref_model if self.ref_model is not None else model
+                with capture_last_hidden_state(causal_lm_of(second, self.accelerator)) as ref_capture:
+                    self._reference_forward(second, model_kwargs, labels)
+                second_hidden = ref_capture["hidden"][:, :-1][:, -seq_len:][valid]
+            else:
+                second_hidden = backbone_hidden_states(second, input_ids, attention_mask)[:, :-1][valid]
+        heads = [lm_head_params(causal_lm_of(m, self.accelerator)) for m in (policy_lm, dpo_teacher, second)]
+        if heads[1]["softcap"] is not None or heads[2]["softcap"] is not None:
+            raise ValueError("AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported.")
+
+        if args.aligndistil_mode == "aligndistil":
+            tvd = chunked_total_variation(
+                dpo_hidden, heads[1]["weight"], second_hidden, heads[2]["weight"], bias_a=heads[1]["bias"],
+                bias_b=heads[2]["bias"], logit_scale_a=heads[1]["logit_scale"], logit_scale_b=heads[2]["logit_scale"],
+            )  # fmt: skip
+            omega = beta2 * tvd + 1e-3
+            first_coef, second_coef, token_coef = 1 + omega, -omega, beta / omega
+        else:
+            ratio = torch.full((dpo_hidden.shape[0],), beta / beta2, device=dpo_hidden.device)
+            first_coef, second_coef = (ratio, 1 - ratio) if args.aligndistil_mode == "theorem1" else (1 + ratio, -ratio)
+            omega, token_coef = ratio, torch.full_like(ratio, beta2)
+        first_coef = first_coef * heads[1]["logit_scale"]
+        second_coef = second_coef * heads[2]["logit_scale"]
+        teacher_hidden = [first_coef[:, None] * dpo_hidden, second_coef[:, None] * second_hidden]
+        teacher_weight = [heads[1]["weight"], heads[2]["weight"].to(heads[1]["weight"].dtype)]
+        for coef, head in ((first_coef, heads[1]), (second_coef, heads[2])):
+            if head["bias"] is not None:  # a bias becomes one more input feature with constant value `coef`
+                teacher_hidden.append(coef[:, None])
+                teacher_weight.append(head["bias"][:, None].to(teacher_weight[0].dtype))
+        kl = chunked_token_kl(
+            student, heads[0]["weight"], heads[0]["bias"],
+            torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None,
+            direction="reverse", temperature=args.aligndistil_temperature,
+            student_logit_scale=heads[0]["logit_scale"], student_softcap=heads[0]["softcap"],
+            backend=args.token_kernel,
+        )  # fmt: skip
+        token_loss = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, token_coef * kl)
+        per_sequence = token_loss.sum(dim=1)
+        if args.aligndistil_len_norm:
+            per_sequence = per_sequence / valid.sum(dim=1).clamp(min=1)
+        loss = per_sequence.mean()
+
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        count = gather(valid.sum()).sum().clamp(min=1)
+        metrics["aligndistil/kl_mean"].append((gather(kl.detach().sum()).sum() / count).item())
+        metrics["aligndistil/omega_mean"].append((gather(omega.sum()).sum() / count).item())
+        metrics["aligndistil/omega_max"].append(gather(omega.max() if omega.numel() else omega.new_zeros(())).max().item())
+        shift_mask = completion_mask[:, 1:]
+        entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()).sum()
+        metrics["entropy"].append((entropy_sum / gather(shift_mask.sum()).sum().clamp(min=1)).item())
+        metrics["logps/chosen"].append(gather(outputs.log_probs[:, -seq_len:].detach().sum(dim=1)).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
         return loss
 
     def _token_rewards(self, inputs, model_kwargs, labels, ref_per_token_logps, shift_mask) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Full-distribution token losses (TDPO, SparsePO, MaPO, AlignDistil) inside TokenDPOTrainer: chunked hidden-state
+path vs a plain full-logits reference, no logits on the training path, mask training and checkpointing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer
+from trl_tokenlevel.ops.preference import aligndistil_loss_from_logits, per_token_kl_from_logits, tdpo_loss
+from trl_tokenlevel.tiny import build_tiny_model
+
+from .dpo_utils import assert_params_equal, base_args, load
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_preference_dataset):
+    return tiny_preference_dataset.select(range(8))
+
+
+def _perturbed(path, seed):
+    model = load(path)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+
+
+def _grads(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, **config):
+    policy = _perturbed(tiny_model_path, seed=3)
+    teachers = config.pop("aligndistil_teachers", None)
+    args = TokenDPOConfig(**base_args(tmp_path, beta=0.5, **config))
+    kwargs = {"aligndistil_teachers": teachers} if teachers else {}
+    trainer = TokenDPOTrainer(model=policy, ref_model=load(tiny_model_path), args=args, train_dataset=pairs,
+                              processing_class=tiny_tokenizer, **kwargs)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    return trainer, policy, batch
+
+
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+@pytest.mark.parametrize("kernel", ["torch", "trl"])
+def test_tdpo_matches_full_logits_reference(variant, kernel, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type=variant,
+                                      token_kernel=kernel, tdpo_alpha=0.7)  # fmt: skip
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    ours = _grads(trainer.model)
+
+    naive = _perturbed(tiny_model_path, seed=3).train()
+    ref = load(tiny_model_path)
+    mask = batch["completion_mask"][:, 1:].float()
+    logits = _logits(naive, batch)
+    with torch.no_grad():
+        ref_logits = _logits(ref, batch)
+    targets = batch["input_ids"][:, 1:, None]
+    delta = (logits.log_softmax(-1).gather(-1, targets) - ref_logits.log_softmax(-1).gather(-1, targets)).squeeze(-1)
+    kl = per_token_kl_from_logits(logits, ref_logits)
+    expected, _ = tdpo_loss(*(delta * mask).chunk(2), *kl.chunk(2), *mask.chunk(2), 0.5, alpha=0.7, variant=variant)
+    expected = expected.mean()
+    expected.backward()
+    assert trainer._metrics["train"]["seq_kl/chosen"][-1] > 1e-4  # the KL term is really there
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for name, param in naive.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("token_loss_type", ["tdpo2", "mapo", "sparsepo"])
+def test_no_full_logits_on_training_path(token_loss_type, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """The LM head module is never called: every per-token quantity comes from hidden states in tiles."""
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type=token_loss_type)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("lm_head called: full logits were materialised on the training path")
+
+    for model in (trainer.model, trainer.ref_model):
+        model.get_output_embeddings().forward = forbidden
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("hooks", ["all", "resid"])
+def test_mapo_trains_with_masks_in_unit_interval(hooks, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="mapo", mapo_hooks=hooks))
+    trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(0.0 <= entry["mask/min"] <= entry["mask/max"] <= 1.0 for entry in logs)
+    assert all(0.0 < entry["mask/chosen_mean"] < 1.0 for entry in logs)
+
+
+def test_mapo_resid_mask_matches_hidden_state_reference(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """MaPO 'resid' mask = mean of zn_rescale over decoder-layer outputs and the final norm, at predicting positions."""
+    from trl_tokenlevel.ops.preference import mapo_zn_rescale
+
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="mapo",
+                                      mapo_hooks="resid")  # fmt: skip
+    captured = {}
+    original = trainer._distribution_signals
+
+    def spy(*args, **kwargs):
+        captured.update(original(*args, **kwargs))
+        return captured
+
+    trainer._distribution_signals = spy
+    trainer.compute_loss(trainer.model, batch)
+    ref = load(tiny_model_path)
+    layer_outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: layer_outputs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in ref.model.layers]  # fmt: skip
+    with torch.no_grad():
+        final = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    for hook in hooks:
+        hook.remove()
+    valid = batch["completion_mask"][:, 1:].bool()
+    masks = [mapo_zn_rescale(h[:, :-1].float().mean(-1), valid) for h in [*layer_outputs, final]]
+    torch.testing.assert_close(captured["reward_mask"], torch.stack(masks).mean(0), atol=1e-5, rtol=0)
+
+
+def test_sparsepo_masks_train_checkpoint_and_resume(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    def trainer():
+        args = TokenDPOConfig(**base_args(tmp_path / "run", token_loss_type="sparsepo", sparsepo_independent_masks=True,
+                                          sparsepo_l1_reward=1e-3, save_strategy="steps", save_steps=2, max_steps=4,
+                                          sparsepo_mask_dropout=0.0))  # fmt: skip
+        return TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
+
+    straight = trainer()
+    initial = [p.clone() for mask in straight.sparsepo_masks for p in mask.parameters()]
+    straight.train()
+    trained = [p for mask in straight.sparsepo_masks for p in mask.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(initial, trained)), "mask parameters must be trained"
+    groups = [g for g in straight.optimizer.param_groups if g.get("sparsepo_mask")]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.01
+    assert os.path.exists(tmp_path / "run" / "checkpoint-2" / "sparsepo_mask.pt")
+    logs = [entry for entry in straight.state.log_history if "loss" in entry]
+    assert "mask/chosen_sparsity" in logs[0] and "seq_kl/margin" in logs[0]
+
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert_params_equal(straight.model, resumed.model)
+    for a, b in zip(straight.sparsepo_masks, resumed.sparsepo_masks):
+        assert_params_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "mode,official",
+    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False)],
+)
+def test_aligndistil_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
+    reverse_teacher = build_tiny_model(tiny_tokenizer, seed=12).eval()
+    trainer, policy, batch = _trainer(
+        tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="aligndistil", aligndistil_mode=mode,
+        aligndistil_official_positions=official, aligndistil_temperature=0.8,
+        aligndistil_teachers=(dpo_teacher, reverse_teacher),
+    )  # fmt: skip
+    assert (trainer.ref_model is None) == (mode != "theorem1")
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    ours = _grads(trainer.model)
+
+    naive = _perturbed(tiny_model_path, seed=3).train()
+    chosen = {k: v[: v.shape[0] // 2] for k, v in batch.items()}
+    mask = (chosen["completion_mask"][:, :-1] if official else chosen["completion_mask"][:, 1:]).float()
+    with torch.no_grad():
+        teacher_logits = [_logits(m, chosen) for m in (dpo_teacher, reverse_teacher, load(tiny_model_path))]
+    expected, _ = aligndistil_loss_from_logits(
+        _logits(naive, chosen), teacher_logits[0], teacher_logits[1], mask, beta=0.5, beta2=10.0, temperature=0.8,
+        mode=mode, ref_logits=teacher_logits[2],
+    )  # fmt: skip
+    expected = expected.mean()
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for name, param in naive.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_aligndistil_trains_and_logs(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    teachers = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="aligndistil"))
+    trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
+                              aligndistil_teachers=teachers)  # fmt: skip
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["aligndistil/omega_mean"] > 1e-3 and log["aligndistil/kl_mean"] > 0
+
+
+def test_full_distribution_refuses_precompute(tmp_path):
+    with pytest.raises(ValueError, match="cannot be cached"):
+        TokenDPOConfig(**base_args(tmp_path, token_loss_type="tdpo2", precompute_ref_log_probs=True))

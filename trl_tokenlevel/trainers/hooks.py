@@ -1,0 +1,110 @@
+"""Forward hooks that read hidden states and activations out of TRL's fused LM-head forward.
+
+TRL's fused forward returns per-token log-probs but no logits and no hidden states. The full-distribution methods
+(TDPO, SparsePO, MaPO) need the backbone's last hidden state (with its graph, for the policy) and sometimes inner
+activations of the reference. Hooks read them during the forward that runs anyway: no second backbone pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from accelerate.utils import is_peft_model
+
+
+def causal_lm_of(model, accelerator):
+    """The transformers causal LM inside DDP/FSDP/PEFT wrappers (the module whose `base_model` TRL's head runs)."""
+    model = accelerator.unwrap_model(model)
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    return output[0]
+
+
+@contextlib.contextmanager
+def capture_last_hidden_state(causal_lm):
+    """Yield a dict whose "hidden" entry holds the backbone's last hidden state `(B, L, H)` after the forward."""
+    store = {}
+    handle = causal_lm.base_model.register_forward_hook(
+        lambda module, args, output: store.__setitem__("hidden", _first_tensor(output))
+    )
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+# MaPO hook points on Llama-style models, grouped by type as in the paper (mlp, attention, residual stream). The
+# `logits` type of the official code is left out: the fused head never materialises logits.
+MAPO_HOOK_GROUPS = {
+    "all": {"mlp": ("mlp.act_fn",), "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "self_attn.o_proj"), "resid": ("<layer>", "norm")},
+    "resid": {"resid": ("<layer>", "norm")},
+}  # fmt: skip
+
+
+def _decoder_layers(backbone) -> list:
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"{type(backbone).__name__} has no `layers` list of decoder layers; SparsePO/MaPO read per-layer "
+            "activations of Llama-style backbones (Llama, Qwen2, Mistral, Gemma, ...)."
+        )
+    return list(layers)
+
+
+@contextlib.contextmanager
+def record_activation_means(causal_lm, hook_set: str):
+    """Record, per MaPO hook type, the per-token mean over the hidden axis of each hooked activation.
+
+    Yields a dict `type -> list of (B, L) float32 tensors`, filled during the forward (meant for a no-grad reference).
+    """
+    backbone = causal_lm.base_model
+    layers = _decoder_layers(backbone)
+    modules = dict(backbone.named_modules())
+    records = defaultdict(list)
+    handles = []
+
+    def hook_for(kind):
+        return lambda module, args, output: records[kind].append(_first_tensor(output).detach().float().mean(-1))
+
+    for kind, suffixes in MAPO_HOOK_GROUPS[hook_set].items():
+        targets = []
+        for suffix in suffixes:
+            if suffix == "<layer>":
+                targets += layers
+            else:
+                targets += [m for name, m in modules.items() if name == suffix or name.endswith("." + suffix)]
+        if not targets:
+            raise ValueError(
+                f"MaPO hook type {kind!r} found no module ending in {suffixes} in {type(backbone).__name__}. Use "
+                "mapo_hooks='resid' (decoder-layer outputs and final norm), which every Llama-style model has."
+            )
+        handles += [module.register_forward_hook(hook_for(kind)) for module in targets]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def record_layer_outputs(causal_lm):
+    """Yield a list filled with every decoder layer's output hidden state `(B, L, H)` (SparsePO's mask input)."""
+    outputs = []
+    handles = [
+        layer.register_forward_hook(lambda module, args, output: outputs.append(_first_tensor(output).detach()))
+        for layer in _decoder_layers(causal_lm.base_model)
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
