@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import textwrap
 from collections.abc import Callable
 
 import torch
@@ -102,19 +101,7 @@ class TokenDPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "trl-tokenlevel"]
     _name = "TokenDPO"
-    _paper = {
-        "title": "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization",
-        "id": "2506.14574",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @inproceedings{zhu2025tgdpo,
-                title     = {{TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization}},
-                author    = {Mingkang Zhu and Xi Chen and Zhongdao Wang and Bei Yu and Hengshuang Zhao and Jiaya Jia},
-                year      = 2025,
-                booktitle = {Forty-second International Conference on Machine Learning, {ICML} 2025},
-            }"""),
-    }
-
+    # `_paper` stays DPO's: every method here is a token-level form of the DPO objective.
     def __init__(
         self,
         model: str | PreTrainedModel,
