@@ -167,3 +167,29 @@ def test_columns_survive_dataloading(remove_unused_columns, num_workers, tiny_pr
 def test_config_contradictions_fail_early(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         TokenDPOConfig(**base_args(tmp_path, **overrides))
+
+
+def test_one_sided_reference_columns_fail(tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path):
+    dataset = tiny_preference_dataset.select(range(4))
+    tokenized = tokenize_preference_dataset(dataset, tiny_tokenizer)
+    dataset = dataset.add_column("rejected_token_weights", [[1.0] * len(ids) for ids in tokenized["rejected_ids"]])
+    dataset = dataset.add_column("ref_chosen_token_logps", [[-1.0] * len(ids) for ids in tokenized["chosen_ids"]])
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="cdpo"))
+    with pytest.raises(ValueError, match="'ref_chosen_token_logps' but not its other side"):
+        TokenDPOTrainer(model=tiny_model_path, args=args, processing_class=tiny_tokenizer, train_dataset=dataset)
+
+
+def test_loss_weights_are_refused_for_token_losses(tmp_path):
+    with pytest.raises(ValueError, match="loss_weights"):
+        TokenDPOConfig(**base_args(tmp_path, token_loss_type="cdpo", loss_weights=[5.0]))
+
+
+def test_unused_columns_are_reported(tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path, caplog):
+    dataset = tiny_preference_dataset.select(range(4))
+    tokenized = tokenize_preference_dataset(dataset, tiny_tokenizer)
+    for column, ids in (("chosen_token_rewards", "chosen_ids"), ("rejected_token_weights", "rejected_ids")):
+        dataset = dataset.add_column(column, [[0.5] * len(x) for x in tokenized[ids]])
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="tgdpo"))
+    with caplog.at_level("WARNING"):
+        TokenDPOTrainer(model=tiny_model_path, args=args, processing_class=tiny_tokenizer, train_dataset=dataset)
+    assert "does not read the columns ['rejected_token_weights']" in caplog.text

@@ -139,3 +139,21 @@ def test_guidance_model_requires_tgdpo(models, rows, tiny_tokenizer, tiny_model_
     with pytest.raises(ValueError, match="token_loss_type='tgdpo'"):
         TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=rows, processing_class=tiny_tokenizer,
                         guidance_model=models[0])  # fmt: skip
+
+
+def test_critical_weights_eos_rule_with_chat_template(models, tiny_tokenizer):
+    """With a chat template the completion ends `<|im_end|>` + "\\n": both get weight 1, the content does not."""
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{
+        "prompt": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "chosen": [{"role": "assistant", "content": "It is 5."}],
+        "rejected": [{"role": "assistant", "content": "It is 6."}],
+    }])  # fmt: skip
+    out = add_critical_token_weights(rows, *models, tiny_tokenizer)
+    ids = tokenize_preference_dataset(rows, tiny_tokenizer)[0]["rejected_ids"]
+    eos = ids.index(tiny_tokenizer.eos_token_id)
+    weights = out[0]["rejected_token_weights"]
+    assert eos < len(ids) - 1, "the template puts a suffix after <|im_end|>"
+    assert weights[eos:] == [1.0] * (len(ids) - eos)
+    assert all(w < 1.0 for w in weights[:eos])

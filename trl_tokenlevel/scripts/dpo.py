@@ -1,6 +1,6 @@
 """Token-level DPO training script.
 
-Built-in tiny default (CPU, about a minute, offline):
+Built-in tiny default (CPU, offline, 10-30 seconds):
 ```bash
 trl-tokenlevel dpo
 ```
@@ -110,7 +110,7 @@ def _load_datasets(script_args, dataset_args, training_args):
     return train, heldout
 
 
-def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kwargs):
+def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kwargs, device):
     from transformers import AutoModelForCausalLM
 
     from trl_tokenlevel import signals
@@ -118,7 +118,8 @@ def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kw
     def load(path, what):
         if path is None:
             raise ValueError(f"--token_signal {script_args.token_signal} needs {what}.")
-        return AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs).eval()
+        # Signals are built before training, on the training device (one forward per completion and model).
+        return AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs).to(device).eval()
 
     if script_args.token_signal == "dpo":
         dpo_model = load(script_args.signal_model_name_or_path, "--signal_model_name_or_path (a DPO-trained model)")
@@ -142,7 +143,11 @@ def write_implicit_reward_heatmap(trainer, rows, path: str) -> str | None:
     tokenizer = trainer.processing_class
     tokenized = tokenize_preference_dataset(rows, tokenizer)
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(list(tokenized))
-    rewards = trainer.compute_token_rewards(batch).cpu()
+    try:
+        rewards = trainer.compute_token_rewards(batch).cpu()
+    except ValueError as error:  # e.g. precomputed reference log-probs and no reference model left in memory
+        trainer.accelerator.print(f"No token-reward heatmap: {error}")
+        return None
     mask = batch["completion_mask"][:, 1:].bool()
     n = len(rows)
     heat_rows = []
@@ -150,7 +155,7 @@ def write_implicit_reward_heatmap(trainer, rows, path: str) -> str | None:
         for side, row in (("chosen", i), ("rejected", n + i)):
             ids = batch["input_ids"][row, 1:][mask[row]].tolist()
             tokens = [tokenizer.decode([token]) for token in ids]
-            prompt = rows[i]["prompt"] if isinstance(rows[i]["prompt"], str) else rows[i]["prompt"][-1]["content"]
+            prompt = tokenizer.decode(tokenized[i]["prompt_ids"], skip_special_tokens=True)
             heat_rows.append(TokenRow(f"{side}: {prompt.strip()}", tokens, rewards[row][mask[row]].tolist()))
     write_token_heatmap(path, heat_rows, title="Per-token implicit rewards β·log π_θ/π_ref", value_name="reward")
     trainer.accelerator.print(token_heatmap_terminal(heat_rows[0]))
@@ -176,7 +181,9 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in train_dataset]
         tokenizer = build_tiny_tokenizer(texts)
         model_path = os.path.join(training_args.output_dir, "tiny-base")
-        save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2), tokenizer, model_path)
+        with training_args.main_process_first(desc="building the tiny base model"):  # one writer under accelerate
+            if not os.path.exists(os.path.join(model_path, "config.json")):
+                save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2), tokenizer, model_path)
         model_init_kwargs = {}
     else:
         model_path = model_args.model_name_or_path
@@ -186,7 +193,9 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs or None
 
-    train_dataset = _add_token_signal(token_script_args, train_dataset, model_path, tokenizer, model_init_kwargs)
+    train_dataset = _add_token_signal(
+        token_script_args, train_dataset, model_path, tokenizer, model_init_kwargs, training_args.device
+    )
     trainer = TokenDPOTrainer(
         model=model_path,
         args=training_args,
@@ -204,8 +213,8 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
     count = min(token_script_args.heatmap_examples, len(rows))
     if count > 0 and trainer.accelerator.is_main_process:
         path = os.path.join(training_args.output_dir, "token_rewards.html")
-        write_implicit_reward_heatmap(trainer, rows.select(range(count)), path)
-        trainer.accelerator.print(f"Per-token implicit-reward heatmap written to {path}")
+        if write_implicit_reward_heatmap(trainer, rows.select(range(count)), path):
+            trainer.accelerator.print(f"Per-token implicit-reward heatmap written to {path}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

@@ -15,7 +15,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.token_columns import tokenize_preference_dataset
+from ..data.token_columns import _tokenizer_of, tokenize_preference_dataset
 from ..ops.chunked import (
     backbone_hidden_states,
     chunked_contrastive_logprobs,
@@ -106,7 +106,8 @@ def _check_same_vocabulary(*models: PreTrainedModel) -> None:
         )
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def _pad_id(processing_class) -> int:
+    tokenizer = _tokenizer_of(processing_class)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -166,7 +167,8 @@ def add_critical_token_weights(
         rejected_token_weights = 1 − p_ce(y_l)                      chosen_token_weights = p_ce(y_w)  (only_neg=False)
 
     With `only_neg=True` (official default) no chosen column is written: the trainer then weights chosen tokens by 1.
-    `eos_weight_one=True` (official code) gives the final EOS / end-of-turn token weight 1 on both sides. The two
+    `eos_weight_one=True` (official code) gives the final EOS / end-of-turn token weight 1 on both sides, and so any
+    chat-template suffix after it (ChatML's "\n" after `<|im_end|>`). The two
     models are typically LoRA fine-tunes of the base on correct (positive) and incorrect (negative) trajectories.
     """
     _check_same_vocabulary(positive_model, negative_model)
@@ -181,7 +183,7 @@ def add_critical_token_weights(
         )  # fmt: skip
         return log_p_ce.exp()
 
-    eos_id = processing_class.eos_token_id
+    eos_id = _tokenizer_of(processing_class).eos_token_id
     sides = ("rejected",) if only_neg else ("chosen", "rejected")
     for side in sides:
         completions = tokenized[f"{side}_ids"]
@@ -193,8 +195,10 @@ def add_critical_token_weights(
         weights = [[1.0 - p for p in row] if side == "rejected" else row for row in p_ce]
         if eos_weight_one:
             for row, ids in zip(weights, completions):
-                if ids and ids[-1] == eos_id:
-                    row[-1] = 1.0
+                if eos_id in ids:
+                    # The last EOS / end-of-turn token, and any chat-template suffix after it (e.g. "\n"), weigh 1.
+                    last_eos = len(ids) - 1 - ids[::-1].index(eos_id)
+                    row[last_eos:] = [1.0] * (len(ids) - last_eos)
         dataset = dataset.add_column(f"{side}_token_weights", weights)
     return dataset
 

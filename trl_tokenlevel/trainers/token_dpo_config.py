@@ -127,7 +127,10 @@ class TokenDPOConfig(DPOConfig):
     )
     cdpo_aggregation: str = field(
         default="sequence",
-        metadata={"help": "cDPO aggregation: 'sequence' (paper) or 'per_token' (official code).", "choices": list(CDPO_AGGREGATIONS)},
+        metadata={
+            "help": "cDPO aggregation: 'sequence' (paper), 'per_token' (official code) or 'per_token_completion'.",
+            "choices": list(CDPO_AGGREGATIONS),
+        },
     )
     guidance_model_name_or_path: str | None = field(
         default=None,
@@ -186,6 +189,11 @@ class TokenDPOConfig(DPOConfig):
             raise ValueError(
                 f"token_loss_type={self.token_loss_type!r} is a token-level form of the sigmoid DPO loss, but "
                 f"loss_type={self.loss_type}. Set loss_type='sigmoid' (the default) or token_loss_type=None."
+            )
+        if self.loss_weights not in (None, [1.0]):
+            raise ValueError(
+                f"loss_weights={self.loss_weights} weights TRL's list of loss types, which token-level losses replace. "
+                "Scale the learning rate instead, or set token_loss_type=None."
             )
         if self.ld_alpha is not None:
             raise ValueError(

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 
 import torch
+from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -53,6 +54,8 @@ from ..ops.preference import (
 from ..signals.masks import SparsePOMask
 from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
 from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
+
+logger = get_logger(__name__)
 
 # Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
 _ROW_ID_COLUMN = "__trl_tokenlevel_row__"
@@ -276,35 +279,54 @@ class TokenDPOTrainer(DPOTrainer):
                 "rewards need the same tokenizer and vocabulary: use a model fine-tuned from the same base."
             )
 
-    def _required_columns_message(self, present: list[str]) -> str | None:
-        """Why the dataset cannot feed the chosen token loss, or None if it can."""
-        weights = TOKEN_COLUMN_FAMILIES["token_weights"][:2]
-        rewards = TOKEN_COLUMN_FAMILIES["token_rewards"][:2]
-        if self.token_loss_type == "weighted" and not set(weights) & set(present):
-            return f"token_loss_type='weighted' needs at least one of the columns {list(weights)}"
-        if self.token_loss_type == "cdpo" and "rejected_token_weights" not in present:
-            return (
-                "token_loss_type='cdpo' needs the column 'rejected_token_weights' (and optionally "
-                "'chosen_token_weights'); build it with `trl_tokenlevel.signals.add_critical_token_weights`"
-            )
-        if self.token_loss_type == "treg" and not set(rewards) <= set(present):
-            return (
-                f"token_loss_type='treg' needs the columns {list(rewards)}; build them with "
-                "`trl_tokenlevel.signals.add_contrastive_prompt_rewards`"
-            )
-        if self.token_loss_type == "tgdpo":
-            has_rewards = set(rewards) <= set(present)
-            if self.guidance_model is not None and set(rewards) & set(present):
-                return (
-                    "token_loss_type='tgdpo' got both a `guidance_model` and token reward columns; use one source "
-                    "of token rewards (drop the columns or the guidance model)"
+    # Which per-token column family each token loss reads (the others are ignored, with a warning).
+    _FAMILY_OF_LOSS = {"weighted": "token_weights", "cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards"}
+
+    def _check_token_columns(self, present: list[str], dataset_name: str, user_columns: list[str]) -> None:
+        """Fail early when the dataset cannot feed the chosen token loss; warn about columns it will not read."""
+        loss_type = self.token_loss_type
+        family = self._FAMILY_OF_LOSS.get(loss_type)
+        problem = None
+        if family is not None:
+            columns = TOKEN_COLUMN_FAMILIES[family][:2]
+            given = [c for c in columns if c in present]
+            builder = {
+                "weighted": "your own weights",
+                "cdpo": "`trl_tokenlevel.signals.add_critical_token_weights`",
+                "tgdpo": "`trl_tokenlevel.signals.add_dpo_token_rewards`",
+                "treg": "`trl_tokenlevel.signals.add_contrastive_prompt_rewards`",
+            }[loss_type]
+            if loss_type == "tgdpo" and self.guidance_model is not None:
+                if given:
+                    problem = (
+                        "token_loss_type='tgdpo' got both a `guidance_model` and token reward columns "
+                        f"{given}; use one source of token rewards (drop the columns or the guidance model)"
+                    )
+            elif loss_type == "cdpo" and "rejected_token_weights" not in present:
+                problem = (
+                    "token_loss_type='cdpo' needs the column 'rejected_token_weights' (and optionally "
+                    f"'chosen_token_weights'); build it with {builder}"
                 )
-            if self.guidance_model is None and not has_rewards:
-                return (
-                    f"token_loss_type='tgdpo' needs the columns {list(rewards)} (build them with "
-                    "`trl_tokenlevel.signals.add_dpo_token_rewards`) or a `guidance_model`"
+            elif not given:
+                alternative = " or a `guidance_model`" if loss_type == "tgdpo" else ""
+                problem = (
+                    f"token_loss_type={loss_type!r} needs at least one of the columns {list(columns)}"
+                    f"{alternative} (a missing side is neutral); build them with {builder}"
                 )
-        return None
+        ref_columns = [c for c in TOKEN_COLUMN_FAMILIES["ref_token_logps"][:2] if c in present]
+        if len(ref_columns) == 1:
+            problem = (
+                f"the dataset has {ref_columns[0]!r} but not its other side; per-token reference log-probs need both "
+                "'ref_chosen_token_logps' and 'ref_rejected_token_logps' (or neither, to use the live reference)"
+            )
+        if problem is not None:
+            raise ValueError(f"{problem}. The {dataset_name} dataset has columns {user_columns}.")
+        unused = [c for c in present if c not in TOKEN_COLUMN_FAMILIES.get(family, ())[:2] and c not in ref_columns]
+        if unused:
+            logger.warning(
+                f"token_loss_type={loss_type!r} does not read the columns {unused} of the {dataset_name} dataset; "
+                "they are ignored."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Dataset preparation: carry and validate per-token columns
@@ -313,7 +335,8 @@ class TokenDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.token_loss_type is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        has_token_columns = any(name in (dataset.column_names or []) for name in TOKEN_COLUMNS)
+        user_columns = list(dataset.column_names or [])
+        has_token_columns = any(name in user_columns for name in TOKEN_COLUMNS)
         track_rows = isinstance(dataset, Dataset) and has_token_columns
         if track_rows:
             dataset = dataset.add_column(_ROW_ID_COLUMN, list(range(len(dataset))))
@@ -323,9 +346,7 @@ class TokenDPOTrainer(DPOTrainer):
             row_ids = dataset[_ROW_ID_COLUMN]
             dataset = dataset.remove_columns(_ROW_ID_COLUMN)
         present = validate_token_columns(dataset, row_ids)
-        problem = self._required_columns_message(present)
-        if problem is not None:
-            raise ValueError(f"{problem}. The {dataset_name} dataset has columns {dataset.column_names}.")
+        self._check_token_columns(present, dataset_name, user_columns)
         return dataset
 
     def _set_signature_columns_if_needed(self):

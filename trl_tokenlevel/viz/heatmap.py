@@ -63,6 +63,7 @@ def token_heatmap_html(rows: Sequence[TokenRow], title: str = "Per-token values"
 
 
 def write_token_heatmap(path: str, rows: Sequence[TokenRow], title: str = "Per-token values", value_name: str = "value") -> str:
+    """Write `token_heatmap_html(rows, title, value_name)` to `path` and return the path."""
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(token_heatmap_html(rows, title, value_name))
     return path

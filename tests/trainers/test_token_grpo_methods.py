@@ -1,0 +1,285 @@
+"""TokenGRPOTrainer end to end: every method trains a tiny model a few steps with generation on CPU; the trainer-side
+pieces (chunked TW-GRPO weights, UCAS statistics, the user hook, stages, validation) against plain references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
+from trl_tokenlevel.ops.advantages import TokenAdvantageInputs, tw_grpo_token_weights, ucas_self_certainty
+from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
+from trl_tokenlevel.trainers.token_grpo_trainer import (
+    TokenGRPOBatch,
+    TokenGRPOTrainer,
+    _ExpertBatches,
+    _transform_logits,
+    chunked_tw_grpo_weights,
+    mean_logits_chunked,
+)
+
+from .test_token_grpo_parity import assert_logs_equal, assert_params_changed, assert_params_equal, grpo_args, train
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def dpo_model_path(tokenizer, tmp_path_factory):
+    """A second tiny model (other seed) standing in for a DPO-trained model in the RTO token-reward tests."""
+    from trl_tokenlevel.tiny import build_tiny_model, save_tiny_pair
+
+    return save_tiny_pair(build_tiny_model(tokenizer, seed=1), tokenizer, str(tmp_path_factory.mktemp("tiny_dpo")))
+
+
+def _last_metrics(trainer) -> dict:
+    merged = {}
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            merged.update(entry)
+    return merged
+
+
+# (config overrides, metrics that must be logged). The random tiny model has near-uniform next-token distributions
+# (H ≈ 5.9 nats), so GTPO's entropy filter (0.7) would zero every advantage: the test raises it.
+METHODS = {
+    "entropy_quantile": ({"token_selection": "entropy_quantile"}, ["token/selected_frac", "token/entropy_selected"]),
+    "entropy_quantile_topk_selected": (
+        {"token_selection": "entropy_quantile", "entropy_selection": "topk", "entropy_scope": "local",
+         "entropy_normalize": "selected"},
+        ["token/selected_frac"],
+    ),
+    "entropy_band": ({"token_selection": "entropy_band", "band_high": 5.0}, ["token/band_penalty"]),
+    "ucas": ({"token_advantage": "ucas"}, ["token/adv_after/mean"]),
+    "hapo": ({"token_advantage": "hapo"}, ["token/hapo/eps_low/mean", "token/hapo/sampling_temperature"]),
+    "gtpo": ({"token_advantage": "gtpo", "gtpo_entropy_threshold": 10.0, "loss_type": "grpo",
+              "entropy_normalize": "selected"}, ["token/adv_after/mean"]),  # fmt: skip
+    "d3s": ({"token_advantage": "d3s"}, ["token/d3s/kept_tokens_frac", "token/d3s/sample_keep_ratio"]),
+    "tw_grpo": ({"token_advantage": "tw_grpo"}, ["token/tw_weight/max"]),
+    "tempo": ({"token_advantage": "tempo"}, ["token/adv_after/max"]),
+    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1},
+            ["token/rmt_ntp_loss", "rewards/rmt_length/mean", "rmt/budget"]),  # fmt: skip
+    "hapo_rollout_stage_ga2": ({"token_advantage": "hapo", "gradient_accumulation_steps": 2, "max_steps": 2},
+                               ["token/hapo/eps_high/mean"]),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_end_to_end(method, tiny_model_path, tokenizer, tmp_path):
+    overrides, metrics = METHODS[method]
+    trainer = train(TokenGRPOTrainer, grpo_args(tmp_path, **overrides), tiny_model_path, tokenizer)
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    logged = _last_metrics(trainer)
+    for name in metrics + ["token/adv_before/mean", "token/adv_after/std"]:
+        assert name in logged, f"{name} not logged; got {sorted(logged)}"
+        assert math.isfinite(logged[name])
+    assert_params_changed(trainer, tiny_model_path)
+
+
+def test_rto_token_rewards_from_a_dpo_model(tiny_model_path, dpo_model_path, tokenizer, tmp_path):
+    args = grpo_args(tmp_path, token_reward_source="rto", token_reward_clip=0.0)
+    trainer = train(TokenGRPOTrainer, args, tiny_model_path, tokenizer, token_reward_model=dpo_model_path)
+    logged = _last_metrics(trainer)
+    assert logged["token/token_reward/mean"] != 0.0  # the two models differ, so the DPO log-ratio is not 0
+    # Dense rewards shift token advantages within a completion: the shaped ones differ from the stock ones.
+    assert logged["token/adv_after/std"] != pytest.approx(logged["token/adv_before/std"], abs=1e-6)
+    assert_params_changed(trainer, tiny_model_path)
+
+
+def test_chord_mixes_expert_sft_loss(tiny_model_path, tokenizer, tmp_path):
+    expert = load_tiny_grpo_dataset().select(range(8)).rename_column("solution", "completion")
+    args = grpo_args(tmp_path, chord=True, chord_mu_warmup_steps=0, chord_mu_decay_steps=0, chord_mu_peak=0.5,
+                     chord_mu_valley=0.5)  # fmt: skip
+    trainer = train(TokenGRPOTrainer, args, tiny_model_path, tokenizer, expert_dataset=expert)
+    logged = _last_metrics(trainer)
+    assert logged["chord/mu"] == pytest.approx(0.5)
+    assert logged["chord/sft_loss"] > 0
+    assert_params_changed(trainer, tiny_model_path)
+
+
+def test_expert_batches_layout(tokenizer):
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"prompt": "Q: What is 1 plus 2?\nA:", "completion": " 3."},
+                              {"prompt": "Q: Hi\nA:", "completion": " 1 plus 2 is 3."}])  # fmt: skip
+    batches = _ExpertBatches(rows, tokenizer, rows_per_batch=2, max_completion_length=16, seed=0)
+    input_ids, attention_mask, completion_mask = batches.next("cpu")
+    width = completion_mask.shape[1]
+    served = set()
+    for i in range(2):
+        completion = input_ids[i, -width:][completion_mask[i].bool()].tolist()
+        prompt = input_ids[i, :-width][attention_mask[i, :-width].bool()].tolist()
+        assert attention_mask[i, -width:].tolist() == completion_mask[i].tolist()
+        assert completion[-1] == tokenizer.eos_token_id  # EOS appended to plain-text completions
+        assert (prompt, completion) in [(list(p), list(c)) for p, c in batches.rows]  # left-padded prompt, right-padded completion
+        served.add(tuple(completion))
+    assert len(served) == 2  # one epoch of the shuffled rows before any repeat
+
+
+def test_loss_and_rollout_stages_agree(tiny_model_path, tokenizer, tmp_path):
+    """With one micro-step per generation and one iteration, the rollout forward and the training forward see the same
+    policy: shaping at either stage gives the same training."""
+    runs = []
+    for stage in ("loss", "rollout"):
+        args = grpo_args(tmp_path / stage, token_selection="entropy_quantile", token_advantage="tempo",
+                         token_shaping_stage=stage)  # fmt: skip
+        runs.append(train(TokenGRPOTrainer, args, tiny_model_path, tokenizer))
+    assert_logs_equal(runs[0].state.log_history, runs[1].state.log_history, atol=1e-5)
+    assert_params_equal(runs[0].model, runs[1].model, atol=1e-5)
+
+
+def test_token_advantage_fn_receives_the_rollout_batch(tiny_model_path, tokenizer, tmp_path):
+    seen = []
+
+    def doubled(batch: TokenAdvantageInputs) -> torch.Tensor:
+        seen.append(batch)
+        return 2.0 * batch.advantages[:, None] * batch.completion_mask
+
+    trainer = train(TokenGRPOTrainer, grpo_args(tmp_path), tiny_model_path, tokenizer, token_advantage_fn=doubled)
+    batch = seen[0]
+    assert isinstance(batch, TokenGRPOBatch)
+    rows, width = batch.completion_ids.shape
+    assert rows == 4 and width == 8
+    for name in ("per_token_logps", "per_token_entropy", "completion_mask"):
+        assert getattr(batch, name).shape == (rows, width)
+    assert batch.rewards.shape == batch.advantages.shape == batch.group_ids.shape == (rows,)
+    assert torch.bincount(batch.group_index).tolist() == [2, 2]  # whole groups of num_generations
+    assert (batch.per_token_entropy[batch.completion_mask.bool()] > 0).all()
+    logged = _last_metrics(trainer)
+    assert logged["token/adv_after/max"] == pytest.approx(2 * logged["token/adv_before/max"], rel=1e-5)
+
+
+def test_weights_output_and_subclass_hook(tiny_model_path, tokenizer, tmp_path):
+    def halve(batch):
+        return torch.full(batch.completion_ids.shape, 0.5)
+
+    trainer = train(TokenGRPOTrainer, grpo_args(tmp_path / "fn", token_fn_output="weights"), tiny_model_path,
+                    tokenizer, token_advantage_fn=halve)  # fmt: skip
+    logged = _last_metrics(trainer)
+    assert logged["token/adv_after/max"] == pytest.approx(0.5 * logged["token/adv_before/max"], rel=1e-5)
+
+    class LastTokenOnly(TokenGRPOTrainer):
+        def compute_token_advantages(self, batch):
+            advantages = super().compute_token_advantages(batch)  # tempo, from the registry
+            last = batch.completion_mask.cumsum(1) == batch.completion_mask.sum(1, keepdim=True)
+            return advantages * last
+
+    trainer = train(LastTokenOnly, grpo_args(tmp_path / "sub", token_advantage="tempo"), tiny_model_path, tokenizer)
+    assert _last_metrics(trainer)["token/adv_after/mean"] != 0.0
+
+
+def test_hapo_processor_drives_rollout_temperature(tiny_model_path, tokenizer, tmp_path):
+    trainer = train(TokenGRPOTrainer, grpo_args(tmp_path, token_advantage="hapo", max_steps=3), tiny_model_path,
+                    tokenizer)  # fmt: skip
+    temperatures = [e["token/hapo/sampling_temperature"] for e in trainer.state.log_history
+                    if "token/hapo/sampling_temperature" in e]  # fmt: skip
+    assert temperatures[0] == pytest.approx(1.0)  # no statistics before the first training step: plain T
+    assert any(t != pytest.approx(1.0, abs=1e-7) for t in temperatures[1:])  # then T·(1 + τ·ĥ)
+    assert all(0.95 - 1e-6 <= t <= 1.05 + 1e-6 for t in temperatures)  # |τ·ĥ| ≤ τ = 0.05
+    assert trainer._hapo_processor.stats is not None
+    assert trainer.generation_config.temperature == 1.0 == trainer.temperature  # restored after each rollout
+    assert "generate" not in trainer.accelerator.unwrap_model(trainer.model).__dict__  # the bound partial is gone
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer-side math against plain full-logits references
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_tw_grpo_weights_match_full_logits(softcap):
+    torch.manual_seed(0)
+    rows, width, hidden_size, vocab = 6, 5, 8, 37
+    hidden = torch.randn(rows, width, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64)
+    bias = torch.randn(vocab, dtype=torch.float64)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    group_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    temperature, scale = 0.7, 1.3
+    z = _transform_logits(hidden @ weight.T + bias, scale, softcap) / temperature
+    expected = tw_grpo_token_weights(torch.log_softmax(z, -1), mask, group_index, tw_alpha=1.7)
+    actual = chunked_tw_grpo_weights(hidden, weight, bias, mask, group_index, tw_alpha=1.7, temperature=temperature,
+                                     logit_scale=scale, softcap=softcap, vocab_chunk=10, token_chunk=2)  # fmt: skip
+    torch.testing.assert_close(actual.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_tw_grpo_spec_example_through_the_chunked_path():
+    """Spec §8 worked example (G = 2, L = 3, V = 3): hidden states equal to the log-probabilities with an identity head
+    reproduce the given distributions, so the chunked weights must be [1.7, 1.0, 1.074594] / [1.7, 1.0, 0]."""
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.2, 0.2]],
+                          [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]]], dtype=torch.float64)  # fmt: skip
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    weights = chunked_tw_grpo_weights(probs.log(), torch.eye(3, dtype=torch.float64), None, mask,
+                                      torch.tensor([0, 0]), tw_alpha=1.7, vocab_chunk=2)  # fmt: skip
+    torch.testing.assert_close(weights.double(), torch.tensor([[1.7, 1.0, 1.074594], [1.7, 1.0, 0.0]],
+                                                              dtype=torch.float64), atol=5e-7, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_ucas_statistics_identity(softcap):
+    """Self-certainty from the fused head's log-prob: `z_y/T − log p_T(y) − mean(z)/T = lse(z/T) − mean(z/T)`."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 4, 8, dtype=torch.float64)
+    weight = torch.randn(29, 8, dtype=torch.float64)
+    bias = torch.randn(29, dtype=torch.float64)
+    targets = torch.randint(0, 29, (3, 4))
+    temperature = 0.8
+    z = _transform_logits(hidden @ weight.T + bias, 1.5, softcap)
+    logp = torch.log_softmax(z / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    mean = mean_logits_chunked(hidden, weight, bias, logit_scale=1.5, softcap=softcap, vocab_chunk=7)
+    torch.testing.assert_close(mean.double(), z.mean(-1), atol=1e-5, rtol=0)
+    z_y = z.gather(-1, targets[..., None]).squeeze(-1)
+    certainty = z_y / temperature - logp - mean.double() / temperature
+    torch.testing.assert_close(certainty, ucas_self_certainty(z / temperature), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"token_selection": "entropy_quantile", "entropy_selection": "topk"}, "entropy_scope='local'"),
+        ({"token_selection": "entropy_quantile", "loss_type": "grpo"}, "entropy_normalize='selected'"),
+        ({"token_selection": "entropy_quantile", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"token_advantage": "tempo", "token_shaping_stage": "loss", "gradient_accumulation_steps": 2},
+         "steps_per_generation=1"),
+        ({"token_advantage": "hapo", "loss_type": "cispo"}, "not a clipped loss"),
+        ({"token_advantage": "gtpo", "gtpo_entropy_filter": "readme"}, "initial policy"),
+        ({"rmt_ntp_coef": 0.5}, "token_selection"),
+        ({"token_advantage": "nope"}, "token_advantage='nope'"),
+        ({"token_selection": "entropy_quantile", "entropy_top_ratio": 1.5}, "entropy_top_ratio"),
+    ],
+)
+def test_config_rejects_contradictions(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        grpo_args(tmp_path, **overrides)
+
+
+def test_trainer_rejects_misplaced_arguments(tiny_model_path, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="either `token_advantage_fn`"):
+        TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [0.0] * len(completion_ids),
+                         args=grpo_args(tmp_path, token_advantage="tempo"), processing_class=tokenizer,
+                         train_dataset=load_tiny_grpo_dataset().select(range(4)),
+                         token_advantage_fn=lambda batch: batch.advantages)  # fmt: skip
+    with pytest.raises(ValueError, match="chord=True"):
+        TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [0.0] * len(completion_ids),
+                         args=grpo_args(tmp_path), processing_class=tokenizer,
+                         train_dataset=load_tiny_grpo_dataset().select(range(4)),
+                         expert_dataset=load_tiny_grpo_dataset())  # fmt: skip
+
+
+def test_bad_token_advantage_fn_output_is_reported(tiny_model_path, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        train(TokenGRPOTrainer, grpo_args(tmp_path), tiny_model_path, tokenizer,
+              token_advantage_fn=lambda batch: batch.advantages)  # fmt: skip

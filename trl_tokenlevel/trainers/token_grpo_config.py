@@ -1,0 +1,429 @@
+"""Configuration for `TokenGRPOTrainer`: every `trl.GRPOConfig` field plus the token-level options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+TOKEN_SELECTIONS = ("entropy_quantile", "entropy_band")
+TOKEN_ADVANTAGES = ("ucas", "hapo", "gtpo", "d3s", "tw_grpo", "tempo")
+# Methods whose rule looks at whole prompt groups (a group's completions must all be present when they run).
+GROUP_TOKEN_ADVANTAGES = ("ucas", "hapo", "gtpo", "d3s", "tw_grpo", "tempo")
+TOKEN_SHAPING_STAGES = ("auto", "loss", "rollout")
+TOKEN_FN_OUTPUTS = ("advantages", "weights")
+TOKEN_REWARD_SOURCES = ("rto",)
+ENTROPY_SELECTIONS = ("quantile", "topk")
+ENTROPY_NORMALIZATIONS = ("all", "selected")
+ENTROPY_SCOPES = ("global", "local")
+BAND_MODES = ("const", "quantile")
+UCAS_CONFIDENCE_AGGREGATIONS = ("sum", "mean")
+GTPO_ENTROPY_FILTERS = ("official",)
+GTPO_CONFLICT_COUNTS = ("union", "official")
+D3S_EQUAL_REWARDS = ("keep_first", "skip")
+RMT_EXPONENT_FORMS = ("as_rendered", "scaled")
+CHORD_WEIGHTINGS = ("phi", "none", "is")
+# TRL loss types whose policy term is the PPO clipped surrogate (HAPO's per-token clip ranges plug into it).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# TRL loss types whose normaliser is `num_items_in_batch` (or a constant): they can keep "all valid tokens" as the
+# denominator while the selection mask removes tokens from the numerator.
+NUM_ITEMS_LOSS_TYPES = ("dapo", "cispo", "vespo", "dr_grpo")
+
+
+@dataclass
+class TokenGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`TokenGRPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning, and the
+    parameters below add token-level credit assignment. With every token option at its default (`None`/off) training
+    is exactly stock GRPO.
+
+    Parameters:
+        > Parameters that select the token-level method
+
+        token_selection (`str` or `None`, *optional*, defaults to `None`):
+            Which completion tokens carry the policy-gradient update. `"entropy_quantile"`: the top
+            `entropy_top_ratio` highest-entropy ("forking") tokens (Beyond the 80/20 Rule,
+            [paper](https://huggingface.co/papers/2506.01939)). `"entropy_band"`: the same forking tokens plus SPINE's
+            entropy-band regulariser on them ([paper](https://huggingface.co/papers/2511.17938)). The mask goes into
+            TRL's `tool_mask`; the completion (attention) mask is never touched.
+        token_advantage (`str` or `None`, *optional*, defaults to `None`):
+            Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
+            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
+            `"d3s"` ([paper](https://huggingface.co/papers/2509.22115)), `"tw_grpo"`
+            ([paper](https://huggingface.co/papers/2505.24718)) or `"tempo"` ([paper](https://huggingface.co/papers/2509.18314)).
+            Python users can pass a callable `token_advantage_fn=` to the trainer instead.
+        token_fn_output (`str`, *optional*, defaults to `"advantages"`):
+            What a user `token_advantage_fn` returns: `"advantages"` (used as the `(B, T)` advantages) or `"weights"`
+            (multiplied into the stock GRPO advantages).
+        token_shaping_stage (`str`, *optional*, defaults to `"auto"`):
+            Where per-token shaping runs. `"loss"`: in the update step, from the training forward's log-probs and
+            entropy (no extra forward); needs `steps_per_generation=1` so that every micro-step holds whole prompt
+            groups. `"rollout"`: once per generation batch, from one no-grad forward of TRL's fused head (TRL's own
+            old-log-prob forward when it runs one). `"auto"`: `"loss"` when `steps_per_generation == 1`, else
+            `"rollout"`.
+
+        > Token selection (80/20 forking tokens, SPINE)
+
+        entropy_top_ratio (`float`, *optional*, defaults to `0.2`):
+            ρ, the fraction of highest-entropy tokens that carry the update.
+        entropy_selection (`str`, *optional*, defaults to `"quantile"`):
+            `"quantile"` (paper; TRL's `top_entropy_quantile` rule): threshold `quantile(H, 1 − ρ)`, ties kept.
+            `"topk"` (official code): exactly `max(1, int(N·ρ + 0.9999))` tokens, per rank (needs
+            `entropy_scope="local"`).
+        entropy_normalize (`str`, *optional*, defaults to `"all"`):
+            Loss denominator: `"all"` valid tokens (paper) or the `"selected"` tokens (official code). `"all"` needs a
+            loss type normalised by `num_items_in_batch` (`dapo`, `cispo`, `vespo`) or a constant (`dr_grpo`).
+        entropy_scope (`str`, *optional*, defaults to `"global"`):
+            `"global"`: one threshold over the valid tokens of every rank (all-gathered). `"local"` (official code):
+            this rank's tokens only.
+        band_coef (`float`, *optional*, defaults to `0.1`), band_low (`float`, *optional*, defaults to `0.2`),
+        band_high (`float`, *optional*, defaults to `2.0`):
+            SPINE band `λ·mean_F[relu(H_low − H) + relu(H − H_high)]` on the forking tokens F ([recon] values, nats).
+        band_mode (`str`, *optional*, defaults to `"const"`):
+            `"const"` band, or `"quantile"`: H_low/H_high are the `band_quantile_low`/`band_quantile_high` quantiles
+            of H over F.
+
+        > Per-token advantage methods
+
+        ucas_beta_pos (`float`, defaults to `0.25`), ucas_beta_neg (`float`, defaults to `0.35`),
+        ucas_kappa (`float`, defaults to `0.05`), ucas_confidence_agg (`str`, defaults to `"sum"`):
+            UCAS confidence modulation and logit-certainty penalty (official values).
+        hapo_entropy_pivot (`float`, defaults to `0.8`), hapo_adv_beta (`float`, defaults to `1.0`),
+        hapo_clip_alpha (`float`, defaults to `1.0`), hapo_temperature_tau (`float`, defaults to `0.05`):
+            HAPO normalised-entropy pivot, advantage redistribution β, clip widening α and temperature τ.
+        hapo_adaptive_clip (`bool`, defaults to `True`), hapo_adaptive_temperature (`bool`, defaults to `True`):
+            HAPO's asymmetric per-token clip ranges in the loss, and its entropy-adaptive sampling temperature
+            during rollouts (a `LogitsProcessor`; transformers generation only).
+        hapo_repo_sign_compat (`bool`, defaults to `False`), hapo_fallback_include_padding (`bool`, defaults to `False`):
+            Reproduce the official code's sign of ĥ and its TLGA fallback test on padded tensors.
+        gtpo_conflict_weight (`float`, defaults to `2.0`), gtpo_entropy_threshold (`float`, defaults to `0.7`),
+        gtpo_entropy_scale (`float`, defaults to `0.1`), gtpo_divide_by_n_conflict (`bool`, defaults to `False`),
+        gtpo_n_conflict_count (`str`, defaults to `"union"`):
+            GTPO conflict-token weight, entropy filter/shaping and the official code's per-completion division.
+            Use `loss_type="grpo"` for the paper's per-completion mean.
+        d3s_sample_keep_ratio_start / d3s_sample_keep_ratio_end (`float`, defaults to `0.5` / `1.0`),
+        d3s_token_keep_ratio_start / d3s_token_keep_ratio_end (`float`, defaults to `0.2` / `1.0`),
+        d3s_schedule_steps (`int` or `None`, defaults to `None` = `max_steps`):
+            D³S down-sampling ratios, relaxed linearly from start to end over the schedule ([recon]).
+        d3s_recompute_adv_after_downsample (`bool`, defaults to `True`), d3s_equal_rewards (`str`, defaults to
+        `"keep_first"`), d3s_mask_dropped_tokens (`bool`, defaults to `True`):
+            Recompute group advantages on the kept rollouts; what to do with all-equal groups; normalise the loss
+            over the kept tokens only (the dropped ones leave the loss mask).
+        tw_alpha (`float`, defaults to `1.7`), tw_vocab_chunk (`int`, defaults to `8192`):
+            TW-GRPO maximal position weight α and the vocabulary tile of the chunked divergence.
+        tempo_lambda (`float`, defaults to `1.0`):
+            TEMPO weight of the branch-point TD term ([unverified]).
+
+        > Token rewards, RMT and CHORD
+
+        token_reward_source (`str` or `None`, defaults to `None`):
+            `"rto"`: dense token rewards `clip(scale·[log π_dpo − log π_ref], ±clip)` from a DPO model
+            (RTO, [paper](https://huggingface.co/papers/2404.18922)); their return-to-go, times `token_reward_coef`,
+            is added to the per-token advantages.
+        token_reward_model_name_or_path (`str` or `None`), token_reward_ref_model_name_or_path (`str` or `None`):
+            The DPO model and its reference (default: the policy's initial weights). Python users can pass
+            `token_reward_model=` / `token_reward_ref_model=` to the trainer.
+        token_reward_scale (`float`, defaults to `0.05`), token_reward_clip (`float`, defaults to `0.05`),
+        token_reward_coef (`float`, defaults to `1.0`):
+            RTO β₁ and clip, and the weight of the return-to-go in the advantage ([recon]).
+        rmt_budget_init (`int` or `None`), rmt_budget_min (`int`, defaults to `1`), rmt_gamma (`float`, defaults to
+        `0.5`), rmt_k (`float`, defaults to `1.0`), rmt_exponent_form (`str`, defaults to `"as_rendered"`),
+        rmt_length_reward_weight (`float`, defaults to `1.0`), rmt_length_reward_width (`float` or `None`):
+            RMT dynamic token budget `max(B_min, B_0·γ^x)` and its triangular length reward, added as one more
+            reward function when `rmt_budget_init` is set (no published defaults: [recon] knobs).
+        rmt_ntp_coef (`float`, defaults to `0.0`):
+            RMT dual objective [recon]: `λ·mean(−log π)` over the valid completion tokens that the token selection
+            left out (needs `token_selection`).
+        chord (`bool`, defaults to `False`):
+            CHORD ([paper](https://huggingface.co/papers/2508.11408)): mix an expert SFT loss into GRPO,
+            `(1 − μ)·L_GRPO + μ·L_SFT`, with φ(p) = p(1 − p) token weights. Needs an expert dataset
+            (`expert_dataset=` or `chord_expert_dataset_name`).
+        chord_expert_dataset_name (`str` or `None`), chord_expert_dataset_split (`str`, defaults to `"train"`):
+            Expert dataset (`prompt` + `completion` columns, plain text or conversational) for the command line.
+        chord_expert_data_ratio (`float`, defaults to `0.2`):
+            Fraction of expert rows in each micro-step (`k = max(1, round(B·r/(1 − r)))` expert rows beside B rollouts).
+        chord_mu_warmup_steps (`int`, defaults to `200`), chord_mu_decay_steps (`int`, defaults to `400`),
+        chord_mu_peak (`float`, defaults to `0.5`), chord_mu_valley (`float`, defaults to `0.02`):
+            μ schedule (`mix_chord.yaml`).
+        chord_weighting (`str`, defaults to `"phi"`), chord_cutoff_prob (`float`, defaults to `1.0`),
+        chord_token_level_loss (`bool`, defaults to `True`):
+            CHORD-φ (`"phi"`), CHORD-μ (`"none"`, plain NLL) or `"is"` (DFT); probability cutoff; token-mean (True) or
+            mean of per-sequence token means.
+
+    > [!NOTE]
+    > Token options are opt-in and independent: a selection, an advantage method, a token-reward source, RMT and
+    > CHORD can be combined. TRL's own `top_entropy_quantile` must stay at 1.0 when `token_selection` is set.
+    """
+
+    # --- method selection ---------------------------------------------------------------------------------------
+    token_selection: str | None = field(
+        default=None,
+        metadata={"help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
+                  "choices": [None, *TOKEN_SELECTIONS]},  # fmt: skip
+    )
+    token_advantage: str | None = field(
+        default=None,
+        metadata={"help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
+                  "choices": [None, *TOKEN_ADVANTAGES]},  # fmt: skip
+    )
+    token_fn_output: str = field(
+        default="advantages",
+        metadata={"help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
+                  "choices": list(TOKEN_FN_OUTPUTS)},  # fmt: skip
+    )
+    token_shaping_stage: str = field(
+        default="auto",
+        metadata={"help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
+                  "choices": list(TOKEN_SHAPING_STAGES)},  # fmt: skip
+    )
+    # --- selection -----------------------------------------------------------------------------------------------
+    entropy_top_ratio: float = field(default=0.2, metadata={"help": "rho: fraction of highest-entropy tokens kept."})
+    entropy_selection: str = field(
+        default="quantile",
+        metadata={"help": "'quantile' (paper, ties kept) or 'topk' (official code).", "choices": list(ENTROPY_SELECTIONS)},
+    )
+    entropy_normalize: str = field(
+        default="all",
+        metadata={"help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
+                  "choices": list(ENTROPY_NORMALIZATIONS)},  # fmt: skip
+    )
+    entropy_scope: str = field(
+        default="global",
+        metadata={"help": "'global' threshold over all ranks, or 'local' (this rank).", "choices": list(ENTROPY_SCOPES)},
+    )
+    band_coef: float = field(default=0.1, metadata={"help": "SPINE band coefficient lambda_band."})
+    band_low: float = field(default=0.2, metadata={"help": "SPINE band lower entropy H_low (nats)."})
+    band_high: float = field(default=2.0, metadata={"help": "SPINE band upper entropy H_high (nats)."})
+    band_mode: str = field(
+        default="const", metadata={"help": "SPINE band: 'const' or 'quantile'.", "choices": list(BAND_MODES)}
+    )
+    band_quantile_low: float = field(default=0.1, metadata={"help": "SPINE band_mode='quantile': lower quantile."})
+    band_quantile_high: float = field(default=0.9, metadata={"help": "SPINE band_mode='quantile': upper quantile."})
+    # --- UCAS ----------------------------------------------------------------------------------------------------
+    ucas_beta_pos: float = field(default=0.25, metadata={"help": "UCAS beta+ (positive advantages)."})
+    ucas_beta_neg: float = field(default=0.35, metadata={"help": "UCAS beta- (non-positive advantages)."})
+    ucas_kappa: float = field(default=0.05, metadata={"help": "UCAS kappa, weight of the logit-certainty penalty."})
+    ucas_confidence_agg: str = field(
+        default="sum", metadata={"help": "UCAS response confidence: 'sum' or 'mean'.",
+                                 "choices": list(UCAS_CONFIDENCE_AGGREGATIONS)},  # fmt: skip
+    )
+    ucas_norm_adv_by_std: bool = field(default=True, metadata={"help": "UCAS: divide group z-scores by the std."})
+    # --- HAPO ----------------------------------------------------------------------------------------------------
+    hapo_entropy_pivot: float = field(default=0.8, metadata={"help": "HAPO pivot quantile of log-entropy."})
+    hapo_adv_beta: float = field(default=1.0, metadata={"help": "HAPO advantage redistribution beta."})
+    hapo_clip_alpha: float = field(default=1.0, metadata={"help": "HAPO clip widening alpha."})
+    hapo_adaptive_clip: bool = field(default=True, metadata={"help": "HAPO per-token asymmetric clip ranges."})
+    hapo_adaptive_temperature: bool = field(
+        default=True, metadata={"help": "HAPO entropy-adaptive sampling temperature during rollouts."}
+    )
+    hapo_temperature_tau: float = field(default=0.05, metadata={"help": "HAPO temperature tau."})
+    hapo_repo_sign_compat: bool = field(default=False, metadata={"help": "Reproduce the official HAPO sign bug."})
+    hapo_fallback_include_padding: bool = field(
+        default=False, metadata={"help": "Reproduce the official TLGA fallback test on padded tensors."}
+    )
+    # --- GTPO ----------------------------------------------------------------------------------------------------
+    gtpo_conflict_weight: float = field(default=2.0, metadata={"help": "GTPO weight W of conflict tokens."})
+    gtpo_entropy_threshold: float = field(default=0.7, metadata={"help": "GTPO mean-entropy filter threshold."})
+    gtpo_entropy_scale: float = field(default=0.1, metadata={"help": "GTPO entropy shaping gamma."})
+    gtpo_entropy_filter: str = field(
+        default="official", metadata={"help": "GTPO entropy filter.", "choices": list(GTPO_ENTROPY_FILTERS)}
+    )
+    gtpo_divide_by_n_conflict: bool = field(
+        default=False, metadata={"help": "GTPO: divide by the conflict-token count (official code)."}
+    )
+    gtpo_n_conflict_count: str = field(
+        default="union", metadata={"help": "GTPO conflict count.", "choices": list(GTPO_CONFLICT_COUNTS)}
+    )
+    # --- D3S -----------------------------------------------------------------------------------------------------
+    d3s_sample_keep_ratio_start: float = field(default=0.5, metadata={"help": "D3S rollout keep ratio at step 0."})
+    d3s_sample_keep_ratio_end: float = field(default=1.0, metadata={"help": "D3S rollout keep ratio at the end."})
+    d3s_token_keep_ratio_start: float = field(default=0.2, metadata={"help": "D3S token keep ratio at step 0."})
+    d3s_token_keep_ratio_end: float = field(default=1.0, metadata={"help": "D3S token keep ratio at the end."})
+    d3s_schedule_steps: int | None = field(
+        default=None, metadata={"help": "D3S schedule length in optimizer steps (None: max_steps)."}
+    )
+    d3s_recompute_adv_after_downsample: bool = field(
+        default=True, metadata={"help": "D3S: recompute group advantages on the kept rollouts."}
+    )
+    d3s_equal_rewards: str = field(
+        default="keep_first", metadata={"help": "D3S all-equal groups.", "choices": list(D3S_EQUAL_REWARDS)}
+    )
+    d3s_mask_dropped_tokens: bool = field(
+        default=True, metadata={"help": "D3S: drop unkept tokens from the loss mask (token-mean over kept tokens)."}
+    )
+    # --- TW-GRPO / TEMPO -----------------------------------------------------------------------------------------
+    tw_alpha: float = field(default=1.7, metadata={"help": "TW-GRPO alpha (maximal position weight)."})
+    tw_vocab_chunk: int = field(default=8192, metadata={"help": "TW-GRPO vocabulary tile of the chunked divergence."})
+    tempo_lambda: float = field(default=1.0, metadata={"help": "TEMPO weight of the branch-point TD term."})
+    # --- RTO token rewards ---------------------------------------------------------------------------------------
+    token_reward_source: str | None = field(
+        default=None, metadata={"help": "Dense token rewards: None or 'rto'.", "choices": [None, *TOKEN_REWARD_SOURCES]}
+    )
+    token_reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "RTO: DPO model giving the token rewards (path or Hub id)."}
+    )
+    token_reward_ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "RTO: reference of the DPO model (default: the policy's initial weights)."}
+    )
+    token_reward_scale: float = field(default=0.05, metadata={"help": "RTO beta1 (scale of the DPO log-ratio)."})
+    token_reward_clip: float = field(default=0.05, metadata={"help": "RTO clip of the token reward (0: none)."})
+    token_reward_coef: float = field(default=1.0, metadata={"help": "Weight of the token-reward return-to-go."})
+    # --- RMT -----------------------------------------------------------------------------------------------------
+    rmt_budget_init: int | None = field(default=None, metadata={"help": "RMT initial token budget B_0 (None: off)."})
+    rmt_budget_min: int = field(default=1, metadata={"help": "RMT minimal token budget B_min."})
+    rmt_gamma: float = field(default=0.5, metadata={"help": "RMT budget decay gamma in (0, 1)."})
+    rmt_k: float = field(default=1.0, metadata={"help": "RMT budget exponent k."})
+    rmt_exponent_form: str = field(
+        default="as_rendered", metadata={"help": "RMT exponent form.", "choices": list(RMT_EXPONENT_FORMS)}
+    )
+    rmt_length_reward_weight: float = field(default=1.0, metadata={"help": "RMT length reward weight."})
+    rmt_length_reward_width: float | None = field(
+        default=None, metadata={"help": "RMT length reward half-width (None: the budget)."}
+    )
+    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT NTP coefficient on unselected tokens."})
+    # --- CHORD ---------------------------------------------------------------------------------------------------
+    chord: bool = field(default=False, metadata={"help": "CHORD: mix an expert SFT loss into GRPO."})
+    chord_expert_dataset_name: str | None = field(
+        default=None, metadata={"help": "CHORD expert dataset (prompt + completion columns)."}
+    )
+    chord_expert_dataset_split: str = field(default="train", metadata={"help": "CHORD expert dataset split."})
+    chord_expert_data_ratio: float = field(default=0.2, metadata={"help": "CHORD fraction of expert rows."})
+    chord_mu_warmup_steps: int = field(default=200, metadata={"help": "CHORD mu warmup steps."})
+    chord_mu_decay_steps: int = field(default=400, metadata={"help": "CHORD mu cosine decay steps."})
+    chord_mu_peak: float = field(default=0.5, metadata={"help": "CHORD mu peak."})
+    chord_mu_valley: float = field(default=0.02, metadata={"help": "CHORD mu floor."})
+    chord_weighting: str = field(
+        default="phi", metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)}
+    )
+    chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
+    chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
+
+    @property
+    def token_features_enabled(self) -> bool:
+        """True when any token-level option is set (False: the trainer is stock GRPO)."""
+        return (
+            self.token_selection is not None
+            or self.token_advantage is not None
+            or self.token_reward_source is not None
+            or self.rmt_budget_init is not None
+            or self.chord
+        )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, value, choices in (
+            ("token_selection", self.token_selection, (None, *TOKEN_SELECTIONS)),
+            ("token_advantage", self.token_advantage, (None, *TOKEN_ADVANTAGES)),
+            ("token_fn_output", self.token_fn_output, TOKEN_FN_OUTPUTS),
+            ("token_shaping_stage", self.token_shaping_stage, TOKEN_SHAPING_STAGES),
+            ("token_reward_source", self.token_reward_source, (None, *TOKEN_REWARD_SOURCES)),
+            ("entropy_selection", self.entropy_selection, ENTROPY_SELECTIONS),
+            ("entropy_normalize", self.entropy_normalize, ENTROPY_NORMALIZATIONS),
+            ("entropy_scope", self.entropy_scope, ENTROPY_SCOPES),
+            ("band_mode", self.band_mode, BAND_MODES),
+            ("ucas_confidence_agg", self.ucas_confidence_agg, UCAS_CONFIDENCE_AGGREGATIONS),
+            ("gtpo_n_conflict_count", self.gtpo_n_conflict_count, GTPO_CONFLICT_COUNTS),
+            ("d3s_equal_rewards", self.d3s_equal_rewards, D3S_EQUAL_REWARDS),
+            ("rmt_exponent_form", self.rmt_exponent_form, RMT_EXPONENT_FORMS),
+            ("chord_weighting", self.chord_weighting, CHORD_WEIGHTINGS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(repr, choices))}.")
+        if self.gtpo_entropy_filter not in GTPO_ENTROPY_FILTERS:
+            raise ValueError(
+                f"gtpo_entropy_filter={self.gtpo_entropy_filter!r}: only the official rule is available in the "
+                "trainer. The README rule needs each completion's entropy under the initial policy, which the trainer "
+                "does not compute; call `trl_tokenlevel.ops.advantages.gtpo_token_advantages` with "
+                "`initial_mean_entropy` from a `token_advantage_fn` instead."
+            )
+        for name in ("entropy_top_ratio", "d3s_sample_keep_ratio_start", "d3s_sample_keep_ratio_end",
+                     "d3s_token_keep_ratio_start", "d3s_token_keep_ratio_end", "band_quantile_low",
+                     "band_quantile_high"):  # fmt: skip
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        for name in ("band_coef", "band_low", "band_high", "ucas_beta_pos", "ucas_beta_neg", "ucas_kappa",
+                     "hapo_adv_beta", "hapo_clip_alpha", "gtpo_conflict_weight", "gtpo_entropy_scale", "tw_alpha",
+                     "tempo_lambda", "token_reward_scale", "token_reward_coef", "rmt_ntp_coef"):  # fmt: skip
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
+        if self.d3s_sample_keep_ratio_start <= 0:
+            raise ValueError("d3s_sample_keep_ratio_start must be > 0: D³S must keep at least one rollout per group.")
+        if not 0.0 <= self.hapo_temperature_tau < 1.0:
+            raise ValueError(f"hapo_temperature_tau must be in [0, 1), got {self.hapo_temperature_tau}.")
+        if self.tw_vocab_chunk < 1:
+            raise ValueError(f"tw_vocab_chunk must be >= 1, got {self.tw_vocab_chunk}.")
+        # Method knobs that do nothing without their method: refuse them rather than silently ignore them.
+        if self.rmt_ntp_coef != 0.0 and self.token_selection is None:
+            raise ValueError(
+                "rmt_ntp_coef > 0 trains next-token prediction on the completion tokens that the token selection left "
+                "out; set token_selection (e.g. 'entropy_quantile') or rmt_ntp_coef=0."
+            )
+        if self.token_reward_source is None and (
+            self.token_reward_model_name_or_path is not None or self.token_reward_ref_model_name_or_path is not None
+        ):
+            raise ValueError("token_reward_model_name_or_path is only used with token_reward_source='rto'.")
+        if self.chord_expert_dataset_name is not None and not self.chord:
+            raise ValueError("chord_expert_dataset_name is CHORD's expert data: set chord=True to use it.")
+        if not self.token_features_enabled:
+            return
+
+        if self.token_selection is not None:
+            if self.top_entropy_quantile < 1.0:
+                raise ValueError(
+                    f"token_selection={self.token_selection!r} and TRL's top_entropy_quantile="
+                    f"{self.top_entropy_quantile} both select high-entropy tokens. Keep top_entropy_quantile=1.0 "
+                    "(token_selection='entropy_quantile' with the defaults is the same rule, global across ranks)."
+                )
+            if self.entropy_selection == "topk" and self.entropy_scope != "local":
+                raise ValueError(
+                    "entropy_selection='topk' reproduces the official per-rank rule and cannot be global. Set "
+                    "entropy_scope='local' with it, or use entropy_selection='quantile' for a global threshold."
+                )
+            if self.entropy_normalize == "all" and self.loss_type not in NUM_ITEMS_LOSS_TYPES:
+                raise ValueError(
+                    f"entropy_normalize='all' divides by every valid token, but loss_type={self.loss_type!r} divides "
+                    "by the tokens left in the loss mask (the selected ones). Use loss_type='dapo' (the default) for "
+                    "the paper's normaliser, or entropy_normalize='selected'."
+                )
+        if self.rmt_budget_init is not None:
+            if self.rmt_budget_min < 1 or self.rmt_budget_init < self.rmt_budget_min:
+                raise ValueError("Need 1 <= rmt_budget_min <= rmt_budget_init.")
+            if not 0.0 < self.rmt_gamma < 1.0:
+                raise ValueError(f"rmt_gamma must be in (0, 1), got {self.rmt_gamma}.")
+        if self.token_advantage == "hapo":
+            if self.hapo_adaptive_clip and self.loss_type not in CLIPPED_LOSS_TYPES:
+                raise ValueError(
+                    f"hapo_adaptive_clip=True sets per-token clip ranges of the PPO surrogate, but loss_type="
+                    f"{self.loss_type!r} is not a clipped loss. Use one of {CLIPPED_LOSS_TYPES} or set "
+                    "hapo_adaptive_clip=False."
+                )
+            if self.hapo_adaptive_clip and self.importance_sampling_level != "token":
+                raise ValueError("hapo_adaptive_clip=True needs importance_sampling_level='token' (per-token ratios).")
+            if self.hapo_adaptive_temperature and (self.use_vllm or self.use_transformers_continuous_batching):
+                raise ValueError(
+                    "hapo_adaptive_temperature=True needs transformers `generate` (a LogitsProcessor); vLLM and "
+                    "continuous batching have no Python processor hook. Set hapo_adaptive_temperature=False."
+                )
+        if self.chord:
+            if not 0.0 < self.chord_expert_data_ratio < 1.0:
+                raise ValueError(f"chord_expert_data_ratio must be in (0, 1), got {self.chord_expert_data_ratio}.")
+            if not 0.0 < self.chord_cutoff_prob <= 1.0:
+                raise ValueError(f"chord_cutoff_prob must be in (0, 1], got {self.chord_cutoff_prob}.")
+            if self.chord_mu_warmup_steps < 0 or self.chord_mu_decay_steps < 0:
+                raise ValueError("chord_mu_warmup_steps and chord_mu_decay_steps must be >= 0.")
+        if self.token_shaping_stage == "loss" and self.steps_per_generation != 1:
+            raise ValueError(
+                f"token_shaping_stage='loss' shapes each micro-step from the training forward, which needs every "
+                f"micro-step to hold whole prompt groups, i.e. steps_per_generation=1 (got {self.steps_per_generation}; "
+                "it defaults to gradient_accumulation_steps). Set steps_per_generation=1, or "
+                "token_shaping_stage='rollout' (or 'auto')."
+            )
+
+    @property
+    def resolved_token_shaping_stage(self) -> str:
+        """`token_shaping_stage` with `"auto"` resolved."""
+        if self.token_shaping_stage != "auto":
+            return self.token_shaping_stage
+        return "loss" if self.steps_per_generation == 1 else "rollout"

@@ -1,0 +1,981 @@
+"""`TokenGRPOTrainer`: TRL's `GRPOTrainer` with per-token advantages, token selection and token rewards.
+
+With no token option set, every override defers to `GRPOTrainer`, so training is stock GRPO. With token options:
+
+1. Rollout (`_generate_and_score_completions`): `super()` generates and scores as usual; we add the rollout's group
+   ids and summed rewards as extra `(B,)` tensors (they travel through TRL's shuffle/split like its own), optional
+   dense token rewards (RTO) and, with HAPO, sample with the entropy-adaptive temperature processor.
+2. Shaping (`_shape_token_batch`): builds a `TokenAdvantageInputs` batch (ids, mask, per-token log-probs and entropy
+   from TRL's fused LM head, rewards, group ids, stock advantages), all-gathered across ranks so groups are whole,
+   calls `compute_token_advantages` (a user `token_advantage_fn`, or a method of
+   `trl_tokenlevel.ops.advantages.TOKEN_ADVANTAGE_METHODS`), writes `(B, T)` advantages (TRL's loss unsqueezes only
+   1-D ones), the token selection into `tool_mask` (never `completion_mask`, which is also the attention mask) with
+   `num_items_in_batch` recomputed, and HAPO's per-token clip ranges. It runs either in the update step from the
+   training forward ("loss" stage: no extra forward) or once per generation batch from one no-grad fused forward
+   ("rollout" stage, used when a micro-step does not hold whole groups).
+3. Loss (`_compute_loss`): TRL's loss on the shaped batch, reusing our single training forward, plus SPINE's band
+   term, RMT's NTP term and CHORD's expert SFT mix.
+
+The math lives in `trl_tokenlevel.ops`; this file moves tensors, gathers across ranks and logs metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset
+from transformers import LogitsProcessorList, PreTrainedModel
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import apply_chat_template, is_conversational
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
+
+from ..generation.processors import AdaptiveTemperatureLogitsProcessor
+from ..ops.advantages import (
+    TOKEN_ADVANTAGE_METHODS,
+    TokenAdvantageInputs,
+    d3s_keep_ratio,
+    hapo_clip_bounds,
+    hapo_entropy_stats,
+    hapo_normalized_entropy,
+    rmt_ntp_loss,
+)
+from ..ops.chunked import lm_head_params
+from ..ops.decoding import hapo_adaptive_temperature, next_token_entropy
+from ..ops.preference import rto_token_rewards
+from ..ops.selection import all_gather_variable_length, high_entropy_token_mask, spine_entropy_band_penalty
+from ..ops.sft import chord_mu, chord_sft_loss
+from ..rewards.grpo_rewards import RMTLengthReward
+from ..signals.preference import token_implicit_rewards
+from .hooks import capture_last_hidden_state, causal_lm_of
+from .token_grpo_config import TokenGRPOConfig
+
+# Methods that read the backbone's last hidden state (captured by a hook during the forward that runs anyway).
+_HIDDEN_STATE_METHODS = ("ucas", "tw_grpo")
+
+
+@dataclass
+class TokenGRPOBatch(TokenAdvantageInputs):
+    """The rollout batch handed to `compute_token_advantages`: every `TokenAdvantageInputs` field (all-gathered across
+    ranks, so every prompt group is whole) plus two trainer-computed ones.
+
+    - ``tw_grpo_weights`` (B, T): TW-GRPO position weights, computed in vocabulary tiles from hidden states (the
+      registry entry would need `(B, T, V)` log-probs, which the trainer never builds).
+    - ``token_rewards`` (B, T): dense token rewards of the `token_reward_source` (RTO), 0 on padding.
+    """
+
+    tw_grpo_weights: Optional[torch.Tensor] = None
+    token_rewards: Optional[torch.Tensor] = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers: vocabulary-tiled statistics from hidden states (no [B, T, V] logits)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _transform_logits(z: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    """The LM head's logit transform as TRL's fused head applies it (scale, then softcap), before temperature."""
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+@torch.no_grad()
+def mean_logits_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                        logit_scale: float = 1.0, softcap: float | None = None,
+                        vocab_chunk: int = 8192) -> torch.Tensor:  # fmt: skip
+    """`mean_v z_v` of the transformed (pre-temperature) logits of `hidden` `(..., H)`, in vocabulary tiles.
+
+    Without softcap the mean is linear in the head (`h·mean(W) + mean(b)`, times the scale): one matrix-vector product.
+    """
+    hidden = hidden.float()
+    weight = weight.float()
+    if softcap is None:
+        mean = hidden @ weight.mean(0)
+        if bias is not None:
+            mean = mean + bias.float().mean()
+        return mean * logit_scale
+    total = torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
+    for start in range(0, weight.shape[0], vocab_chunk):
+        z = hidden @ weight[start : start + vocab_chunk].T
+        if bias is not None:
+            z = z + bias[start : start + vocab_chunk].float()
+        total += _transform_logits(z, logit_scale, softcap).sum(-1)
+    return total / weight.shape[0]
+
+
+@torch.no_grad()
+def chunked_tw_grpo_weights(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    completion_mask: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    tw_alpha: float = 1.7,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+) -> torch.Tensor:
+    """TW-GRPO position weights `(B, T)` from hidden states, tiled over positions and vocabulary (spec §8).
+
+    Same result as `trl_tokenlevel.ops.advantages.tw_grpo_token_weights` on the full log-probabilities
+    `log_softmax(transform(h·Wᵀ + b)/T)`, without building `(B, T, V)`: per group and position tile, one vocabulary
+    sweep forms the log-normaliser, a second sweep accumulates the k3 disagreement `Σ_v (e^d − d − 1)`,
+    `d = clamp(ℓ̄ − ℓ_g, −11, 11)`, with padding positions at the uniform `−log V`. Memory is
+    `G × token_chunk × vocab_chunk` floats. Weights are detached (`tw_weight_grad=False`, the spec default).
+
+    Args:
+        hidden: `(B, T, H)` hidden states at the positions predicting the completion tokens.
+        weight, bias: the LM head. completion_mask: `(B, T)`. group_index: `(B,)` group of each row.
+    """
+    hidden = hidden.float()
+    weight = weight.float()
+    bias = bias.float() if bias is not None else None
+    vocab = weight.shape[0]
+    valid = completion_mask.bool()
+    out = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
+    uniform = -math.log(vocab)
+
+    def tile_log_probs(h, start, log_normaliser, valid_tile):
+        z = h @ weight[start : start + vocab_chunk].T
+        if bias is not None:
+            z = z + bias[start : start + vocab_chunk]
+        z = _transform_logits(z, logit_scale, softcap) / temperature
+        return torch.where(valid_tile[..., None], z - log_normaliser[..., None], torch.full_like(z, uniform))
+
+    for group in torch.unique(group_index):
+        rows = torch.nonzero(group_index == group).squeeze(1)
+        h_group, valid_group = hidden[rows], valid[rows]
+        divergence = torch.zeros(valid_group.shape, dtype=torch.float32, device=hidden.device)
+        for t0 in range(0, valid_group.shape[1], token_chunk):
+            h = h_group[:, t0 : t0 + token_chunk]
+            valid_tile = valid_group[:, t0 : t0 + token_chunk]
+            running_max = torch.full(h.shape[:2], float("-inf"), device=h.device)
+            running_sum = torch.zeros(h.shape[:2], device=h.device)
+            for start in range(0, vocab, vocab_chunk):
+                z = h @ weight[start : start + vocab_chunk].T
+                if bias is not None:
+                    z = z + bias[start : start + vocab_chunk]
+                z = _transform_logits(z, logit_scale, softcap) / temperature
+                tile_max = torch.maximum(running_max, z.max(-1).values)
+                running_sum = running_sum * torch.exp(running_max - tile_max) + torch.exp(z - tile_max[..., None]).sum(-1)
+                running_max = tile_max
+            log_normaliser = running_max + running_sum.log()
+            k3 = torch.zeros(h.shape[:2], device=h.device)
+            for start in range(0, vocab, vocab_chunk):
+                log_probs = tile_log_probs(h, start, log_normaliser, valid_tile)
+                diff = (log_probs.mean(0, keepdim=True) - log_probs).clamp(-11.0, 11.0)
+                k3 += (torch.exp(diff) - diff - 1).sum(-1)
+            divergence[:, t0 : t0 + token_chunk] = k3
+        per_position = divergence.mean(0)
+        low, high = per_position.min(), per_position.max()
+        normalized = (per_position - low) / (high - low + 1e-8)
+        weights = 1 + (tw_alpha - 1) * normalized
+        out[rows] = torch.where(valid_group, weights[None, :].expand_as(valid_group), torch.zeros_like(out[rows]))
+    return out
+
+
+def _return_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`G_t = Σ_{t' ≥ t} r_{t'}` over the valid tokens of each row (γ = 1), 0 on padding."""
+    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    return torch.where(mask.bool(), rewards.flip(1).cumsum(1).flip(1), torch.zeros_like(rewards))
+
+
+class _RecordingAdaptiveTemperature(AdaptiveTemperatureLogitsProcessor):
+    """HAPO's adaptive-temperature processor that also records the mean sampling temperature (a logged metric)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature_sum, self.temperature_count = 0.0, 0
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        entropy = next_token_entropy(scores / self.temperature)
+        row_temperature = hapo_adaptive_temperature(entropy, self.stats, self.temperature, self.tau)
+        self.temperature_sum += float(row_temperature.sum())
+        self.temperature_count += row_temperature.numel()
+        return scores / row_temperature.unsqueeze(-1).to(scores.dtype)
+
+
+class _ExpertBatches:
+    """CHORD expert rows, tokenized once, served as `(input_ids, attention_mask, completion_mask)` micro-batches.
+
+    Rows have `prompt` and `completion` (plain text: the EOS token is appended to the completion, as TRL's SFT does;
+    conversational: rendered with the chat template). Prompts are left-padded and completions right-padded, the
+    layout of GRPO's rollouts, so the fused head scores exactly the completion tokens.
+    """
+
+    def __init__(self, dataset: Dataset, tokenizer, rows_per_batch: int, max_completion_length: int | None, seed: int):
+        missing = {"prompt", "completion"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"The CHORD expert dataset needs `prompt` and `completion` columns; it lacks {sorted(missing)} "
+                f"(columns: {dataset.column_names})."
+            )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows = []
+        for index, row in enumerate(dataset):
+            example = {"prompt": row["prompt"], "completion": row["completion"]}
+            if is_conversational(example):
+                example = apply_chat_template(example, tokenizer)
+            prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+            completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+            if not is_conversational({"prompt": row["prompt"]}) and tokenizer.eos_token_id is not None:
+                if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
+                    completion_ids = completion_ids + [tokenizer.eos_token_id]
+            if max_completion_length is not None:
+                completion_ids = completion_ids[:max_completion_length]
+            if not completion_ids:
+                raise ValueError(f"CHORD expert row {index} has an empty completion.")
+            self.rows.append((prompt_ids, completion_ids))
+        if not self.rows:
+            raise ValueError("The CHORD expert dataset is empty.")
+        self.rows_per_batch = rows_per_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def next(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        picked = []
+        while len(picked) < self.rows_per_batch:
+            if not self._order:
+                self._order = torch.randperm(len(self.rows), generator=self.generator).tolist()
+            picked.append(self.rows[self._order.pop()])
+        prompt_width = max(len(p) for p, _ in picked)
+        completion_width = max(len(c) for _, c in picked)
+        batch = len(picked)
+        input_ids = torch.full((batch, prompt_width + completion_width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        completion_mask = torch.zeros((batch, completion_width), dtype=torch.long)
+        for i, (prompt, completion) in enumerate(picked):
+            start = prompt_width - len(prompt)
+            input_ids[i, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
+            input_ids[i, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+            attention_mask[i, start : prompt_width + len(completion)] = 1
+            completion_mask[i, : len(completion)] = 1
+        return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TokenGRPOTrainer(GRPOTrainer):
+    """Drop-in replacement for [`~trl.GRPOTrainer`] with token-level credit assignment.
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes,
+        callbacks, optimizers, quantization_config, peft_config, tools, rollout_func, environment_factory:
+            As in [`~trl.GRPOTrainer`]. `args` may be a plain `GRPOConfig` (stock GRPO) or a [`TokenGRPOConfig`].
+        token_advantage_fn (`Callable[[TokenAdvantageInputs], torch.Tensor]`, *optional*):
+            Your per-token advantage rule. It receives the rollout batch (`TokenGRPOBatch`: `completion_ids`,
+            `completion_mask`, `per_token_logps`, `per_token_entropy`, `rewards`, `advantages` (stock GRPO),
+            `group_ids`, `old_per_token_logps` when TRL has them; all-gathered across ranks) and returns `(B, T)`
+            advantages, or weights multiplied into the stock advantages with `args.token_fn_output="weights"`.
+            Overriding `compute_token_advantages` in a subclass is the same hook.
+        token_reward_model, token_reward_ref_model ([`~transformers.PreTrainedModel`] or `str`, *optional*):
+            `token_reward_source="rto"`: the DPO model and its reference (default: the policy's initial weights).
+        expert_dataset ([`~datasets.Dataset`], *optional*):
+            `chord=True`: expert demonstrations (`prompt`, `completion`).
+
+    Example:
+    ```python
+    from trl_tokenlevel import TokenGRPOConfig, TokenGRPOTrainer
+    from trl_tokenlevel.rewards.grpo_rewards import addition_reward
+
+    args = TokenGRPOConfig(output_dir="out", token_selection="entropy_quantile")  # 80/20 forking tokens
+    trainer = TokenGRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=addition_reward, args=args,
+                               train_dataset=dataset)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "grpo", "trl-tokenlevel"]
+    _name = "TokenGRPO"
+    # `_paper` stays GRPO's (DeepSeekMath): every method here reshapes the GRPO objective token by token.
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs=None,
+        args: GRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        token_advantage_fn: Callable[[TokenAdvantageInputs], torch.Tensor] | None = None,
+        token_reward_model: PreTrainedModel | str | None = None,
+        token_reward_ref_model: PreTrainedModel | str | None = None,
+        expert_dataset: Dataset | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = TokenGRPOConfig(f"{model_name.split('/')[-1]}-TokenGRPO")
+        token_args = args if isinstance(args, TokenGRPOConfig) else None
+        self.token_advantage_fn = token_advantage_fn
+        if token_advantage_fn is not None:
+            if token_args is None:
+                raise ValueError("`token_advantage_fn` needs a `TokenGRPOConfig` (it holds the shaping options).")
+            if token_args.token_advantage is not None:
+                raise ValueError(
+                    f"Pass either `token_advantage_fn` or args.token_advantage={token_args.token_advantage!r}, not "
+                    "both (call the registry method from your function to compose them)."
+                )
+        uses_rto = token_args is not None and token_args.token_reward_source == "rto"
+        if (token_reward_model is not None or token_reward_ref_model is not None) and not uses_rto:
+            raise ValueError("`token_reward_model` is the RTO token-reward source: set token_reward_source='rto'.")
+        uses_chord = token_args is not None and token_args.chord
+        if expert_dataset is not None and not uses_chord:
+            raise ValueError("`expert_dataset` is CHORD's expert data: set chord=True to use it.")
+        self._token_enabled = token_advantage_fn is not None or (
+            token_args is not None and token_args.token_features_enabled
+        )
+
+        # RMT's length reward is one more reward function, appended before TRL sets up the reward bookkeeping.
+        if token_args is not None and token_args.rmt_budget_init is not None:
+            reward_funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs.append(
+                RMTLengthReward(
+                    token_args.rmt_budget_init, token_args.rmt_budget_min, token_args.rmt_gamma, token_args.rmt_k,
+                    token_args.rmt_exponent_form, token_args.rmt_length_reward_weight,
+                    token_args.rmt_length_reward_width,
+                )  # fmt: skip
+            )
+            if args.reward_weights is not None:
+                args.reward_weights = [*args.reward_weights, 1.0]
+            if isinstance(reward_processing_classes, list):
+                reward_processing_classes = [*reward_processing_classes, None]
+
+        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`).
+        self._cached_forward = None
+        self._rollout_capture_request = None
+        self._rollout_capture = None
+        self._last_rewards_per_func = None
+
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+        self._hapo_processor = None
+        self.token_reward_model = None
+        self.token_reward_ref_model = None
+        self._expert_batches = None
+        if not self._token_enabled:
+            return
+
+        self._stage = args.resolved_token_shaping_stage
+        self._needs_hidden = args.token_advantage in _HIDDEN_STATE_METHODS
+        if args.token_advantage == "tw_grpo" and args.per_device_train_batch_size % self.num_generations != 0:
+            raise ValueError(
+                "token_advantage='tw_grpo' compares the next-token distributions of a group's completions, which must "
+                f"all be on one rank: per_device_train_batch_size ({args.per_device_train_batch_size}) must be a "
+                f"multiple of num_generations ({self.num_generations})."
+            )
+        if args.token_advantage == "hapo" and args.hapo_adaptive_temperature:
+            self._hapo_processor = _RecordingAdaptiveTemperature(
+                temperature=self.temperature,
+                tau=args.hapo_temperature_tau,
+                entropy_pivot=args.hapo_entropy_pivot,
+                repo_sign_compat=args.hapo_repo_sign_compat,
+            )
+        if uses_rto:
+            self._setup_token_reward_models(token_reward_model, token_reward_ref_model)
+        if uses_chord:
+            self._setup_chord(expert_dataset)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Initialisation helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _load_frozen(self, model: PreTrainedModel | str, name: str) -> PreTrainedModel:
+        if isinstance(model, str):
+            model = create_model_from_path(model, **dict(self.args.model_init_kwargs or {}))
+        policy_vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        other_vocab = model.get_output_embeddings().weight.shape[0]
+        if policy_vocab != other_vocab:
+            raise ValueError(
+                f"`{name}` has an LM head over {other_vocab} tokens but the policy's covers {policy_vocab}: token "
+                "rewards need the policy's tokenizer and vocabulary (a model fine-tuned from the same base)."
+            )
+        if self.args.disable_dropout:
+            disable_dropout_in_model(model)
+        model.requires_grad_(False)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def _setup_token_reward_models(self, dpo_model, ref_model) -> None:
+        dpo_model = dpo_model if dpo_model is not None else self.args.token_reward_model_name_or_path
+        if dpo_model is None:
+            raise ValueError(
+                "token_reward_source='rto' needs a DPO model: pass `token_reward_model=` or set "
+                "token_reward_model_name_or_path."
+            )
+        if ref_model is None:
+            ref_model = self.args.token_reward_ref_model_name_or_path
+        if ref_model is None:
+            # RTO's reference is the model the DPO model was trained from; by default the policy's initial weights.
+            ref_model = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+            if not ref_model:
+                raise ValueError(
+                    "token_reward_source='rto' needs the DPO model's reference: pass `token_reward_ref_model=` (the "
+                    "policy was given in memory, so its initial weights cannot be reloaded from a path)."
+                )
+        self.token_reward_model = self._load_frozen(dpo_model, "token_reward_model")
+        self.token_reward_ref_model = self._load_frozen(ref_model, "token_reward_ref_model")
+
+    def _setup_chord(self, expert_dataset: Dataset | None) -> None:
+        if expert_dataset is None:
+            if self.args.chord_expert_dataset_name is None:
+                raise ValueError(
+                    "chord=True needs expert demonstrations: pass `expert_dataset=` (columns `prompt`, `completion`) "
+                    "or set chord_expert_dataset_name."
+                )
+            from datasets import load_dataset
+
+            expert_dataset = load_dataset(self.args.chord_expert_dataset_name, split=self.args.chord_expert_dataset_split)
+        ratio = self.args.chord_expert_data_ratio
+        rows = max(1, round(self.args.per_device_train_batch_size * ratio / (1 - ratio)))
+        self._expert_batches = _ExpertBatches(
+            expert_dataset, self._tokenizer, rows, self.max_completion_length,
+            seed=self.args.seed + self.accelerator.process_index,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Public hook
+    # ------------------------------------------------------------------------------------------------------------
+
+    def compute_token_advantages(self, batch: TokenAdvantageInputs) -> torch.Tensor:
+        """Per-token advantages `(B, T)` of a rollout batch; override in a subclass or pass `token_advantage_fn`.
+
+        `batch` holds whole prompt groups (all-gathered across ranks). The default: the user `token_advantage_fn`
+        (its output used as advantages, or as weights on the stock advantages with `token_fn_output="weights"`), else
+        the method named by `args.token_advantage` from `TOKEN_ADVANTAGE_METHODS` with its config knobs, else the
+        stock advantages broadcast over the tokens. Padding positions are zeroed afterwards.
+        """
+        args = self.args
+        if self.token_advantage_fn is not None:
+            output = self.token_advantage_fn(batch)
+            if args.token_fn_output == "weights":
+                output = batch.advantages[:, None].to(output.dtype) * output
+            return output
+        name = args.token_advantage
+        if name is None:
+            return batch.advantages[:, None].expand(batch.completion_ids.shape).clone()
+        if name == "tw_grpo":
+            # The registry entry multiplies A_i by weights it builds from (B, T, V) log-probs; the trainer builds the
+            # same weights in vocabulary tiles (`chunked_tw_grpo_weights`).
+            return batch.advantages[:, None].to(batch.tw_grpo_weights.dtype) * batch.tw_grpo_weights
+        return TOKEN_ADVANTAGE_METHODS[name](batch, **self._method_knobs(name))
+
+    def _method_knobs(self, name: str) -> dict[str, Any]:
+        args = self.args
+        if name == "ucas":
+            return dict(beta_pos=args.ucas_beta_pos, beta_neg=args.ucas_beta_neg, kappa=args.ucas_kappa,
+                        confidence_agg=args.ucas_confidence_agg, norm_adv_by_std=args.ucas_norm_adv_by_std)  # fmt: skip
+        if name == "hapo":
+            return dict(entropy_pivot=args.hapo_entropy_pivot, adv_beta=args.hapo_adv_beta,
+                        clip_alpha=args.hapo_clip_alpha, epsilon_low=float(self.epsilon_low),
+                        epsilon_high=float(self.epsilon_high), hapo_repo_sign_compat=args.hapo_repo_sign_compat,
+                        hapo_fallback_include_padding=args.hapo_fallback_include_padding)  # fmt: skip
+        if name == "gtpo":
+            return dict(conflict_weight=args.gtpo_conflict_weight, entropy_threshold=args.gtpo_entropy_threshold,
+                        entropy_scale=args.gtpo_entropy_scale, entropy_filter=args.gtpo_entropy_filter,
+                        divide_by_n_conflict=args.gtpo_divide_by_n_conflict,
+                        n_conflict_count=args.gtpo_n_conflict_count)  # fmt: skip
+        if name == "d3s":
+            sample_ratio, token_ratio = self._d3s_ratios()
+            return dict(sample_keep_ratio=sample_ratio, token_keep_ratio=token_ratio,
+                        recompute_adv_after_downsample=args.d3s_recompute_adv_after_downsample,
+                        equal_rewards=args.d3s_equal_rewards)  # fmt: skip
+        if name == "tempo":
+            return dict(tempo_lambda=args.tempo_lambda)
+        return {}
+
+    def _d3s_ratios(self) -> tuple[float, float]:
+        args = self.args
+        total = args.d3s_schedule_steps if args.d3s_schedule_steps is not None else self.state.max_steps
+        step = self.state.global_step
+        return (
+            d3s_keep_ratio(step, total, ratio_start=args.d3s_sample_keep_ratio_start,
+                           ratio_end=args.d3s_sample_keep_ratio_end),
+            d3s_keep_ratio(step, total, ratio_start=args.d3s_token_keep_ratio_start,
+                           ratio_end=args.d3s_token_keep_ratio_end),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward passes: one training forward shared with TRL's loss; rollout-stage capture
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, **kwargs):  # fmt: skip
+        # The training forward of `_compute_loss` was already run by us (to shape the batch from its entropy): hand
+        # TRL's loss the same tensors instead of a second forward.
+        if self._cached_forward is not None and compute_entropy:
+            cached, self._cached_forward = self._cached_forward, None
+            return cached
+        # Rollout stage: TRL's own old-log-prob forward also yields the entropy (and the hidden states) we need.
+        request = self._rollout_capture_request
+        if request is not None and model is self.model and not compute_entropy:
+            self._rollout_capture_request = None
+            with self._maybe_capture_hidden(model, request["hidden"]) as store:
+                logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep,
+                    batch_size=None if request["hidden"] else batch_size, compute_entropy=True, **kwargs,
+                )  # fmt: skip
+            self._rollout_capture = (logps, entropies, store.get("hidden"))
+            return logps, None, aux
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy,
+            **kwargs,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _maybe_capture_hidden(self, model, enabled: bool):
+        if not enabled:
+            yield {}
+            return
+        with capture_last_hidden_state(causal_lm_of(model, self.accelerator)) as store:
+            yield store
+
+    def _training_forward(self, model, inputs, capture_hidden: bool):
+        """The forward of TRL's `_compute_loss` (same arguments), optionally capturing the last hidden state."""
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self._maybe_capture_hidden(model, capture_hidden) as store:
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+                pixel_values=inputs.get("pixel_values"),
+                image_grid_thw=inputs.get("image_grid_thw"),
+                num_images=inputs.get("num_images"),
+                pixel_attention_mask=inputs.get("pixel_attention_mask"),
+                spatial_shapes=inputs.get("spatial_shapes"),
+                num_tiles=inputs.get("num_tiles"),
+                image_sizes=inputs.get("image_sizes"),
+                token_type_ids=inputs.get("token_type_ids"),
+                mm_token_type_ids=inputs.get("mm_token_type_ids"),
+                image_position_ids=inputs.get("image_position_ids"),
+            )
+        return logps, entropies, aux_loss, store.get("hidden")
+
+    def _rollout_forward(self, out: dict, capture_hidden: bool):
+        """One no-grad fused forward over the generation batch (rollout stage, when TRL ran none itself)."""
+        if "pixel_values" in out:
+            raise ValueError("Token-level shaping at the rollout stage supports text-only models.")
+        completion_ids = out["completion_ids"]
+        input_ids = torch.cat([out["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._maybe_capture_hidden(self.model, capture_hidden) as store,
+        ):
+            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, completion_ids.size(1),
+                batch_size=None if capture_hidden else batch_size, compute_entropy=True,
+            )  # fmt: skip
+        return logps, entropies, store.get("hidden")
+
+    def _trl_computes_old_logps(self) -> bool:
+        # The condition of `GRPOTrainer._generate_and_score_completions` for its old-log-prob forward.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Rollout: generation (HAPO temperature), rewards, group ids, token rewards
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._hapo_processor is None or not self.model.training:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)  # fmt: skip
+        # `generate` gets no `logits_processor` from TRL: bind one for this call. The processor *is* the temperature
+        # step (T·(1 + τ·ĥ)), so the configured temperature warper is set to 1 meanwhile (it would divide again).
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        unwrapped.generate = functools.partial(
+            type(unwrapped).generate.__get__(unwrapped), logits_processor=LogitsProcessorList([self._hapo_processor])
+        )
+        saved = self.generation_config.temperature, self.generation_kwargs.get("temperature")
+        self.generation_config.temperature = 1.0
+        self.generation_kwargs["temperature"] = 1.0
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)  # fmt: skip
+        finally:
+            del unwrapped.generate
+            self.generation_config.temperature, self.generation_kwargs["temperature"] = saved
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._token_enabled:
+            self._last_rewards_per_func = rewards_per_func  # gathered over ranks, (global B, num_funcs)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        if not self._token_enabled:
+            return super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        if self._stage == "rollout" and self._trl_computes_old_logps():
+            self._rollout_capture_request = {"hidden": self._needs_hidden}
+        self._rollout_capture = None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rollout_capture_request = None
+            capture, self._rollout_capture = self._rollout_capture, None
+        device = out["completion_ids"].device
+        batch = out["completion_ids"].shape[0]
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        # TRL lays the gathered generation batch out as contiguous groups of `num_generations` rows; this rank holds
+        # global rows [rank·B, (rank + 1)·B). The ids travel with the rows through TRL's shuffle and split.
+        global_rows = self.accelerator.process_index * batch + torch.arange(batch, device=device)
+        out["tl_group_ids"] = global_rows // num_generations
+        rewards = (self._last_rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        out["tl_rewards"] = rewards[global_rows]
+        self._last_rewards_per_func = None
+        if self.token_reward_model is not None:
+            out["tl_token_rewards"] = self._rto_token_rewards(out)
+        if self._stage == "rollout":
+            if capture is None:
+                capture = self._rollout_forward(out, self._needs_hidden)
+            logps, entropies, hidden = capture
+            self._shape_token_batch(out, logps, entropies, hidden, out.get("old_per_token_logps"))
+        if self._hapo_processor is not None and self._hapo_processor.temperature_count:
+            processor = self._hapo_processor
+            self._metrics[mode]["token/hapo/sampling_temperature"].append(
+                processor.temperature_sum / processor.temperature_count
+            )
+            processor.temperature_sum, processor.temperature_count = 0.0, 0
+        return out
+
+    @torch.no_grad()
+    def _rto_token_rewards(self, out: dict) -> torch.Tensor:
+        """RTO dense token rewards `clip(β₁·[log π_dpo − log π_ref], ±c)` of the rollout tokens, `(B, T)`."""
+        completion_mask = out["completion_mask"]
+        valid = completion_mask if "tool_mask" not in out else completion_mask * out["tool_mask"]
+        input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        attention_mask = torch.cat([out["prompt_mask"], completion_mask], dim=1)
+        full_completion_mask = torch.cat([torch.zeros_like(out["prompt_mask"]), completion_mask], dim=1)
+        dpo = self.accelerator.unwrap_model(self.token_reward_model)
+        ref = self.accelerator.unwrap_model(self.token_reward_ref_model)
+        log_ratio = token_implicit_rewards(dpo, ref, input_ids, attention_mask, full_completion_mask, beta=1.0)
+        log_ratio = log_ratio[:, -completion_mask.shape[1] :]
+        zeros = torch.zeros_like(log_ratio)
+        # GRPO's outcome reward is already in the advantage and its KL is `beta`: only the DPO shaping term is used.
+        return rto_token_rewards(
+            log_ratio, zeros, zeros, valid, 0.0, dpo_reward_scale=self.args.token_reward_scale,
+            dpo_reward_clip=self.args.token_reward_clip, kl_coef=0.0, rm_clamp=None,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Shaping: per-token advantages, selection mask, HAPO clip ranges, diagnostics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _gather_rows(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """Concatenate a per-row tensor over ranks (rank order), padding dim 1 with zeros to the widest rank."""
+        if tensor is None or self.accelerator.num_processes == 1:
+            return tensor
+        if tensor.dim() >= 2:
+            tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=0)
+        return self.accelerator.gather(tensor.contiguous())
+
+    def _local_rows(self, tensor: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        start = self.accelerator.process_index * batch
+        return tensor[start : start + batch, :width]
+
+    def _shape_token_batch(self, batch: dict, per_token_logps, entropies, hidden, old_per_token_logps) -> None:
+        """Write `(B, T)` advantages, the selection into `tool_mask`, `num_items_in_batch` and HAPO clip ranges."""
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        completion_ids = batch["completion_ids"]
+        tool_mask = batch.get("tool_mask")
+        valid = batch["completion_mask"] if tool_mask is None else batch["completion_mask"] * tool_mask
+        valid_bool = valid.bool()
+        num_rows, width = completion_ids.shape
+        logps = per_token_logps.detach()
+        entropy = entropies.detach().float()
+        stock = batch["advantages"]
+        stock_tokens = torch.where(valid_bool, stock[:, None].expand(num_rows, width).to(entropy.dtype),
+                                   torch.zeros_like(entropy))  # fmt: skip
+
+        token_advantages = stock_tokens
+        kept_by_method = None
+        needs_method = self.token_advantage_fn is not None or args.token_advantage is not None
+        token_rewards = batch.get("tl_token_rewards")
+        if needs_method:
+            extra = {}
+            if args.token_advantage == "ucas":
+                extra["self_certainty"], extra["sampled_token_logits"] = self._ucas_statistics(
+                    hidden, completion_ids, logps, valid_bool
+                )
+            if args.token_advantage == "tw_grpo":
+                extra["tw_grpo_weights"] = self._tw_grpo_weights(hidden, valid_bool, batch["tl_group_ids"])
+            gathered = {
+                name: self._gather_rows(value)
+                for name, value in dict(
+                    completion_ids=completion_ids, completion_mask=valid.long(), per_token_logps=logps.float(),
+                    per_token_entropy=entropy, rewards=batch["tl_rewards"].float(), advantages=stock.float(),
+                    group_ids=batch["tl_group_ids"],
+                    old_per_token_logps=None if old_per_token_logps is None else old_per_token_logps.float(),
+                    token_rewards=None if token_rewards is None else token_rewards.float(),
+                    **extra,
+                ).items()
+            }  # fmt: skip
+            rollout_batch = TokenGRPOBatch(**gathered)
+            shaped = self.compute_token_advantages(rollout_batch)
+            expected = tuple(rollout_batch.completion_ids.shape)
+            if not isinstance(shaped, torch.Tensor) or tuple(shaped.shape) != expected:
+                raise ValueError(
+                    f"compute_token_advantages must return a (B, T) = {expected} tensor, got "
+                    f"{getattr(shaped, 'shape', type(shaped))}."
+                )
+            if not torch.isfinite(shaped).all():
+                raise ValueError("compute_token_advantages returned non-finite advantages.")
+            token_advantages = self._local_rows(shaped.to(entropy.dtype), num_rows, width)
+            token_advantages = torch.where(valid_bool, token_advantages, torch.zeros_like(token_advantages))
+            if args.token_advantage == "d3s":
+                kept_by_method = (token_advantages != 0) & valid_bool
+                self._log_d3s(batch, kept_by_method, valid_bool, mode)
+            if args.token_advantage == "hapo":
+                self._hapo_after_shaping(batch, rollout_batch, num_rows, width, mode)
+            if args.token_advantage == "tw_grpo":
+                self._log_masked_stats("token/tw_weight", extra["tw_grpo_weights"], valid_bool, mode, ("mean", "max"))
+        if token_rewards is not None:
+            token_advantages = token_advantages + args.token_reward_coef * _return_to_go(token_rewards, valid_bool)
+            self._log_masked_stats("token/token_reward", token_rewards, valid_bool, mode, ("mean",))
+
+        # Token selection: a per-token loss mask in `tool_mask`; `completion_mask` stays the attention mask.
+        loss_mask = valid_bool
+        selected = None
+        if args.token_selection is not None:
+            gather_fn = all_gather_variable_length if args.entropy_scope == "global" else None
+            selected = high_entropy_token_mask(entropy, valid_bool, rho=args.entropy_top_ratio,
+                                               entropy_selection=args.entropy_selection, gather_fn=gather_fn)  # fmt: skip
+            loss_mask = loss_mask & selected
+            batch["tl_selected"] = selected
+            batch["tl_valid"] = valid_bool
+            self._log_selection(entropy, valid_bool, selected, mode)
+        if kept_by_method is not None and args.d3s_mask_dropped_tokens:
+            loss_mask = loss_mask & kept_by_method
+        if loss_mask is not valid_bool:
+            base = torch.ones_like(batch["completion_mask"]) if tool_mask is None else tool_mask
+            batch["tool_mask"] = base * loss_mask.to(base.dtype)
+            normalize_by_selected = (selected is not None and args.entropy_normalize == "selected") or (
+                kept_by_method is not None and args.d3s_mask_dropped_tokens
+            )
+            if normalize_by_selected:
+                # TRL's `dapo`/`cispo`/`vespo` divide by `num_items_in_batch`: the global count of loss tokens.
+                batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            # entropy_normalize="all": TRL's count of every valid token stays the denominator (the paper's rule).
+
+        batch["advantages"] = token_advantages
+        self._log_masked_stats("token/adv_before", stock_tokens, valid_bool, mode, ("mean", "std", "min", "max"))
+        self._log_masked_stats("token/adv_after", token_advantages, loss_mask, mode, ("mean", "std", "min", "max"))
+
+    @torch.no_grad()
+    def _ucas_statistics(self, hidden, completion_ids, logps, valid):
+        """UCAS per-token self-certainty `lse(z/T) − mean(z/T)` and raw sampled-token logit `z_y`, from the hidden
+        states of the fused forward: `lse(z/T) = z_y/T − log p_T(y)` reuses the fused head's log-prob."""
+        head = lm_head_params(causal_lm_of(self.model, self.accelerator))
+        rows = hidden[:, -completion_ids.shape[1] - 1 : -1].float()
+        weight, bias = head["weight"], head["bias"]
+        sampled = (rows * weight[completion_ids].float()).sum(-1)
+        if bias is not None:
+            sampled = sampled + bias[completion_ids].float()
+        sampled = _transform_logits(sampled, head["logit_scale"], head["softcap"])
+        mean = mean_logits_chunked(rows, weight, bias, logit_scale=head["logit_scale"], softcap=head["softcap"])
+        certainty = sampled / self.temperature - logps.float() - mean / self.temperature
+        zero = torch.zeros_like(certainty)
+        return torch.where(valid, certainty, zero), torch.where(valid, sampled, zero)
+
+    @torch.no_grad()
+    def _tw_grpo_weights(self, hidden, valid, group_ids):
+        counts = torch.unique(group_ids, return_counts=True)[1]
+        if bool((counts != counts[0]).any()) or (self.model.training and int(counts[0]) != self.num_generations):
+            raise ValueError(
+                "token_advantage='tw_grpo' needs each prompt group's completions on one rank and in one micro-step: "
+                "use token_shaping_stage='rollout' or steps_per_generation=1, with a per-device batch that is a "
+                "multiple of num_generations."
+            )
+        head = lm_head_params(causal_lm_of(self.model, self.accelerator))
+        rows = hidden[:, -valid.shape[1] - 1 : -1]
+        group_index = torch.unique(group_ids, return_inverse=True)[1]
+        return chunked_tw_grpo_weights(
+            rows, head["weight"], head["bias"], valid, group_index, tw_alpha=self.args.tw_alpha,
+            temperature=self.temperature, logit_scale=head["logit_scale"], softcap=head["softcap"],
+            vocab_chunk=self.args.tw_vocab_chunk,
+        )  # fmt: skip
+
+    def _hapo_after_shaping(self, batch, rollout_batch, num_rows, width, mode) -> None:
+        """HAPO's per-token clip ranges (from ĥ of the gathered batch) and the sampler's statistics for next time."""
+        args = self.args
+        valid = rollout_batch.completion_mask.bool()
+        if not valid.any():
+            return
+        stats = hapo_entropy_stats(rollout_batch.per_token_entropy, valid, args.hapo_entropy_pivot,
+                                   args.hapo_repo_sign_compat)  # fmt: skip
+        if self._hapo_processor is not None and mode == "train":
+            self._hapo_processor.stats = stats  # the previous training step's statistics drive the next rollouts
+        if not args.hapo_adaptive_clip:
+            return
+        h_hat = hapo_normalized_entropy(rollout_batch.per_token_entropy, stats)
+        h_hat = torch.where(valid, h_hat, torch.zeros_like(h_hat))
+        eps_low, eps_high = hapo_clip_bounds(h_hat, epsilon_low=float(self.epsilon_low),
+                                             epsilon_high=float(self.epsilon_high), clip_alpha=args.hapo_clip_alpha)  # fmt: skip
+        batch["tl_eps_low"] = self._local_rows(eps_low, num_rows, width)
+        batch["tl_eps_high"] = self._local_rows(eps_high, num_rows, width)
+        local_valid = self._local_rows(valid, num_rows, width)
+        self._log_masked_stats("token/hapo/eps_low", batch["tl_eps_low"], local_valid, mode, ("mean",))
+        self._log_masked_stats("token/hapo/eps_high", batch["tl_eps_high"], local_valid, mode, ("mean",))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if not self._token_enabled:
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        # A copy: the buffered generation batch is reused across `num_iterations`, and must stay unshaped.
+        inputs = dict(inputs)
+        capture_hidden = self._stage == "loss" and self._needs_hidden
+        per_token_logps, entropies, aux_loss, hidden = self._training_forward(model, inputs, capture_hidden)
+        if self._stage == "loss":
+            self._shape_token_batch(inputs, per_token_logps, entropies, hidden, inputs.get("old_per_token_logps"))
+        eps_low, eps_high = inputs.pop("tl_eps_low", None), inputs.pop("tl_eps_high", None)
+        saved_eps = self.epsilon_low, self.epsilon_high
+        if eps_low is not None:
+            # HAPO: TRL's clamp and clip metrics read these attributes; tensors make them per token.
+            self.epsilon_low, self.epsilon_high = eps_low, eps_high
+        self._cached_forward = (per_token_logps, entropies, aux_loss)
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._cached_forward = None
+            self.epsilon_low, self.epsilon_high = saved_eps
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        # Selected tokens and the valid tokens before selection (the selection itself now sits in `tool_mask`).
+        valid, selected = inputs.get("tl_valid"), inputs.get("tl_selected")
+        if self.args.token_selection == "entropy_band":
+            penalty = spine_entropy_band_penalty(
+                entropies, selected, band_coef=self.args.band_coef, band_low=self.args.band_low,
+                band_high=self.args.band_high, band_mode=self.args.band_mode,
+                band_quantiles=(self.args.band_quantile_low, self.args.band_quantile_high),
+            )  # fmt: skip
+            loss = loss + penalty / accumulation
+            self._metrics[mode]["token/band_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
+        if self.args.rmt_ntp_coef != 0.0:
+            ntp = rmt_ntp_loss(per_token_logps, valid, selected, ntp_coef=self.args.rmt_ntp_coef)
+            loss = loss + ntp / accumulation
+            self._metrics[mode]["token/rmt_ntp_loss"].append(self.accelerator.gather(ntp.detach()).mean().item())
+        if self._expert_batches is not None and mode == "train":
+            loss = self._chord_mix(model, loss, accumulation, mode)
+        return loss
+
+    def _chord_mix(self, model, loss, accumulation, mode):
+        """CHORD: `(1 − μ)·L_GRPO + μ·L_SFT` with φ-weighted expert NLL, μ from the warmup + cosine schedule."""
+        args = self.args
+        mu = chord_mu(self.state.global_step, args.chord_mu_warmup_steps, args.chord_mu_decay_steps,
+                      args.chord_mu_peak, args.chord_mu_valley)  # fmt: skip
+        input_ids, attention_mask, expert_mask = self._expert_batches.next(self.accelerator.device)
+        # The unwrapped module: a second call of the DDP wrapper before backward would re-arm its reducer; the
+        # gradients of both forwards still reach the same parameters and are all-reduced once.
+        expert_logps, _, _ = super()._get_per_token_logps_and_entropies(
+            self.accelerator.unwrap_model(model), input_ids, attention_mask, expert_mask.shape[1]
+        )
+        sft = chord_sft_loss(expert_logps, expert_mask, weighting=args.chord_weighting,
+                             cutoff_prob=args.chord_cutoff_prob, token_level=args.chord_token_level_loss)  # fmt: skip
+        self._metrics[mode]["chord/mu"].append(mu)
+        self._metrics[mode]["chord/sft_loss"].append(self.accelerator.gather(sft.detach()).mean().item())
+        return (1.0 - mu) * loss + mu * sft / accumulation
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Diagnostics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _log_masked_stats(self, prefix, values, mask, mode, stats) -> None:
+        """Global (all-rank) statistics of `values` over `mask`, appended to `self._metrics[mode]`."""
+        mask = mask.bool()
+        picked = values.detach().float()[mask]
+        device = values.device
+        totals = torch.stack([picked.sum(), (picked * picked).sum(), torch.tensor(float(picked.numel()), device=device)])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        count = totals[2].clamp(min=1.0)
+        mean = totals[0] / count
+        if "mean" in stats:
+            self._metrics[mode][f"{prefix}/mean"].append(mean.item())
+        if "std" in stats:
+            self._metrics[mode][f"{prefix}/std"].append((totals[1] / count - mean**2).clamp(min=0).sqrt().item())
+        if "min" in stats or "max" in stats:
+            extremes = torch.stack([
+                picked.min() if picked.numel() else torch.tensor(float("inf"), device=device),
+                -picked.max() if picked.numel() else torch.tensor(float("inf"), device=device),
+            ])  # fmt: skip
+            extremes = self.accelerator.gather(extremes[None]).min(dim=0).values
+            if "min" in stats:
+                self._metrics[mode][f"{prefix}/min"].append(extremes[0].item() if totals[2] > 0 else 0.0)
+            if "max" in stats:
+                self._metrics[mode][f"{prefix}/max"].append(-extremes[1].item() if totals[2] > 0 else 0.0)
+
+    def _log_selection(self, entropy, valid, selected, mode) -> None:
+        sel = selected & valid
+        rest = valid & ~selected
+        totals = torch.stack([
+            sel.sum().float(), valid.sum().float(), (entropy * sel).sum(), (entropy * rest).sum(), rest.sum().float(),
+        ])  # fmt: skip
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        self._metrics[mode]["token/selected_frac"].append((totals[0] / totals[1].clamp(min=1)).item())
+        self._metrics[mode]["token/entropy_selected"].append((totals[2] / totals[0].clamp(min=1)).item())
+        self._metrics[mode]["token/entropy_unselected"].append((totals[3] / totals[4].clamp(min=1)).item())
+
+    def _log_d3s(self, batch, kept_tokens, valid, mode) -> None:
+        sample_ratio, token_ratio = self._d3s_ratios()
+        kept_rows = kept_tokens.any(dim=1)
+        totals = torch.stack([kept_rows.sum().float(), torch.tensor(float(kept_rows.numel()), device=valid.device),
+                              kept_tokens.sum().float(), valid.sum().float()])  # fmt: skip
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        self._metrics[mode]["token/d3s/kept_rollouts_frac"].append((totals[0] / totals[1].clamp(min=1)).item())
+        self._metrics[mode]["token/d3s/kept_tokens_frac"].append((totals[2] / totals[3].clamp(min=1)).item())
+        self._metrics[mode]["token/d3s/sample_keep_ratio"].append(sample_ratio)
+        self._metrics[mode]["token/d3s/token_keep_ratio"].append(token_ratio)
