@@ -1,6 +1,7 @@
 """trl-tokenlevel: token-level credit assignment for Hugging Face TRL.
 
-`from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer` is the drop-in for `trl.DPOConfig`/`trl.DPOTrainer`.
+`from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer` is the drop-in for `trl.DPOConfig`/`trl.DPOTrainer`
+(likewise `TokenSFTConfig`/`TokenSFTTrainer`).
 Trainers are imported lazily so that `trl_tokenlevel.ops` stays importable with torch alone.
 """
 
@@ -17,6 +18,8 @@ TESTED_TRL_MINORS = ("1.16",)
 _LAZY = {
     "TokenDPOConfig": "trl_tokenlevel.trainers.token_dpo_config",
     "TokenDPOTrainer": "trl_tokenlevel.trainers.token_dpo_trainer",
+    "TokenSFTConfig": "trl_tokenlevel.trainers.token_sft_config",
+    "TokenSFTTrainer": "trl_tokenlevel.trainers.token_sft_trainer",
 }
 
 __all__ = list(_LAZY) + ["TESTED_TRL_MINORS", "__version__"]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
-COMMANDS = {"dpo": "Token-level DPO (TokenDPOTrainer); with no flags, a tiny offline CPU job on built-in data."}
+COMMANDS = {
+    "dpo": "Token-level DPO (TokenDPOTrainer); with no flags, a tiny offline CPU job on built-in data.",
+    "sft": "Token-level SFT (TokenSFTTrainer: OTR, CHORD-phi, token weights, ssToken); with no flags, a tiny CPU job.",
+}
 
 
 def _usage() -> str:
@@ -26,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The default jobs never need the network; real runs that name Hub models still can (the user's environment).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from trl_tokenlevel.scripts import dpo
-
-    dpo.main(*dpo.parse_args(rest))
+    script = importlib.import_module(f"trl_tokenlevel.scripts.{command}")
+    script.main(*script.parse_args(rest))
     return 0
 
 

@@ -29,8 +29,9 @@ TOKEN_WEIGHTS_COLUMN = "token_weights"
 ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 
 _FIX = (
-    "Compute one value per loss token with `trl_tokenlevel.data.sft_columns.tokenize_sft_dataset(dataset, tokenizer, ...)`: a "
-    "row needs `sum(label != -100 for label in row['labels'])` values, in order (EOS / end-of-turn included)."
+    "Compute one value per loss token with "
+    "`trl_tokenlevel.data.sft_columns.tokenize_sft_dataset(dataset, tokenizer, ...)`: a row needs "
+    "`sum(label != -100 for label in row['labels'])` values, in order (EOS / end-of-turn included)."
 )
 
 

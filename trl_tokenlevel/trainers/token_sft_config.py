@@ -32,8 +32,8 @@ class TokenSFTConfig(SFTConfig):
             `"otr"`: One-Token Rollout ([paper](https://huggingface.co/papers/2509.26313)), a one-step policy gradient
             at every completion position on K tokens sampled from the flattened policy. `"chord_phi"`: CHORD's
             token-weighted SFT loss `−log p · sg(p(1 − p))` ([paper](https://huggingface.co/papers/2508.11408)).
-            `"weighted"`: `−w_t · log p` with per-token weights `w_t` from a `token_weights` dataset column (one float
-            per loss token, as TRL tokenizes the example).
+            `"weighted"`: `−w_t · log p` with per-token weights `w_t` from a `token_weights` dataset column (one
+            float per loss token, as TRL tokenizes the example).
         token_selection (`str` or `None`, *optional*, defaults to `None`):
             Token selection applied to the per-token loss. `"sstoken"`: ssToken
             ([paper](https://huggingface.co/papers/2510.18250)) keeps the top `sstoken_ratio` of each response's
@@ -51,8 +51,8 @@ class TokenSFTConfig(SFTConfig):
             not publish it; −0.1 is a reconstruction.
         otr_estimator (`str`, *optional*, defaults to `"mc"`):
             `"mc"`: Monte-Carlo policy gradient on the K samples (the paper's form). `"expected"`: the variance-free
-            expectation over the exploration policy, `−[π'(y) log π(y) + β Σ_{v≠y} π'(v) log π(v)]`, computed over
-            the whole vocabulary in tiles (no sampling).
+            expectation over the exploration policy, `−[π'(y) log π(y) + β Σ_{v≠y} π'(v) log π(v)]`, computed
+            over the whole vocabulary in tiles (no sampling).
         otr_baseline (`str`, *optional*, defaults to `"none"`):
             `"none"`: advantage = reward (the paper's REINFORCE form). `"mean"`: subtract the mean reward of the K
             samples at the position.
@@ -84,12 +84,12 @@ class TokenSFTConfig(SFTConfig):
         sstoken_ratio (`float`, *optional*, defaults to `0.6`):
             ρ, fraction of each response's loss tokens that are kept (at least one).
         sstoken_gamma (`float`, *optional*, defaults to `0.5`):
-            γ, mix weight of the attention score: `s = (1 − γ)·minmax(REL) + γ·minmax(S_att)`. With `0` no attention
-            is needed (any attention implementation works); otherwise the model must use eager attention.
+            γ, mix weight of the attention score: `s = (1 − γ)·minmax(REL) + γ·minmax(S_att)`. With `0` no
+            attention is needed (any attention implementation works); otherwise the model must use eager attention.
         sstoken_history_decay (`float`, *optional*, defaults to `1.0`):
-            α of the history model `θ_his ← α·θ_his + (1 − α)·θ`, applied after every optimizer step. `1.0` keeps the
-            initial model frozen (the paper's main choice); `0.9` is the EMA variant. The history model is a second
-            copy of the weights on the policy's device and is saved in every checkpoint.
+            α of the history model `θ_his ← α·θ_his + (1 − α)·θ`, applied after every optimizer step. `1.0`
+            keeps the initial model frozen (the paper's main choice); `0.9` is the EMA variant. The history model is
+            a second copy of the weights on the policy's device and is saved in every checkpoint.
         sstoken_attention_layer (`int`, *optional*, defaults to `-1`):
             Decoder layer whose attention mass to the prompt is the semantic score (negative counts from the end).
         sstoken_norm_scope (`str`, *optional*, defaults to `"sequence"`):
@@ -120,11 +120,17 @@ class TokenSFTConfig(SFTConfig):
     otr_beta: float = field(default=-0.1, metadata={"help": "OTR beta: reward of a wrong sampled token (< 1)."})
     otr_estimator: str = field(
         default="mc",
-        metadata={"help": "OTR estimator: 'mc' (sampled) or 'expected' (exact expectation).", "choices": list(OTR_ESTIMATORS)},
+        metadata={
+            "help": "OTR estimator: 'mc' (sampled) or 'expected' (exact expectation).",
+            "choices": list(OTR_ESTIMATORS),
+        },
     )
     otr_baseline: str = field(
         default="none",
-        metadata={"help": "OTR advantage baseline: 'none' or 'mean' (over the K samples).", "choices": list(OTR_BASELINES)},
+        metadata={
+            "help": "OTR advantage baseline: 'none' or 'mean' (over the K samples).",
+            "choices": list(OTR_BASELINES),
+        },
     )
     otr_include_gold: bool = field(
         default=False, metadata={"help": "OTR: put the ground truth among the samples where none hit it."}
@@ -140,7 +146,10 @@ class TokenSFTConfig(SFTConfig):
     otr_nll_coef: float = field(default=0.0, metadata={"help": "Weight of the plain NLL added to the OTR loss."})
     chord_weighting: str = field(
         default="phi",
-        metadata={"help": "CHORD token weight: 'phi' p(1-p), 'none' 1, 'is' p (= DFT).", "choices": list(CHORD_WEIGHTINGS)},
+        metadata={
+            "help": "CHORD token weight: 'phi' p(1-p), 'none' 1, 'is' p (= DFT).",
+            "choices": list(CHORD_WEIGHTINGS),
+        },
     )
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD cutoff c: clamp log p <= log c (1 = off)."})
     sstoken_ratio: float = field(default=0.6, metadata={"help": "ssToken rho: fraction of response tokens kept."})

@@ -1,4 +1,4 @@
-"""`TokenSFTTrainer`: TRL's `SFTTrainer` with token-level losses (OTR, CHORD-φ, per-token weights) and ssToken selection.
+"""`TokenSFTTrainer`: TRL's `SFTTrainer` with token-level losses (OTR, CHORD-φ, per-token weights) and ssToken.
 
 With `token_loss_type=None` and `token_selection=None` every method defers to `SFTTrainer`, so training is stock SFT to
 the bit. Otherwise `compute_loss` runs TRL's single fused LM-head forward (per-token log-probabilities, never
@@ -6,8 +6,8 @@ the bit. Otherwise `compute_loss` runs TRL's single fused LM-head forward (per-t
 last hidden states (OTR samples and scores from them in tiles) and one layer's attention probabilities (ssToken). The
 losses and selection rules live in `trl_tokenlevel.ops.sft`; this file moves tensors, normalises like TRL and logs.
 
-Two small tile helpers (`sample_tokens_tiled`, `gathered_logits`) are defined below because OTR needs them and they
-have no home in `ops` yet; they are pure tensor code and belong in `ops/sft.py`.
+A few tile helpers (`sample_tokens_tiled`, `gathered_logits`, `sampled_log_probs`) are defined below because OTR needs
+them and they have no home in `ops` yet; they are pure tensor code and belong in `ops/sft.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import get_config_model_id
 
 from ..data.sft_columns import ROW_ID_COLUMN, TOKEN_WEIGHTS_COLUMN, DataCollatorForTokenSFT, prepare_token_weights
 from ..ops.chunked import backbone_hidden_states, chunked_token_logprobs, lm_head_params
@@ -46,8 +47,6 @@ from .token_sft_config import TokenSFTConfig
 HISTORY_CHECKPOINT_NAME = "sstoken_history.safetensors"
 # Elements of one fp32 `[rows, V]` logits tile of the multinomial OTR sampler (64 MiB).
 _SAMPLER_TILE_ELEMENTS = 2**24
-# Elements of one gathered `[rows, M, H]` LM-head tile when scoring sampled tokens (64 MiB in fp32).
-_GATHER_TILE_ELEMENTS = 2**24
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -71,82 +70,106 @@ def sample_tokens_tiled(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     generator: torch.Generator | None = None,
+    extra_indices: torch.Tensor | None = None,
     tile_elements: int = _SAMPLER_TILE_ELEMENTS,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact samples `[N, K]` from `softmax(transform(W h + b) / T)`, a few rows at a time.
 
     Each tile holds the fp32 logits of `max(1, tile_elements // V)` rows over the whole vocabulary and draws its K
     samples with `torch.multinomial` (with replacement); no `[N, V]` tensor exists. The cost is one LM-head projection
     per row whatever K is, unlike Gumbel-max (`ops.sft.gumbel_max_sample_chunked`, K·V noise draws per row), whose
     memory is instead independent of V.
+
+    With `extra_indices` (`[N, E]` token ids, e.g. the labels) it also returns the raw logits `W h + b` (before scale,
+    softcap and temperature) at `[samples, extra_indices]`, `[N, K + E]` in fp32, read from the same tiles.
     """
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
     samples = torch.empty(num_rows, num_samples, dtype=torch.long, device=hidden.device)
+    extra = 0 if extra_indices is None else extra_indices.shape[1]
+    raw_at = torch.empty(num_rows, num_samples + extra, dtype=dtype, device=hidden.device)
     rows_per_tile = max(1, tile_elements // vocab_size)
     vocab_step = max(1, tile_elements // rows_per_tile)
     for r0 in range(0, num_rows, rows_per_tile):
-        h = hidden[r0 : r0 + rows_per_tile].float()
-        logits = torch.empty(h.shape[0], vocab_size, dtype=torch.float32, device=hidden.device)
-        # Cast the head to fp32 one vocabulary slice at a time (a bf16 head is never copied whole).
+        h = hidden[r0 : r0 + rows_per_tile].to(dtype)
+        raw = torch.empty(h.shape[0], vocab_size, dtype=dtype, device=hidden.device)
+        # Cast the head one vocabulary slice at a time (a bf16 head is never copied whole).
         for v0 in range(0, vocab_size, vocab_step):
-            raw = h @ weight[v0 : v0 + vocab_step].float().T
-            if bias is not None:
-                raw = raw + bias[v0 : v0 + vocab_step].float()
-            logits[:, v0 : v0 + vocab_step] = _transform(raw, logit_scale, softcap)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        samples[r0 : r0 + h.shape[0]] = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-    return samples
+            raw[:, v0 : v0 + vocab_step] = h @ weight[v0 : v0 + vocab_step].to(dtype).T
+        if bias is not None:
+            raw += bias.to(dtype)
+        probs = torch.softmax(_transform(raw, logit_scale, softcap) / temperature, dim=-1)
+        drawn = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        samples[r0 : r0 + h.shape[0]] = drawn
+        if extra_indices is not None:
+            picked = torch.cat([drawn, extra_indices[r0 : r0 + h.shape[0]]], dim=-1)
+            raw_at[r0 : r0 + h.shape[0]] = raw.gather(1, picked)
+    return samples if extra_indices is None else (samples, raw_at)
 
 
-class _GatheredLogits(torch.autograd.Function):
-    """Raw logits `h_n · W[idx[n, m]] + b[idx[n, m]]` of given token ids, `[N, M]`, in row tiles.
+def _row_tiles(num_rows: int, vocab_size: int, tile_elements: int):
+    step = max(1, tile_elements // vocab_size)
+    for r0 in range(0, num_rows, step):
+        yield slice(r0, r0 + step)
 
-    Forward and backward gather `[rows, M, H]` slices of the head tile by tile and save only the inputs, so memory is
-    O(tile) instead of the O(N·M·H) that plain autograd through `W[idx]` would keep.
+
+@torch.no_grad()
+def raw_logits_at(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    tile_elements: int = _SAMPLER_TILE_ELEMENTS,
+) -> torch.Tensor:
+    """Raw logits `h_n · W[indices[n, m]] + b[...]` (`[N, M]`, fp32), from `[rows, V]` projection tiles."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.empty(indices.shape, dtype=dtype, device=hidden.device)
+    for rows in _row_tiles(indices.shape[0], weight.shape[0], tile_elements):
+        raw = hidden[rows].to(dtype) @ weight.to(dtype).T
+        if bias is not None:
+            raw += bias.to(dtype)
+        out[rows] = raw.gather(1, indices[rows])
+    return out
+
+
+class _SparseLogits(torch.autograd.Function):
+    """Raw logits at given token ids, `[N, M]`, with gradients to the hidden states and the LM head.
+
+    The forward returns precomputed values (from `sample_tokens_tiled` or `raw_logits_at`). The backward never
+    gathers `[N, M, H]` head rows: `grad_hidden = Σ_m g_{n,m} W[idx_{n,m}]` is one `embedding_bag`, and
+    `grad_W = Gᵀ h` is accumulated over row tiles of the `[rows, V]` gradient matrix `G` (duplicate ids summed by a
+    scatter-add), i.e. one head-sized matrix product, as in the LM head's own backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, indices, tile_elements):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        num_rows, width = indices.shape
-        out = torch.empty(num_rows, width, dtype=dtype, device=hidden.device)
-        step = max(1, tile_elements // max(1, width * hidden.shape[1]))
-        for r0 in range(0, num_rows, step):
-            idx = indices[r0 : r0 + step]
-            rows = weight[idx].to(dtype)  # [rows, M, H]
-            raw = torch.bmm(rows, hidden[r0 : r0 + step].to(dtype).unsqueeze(-1)).squeeze(-1)
-            if bias is not None:
-                raw = raw + bias[idx].to(dtype)
-            out[r0 : r0 + step] = raw
+    def forward(ctx, hidden, weight, bias, indices, values, tile_elements):
         ctx.save_for_backward(hidden, weight, bias, indices)
-        ctx.step = step
-        return out
+        ctx.tile_elements = tile_elements
+        return values.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, indices = ctx.saved_tensors
-        dtype = grad_out.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        for r0 in range(0, indices.shape[0], ctx.step):
-            idx, g = indices[r0 : r0 + ctx.step], grad_out[r0 : r0 + ctx.step]
-            if grad_h is not None:
-                grad_h[r0 : r0 + ctx.step] = torch.bmm(g.unsqueeze(1), weight[idx].to(dtype)).squeeze(1)
-            if grad_w is not None:
-                h = hidden[r0 : r0 + ctx.step].to(dtype)
-                grad_w.index_add_(0, idx.reshape(-1), (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(-1, h.shape[-1]))
-        grad_b = None
-        if bias is not None and need_b:
-            grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
-            grad_b.index_add_(0, indices.reshape(-1), grad_out.reshape(-1))
-        return (
-            None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-        )
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = torch.nn.functional.embedding_bag(
+                indices, weight, per_sample_weights=grad_out.to(weight.dtype), mode="sum"
+            ).to(hidden.dtype)
+        if need_w or (bias is not None and need_b):
+            vocab_size, dtype = weight.shape[0], grad_out.dtype
+            grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+            grad_b = torch.zeros(vocab_size, dtype=dtype, device=weight.device) if bias is not None and need_b else None
+            for rows in _row_tiles(indices.shape[0], vocab_size, ctx.tile_elements):
+                tile = torch.zeros(grad_out[rows].shape[0], vocab_size, dtype=dtype, device=weight.device)
+                tile.scatter_add_(1, indices[rows], grad_out[rows])
+                if grad_w is not None:
+                    grad_w += tile.T @ hidden[rows].to(dtype)
+                if grad_b is not None:
+                    grad_b += tile.sum(dim=0)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def gathered_logits(
@@ -156,10 +179,15 @@ def gathered_logits(
     indices: torch.Tensor,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-    tile_elements: int = _GATHER_TILE_ELEMENTS,
+    raw_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable transformed logits `z[n, indices[n, m]]` (`[N, M]`, fp32), without the other V − M entries."""
-    raw = _GatheredLogits.apply(hidden, weight, bias, indices, tile_elements)
+    """Differentiable transformed logits `z[n, indices[n, m]]` (`[N, M]`, fp32), without the other V − M entries.
+
+    `raw_values` (the raw logits at `indices`, e.g. from `sample_tokens_tiled`) skips their computation.
+    """
+    if raw_values is None:
+        raw_values = raw_logits_at(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), indices)
+    raw = _SparseLogits.apply(hidden, weight, bias, indices, raw_values, _SAMPLER_TILE_ELEMENTS)
     return _transform(raw, logit_scale, softcap)
 
 
@@ -173,16 +201,17 @@ def sampled_log_probs(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    raw_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable `log π_T(a_{n,k})` of sampled tokens `[N, K]`, from the label's log-probability.
 
     `log π_T(a) = log π_T(y) + (z_a − z_y) / T`: both sides share the log-partition, so with `label_log_probs` =
-    `log π_T(y)` (with gradient, e.g. from TRL's fused head) only the K + 1 gathered logits are needed, never a
-    vocabulary pass.
+    `log π_T(y)` (with gradient, e.g. from TRL's fused head) only the K + 1 logits at `[samples, labels]` are needed,
+    never a vocabulary pass. `raw_values`: their raw logits, `[N, K + 1]`, if already known.
     """
-    z = gathered_logits(hidden, weight, bias, torch.cat([samples, labels.unsqueeze(-1)], dim=-1), logit_scale, softcap)
+    indices = torch.cat([samples, labels.unsqueeze(-1)], dim=-1)
+    z = gathered_logits(hidden, weight, bias, indices, logit_scale, softcap, raw_values)
     return label_log_probs.unsqueeze(-1) + (z[:, :-1] - z[:, -1:]) / temperature
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainer
@@ -243,14 +272,15 @@ class TokenSFTTrainer(SFTTrainer):
         formatting_func: Callable | None = None,
     ):
         if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = TokenSFTConfig(f"{(model_name or 'model').split('/')[-1]}-TokenSFT")
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = TokenSFTConfig(f"{model_name.split('/')[-1]}-TokenSFT")
         # A plain SFTConfig (or TrainingArguments) is accepted for drop-in use and means stock SFT.
         token_args = args if isinstance(args, TokenSFTConfig) else None
         self.token_loss_type = token_args.token_loss_type if token_args else None
         self.token_selection = token_args.token_selection if token_args else None
         self._token_mode = self.token_loss_type is not None or self.token_selection is not None
-        # Set before `super().__init__()`, which prepares the datasets. Tests may set a seeded generator here.
+        # OTR draws from torch's global RNG (seeded by `args.seed` and saved in checkpoints) unless a seeded
+        # `torch.Generator` is assigned here.
         self.otr_generator: torch.Generator | None = None
         self._history_model = None
         self._history_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
@@ -300,7 +330,8 @@ class TokenSFTTrainer(SFTTrainer):
             )
         if self.token_loss_type == "otr" or self.token_selection == "sstoken":
             # These read the LM head and hidden states outside the fused kernel and run their own backward.
-            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+            if self.is_fsdp_enabled or zero3:
                 raise ValueError(
                     "token_loss_type='otr' and token_selection='sstoken' are not supported with FSDP or DeepSpeed "
                     "ZeRO-3 yet (the LM head is read outside the model's forward). Use DDP or ZeRO-1/2."
@@ -543,8 +574,8 @@ class TokenSFTTrainer(SFTTrainer):
             local_count = keep.sum()
         else:
             local_count = valid.sum()
-        # Normalised like TRL: by the token count of the whole optimizer step (all accumulation steps and ranks), or of
-        # this micro-batch when none is given (evaluation). ssToken's count is the kept tokens (`_get_num_items_in_batch`).
+        # Normalised like TRL: by the token count of the whole optimizer step (all accumulation steps and ranks), or
+        # of this micro-batch when none is given (evaluation). ssToken counts kept tokens (`_get_num_items_in_batch`).
         num_tokens = local_count if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -597,18 +628,23 @@ class TokenSFTTrainer(SFTTrainer):
         # `0 * nll` keeps the fused graph, so an all-masked micro-batch still backpropagates a zero.
         return self.args.otr_coef * otr + self.args.otr_nll_coef * nll
 
-    def _otr_sample(self, rows: torch.Tensor, head: dict) -> torch.Tensor:
-        """K exact samples per row from the exploration policy `softmax(z / κ)` (no gradient)."""
+    def _otr_sample(self, rows: torch.Tensor, head: dict, gold: torch.Tensor):
+        """K exact samples per row from the exploration policy `softmax(z / κ)` (no gradient).
+
+        Returns `(samples [N, K], raw logits at [samples, gold] [N, K + 1] or None)`.
+        """
         args = self.args
         if args.otr_sampler == "gumbel":
             # `gumbel_max_sample_chunked` projects `W h + b`: fold the logit scale into the temperature.
-            return gumbel_max_sample_chunked(
+            samples = gumbel_max_sample_chunked(
                 rows, head["weight"], head["bias"], num_samples=args.otr_num_samples,
                 temperature=args.otr_temperature / head["logit_scale"], generator=self.otr_generator,
             )  # fmt: skip
+            return samples, None
         return sample_tokens_tiled(
             rows, head["weight"], head["bias"], args.otr_num_samples, args.otr_temperature,
             logit_scale=head["logit_scale"], softcap=head["softcap"], generator=self.otr_generator,
+            extra_indices=gold.unsqueeze(-1),
         )  # fmt: skip
 
     def _otr_position_losses(self, mode, log_probs, valid, labels, hidden) -> torch.Tensor:
@@ -620,22 +656,20 @@ class TokenSFTTrainer(SFTTrainer):
         rows = hidden[:, :-1][:, -log_probs.shape[1] :].to(weight.device)[valid]
         gold = labels[valid]
         if args.otr_estimator == "expected":
-            with torch.no_grad():
-                # The expected reward under the exploration policy π' = softmax(z / κ): β + (1 − β)·π'(y).
-                explore_gold = chunked_token_logprobs(
-                    rows.detach(), weight.detach(), None if bias is None else bias.detach(), gold,
-                    temperature=args.otr_temperature, logit_scale=scale, softcap=softcap,
-                ).exp()  # fmt: skip
-            self._log_mean(mode, "otr/mean_reward", args.otr_beta + (1 - args.otr_beta) * explore_gold)
+            # No samples, so no sampled-token reward to log (it would cost one more vocabulary pass).
             return otr_expected_loss(
                 rows, weight, bias, gold, beta=args.otr_beta,
                 exploration_temperature=args.otr_temperature / scale,
                 logprob_temperature=args.otr_logprob_temperature / scale,
             )  # fmt: skip
 
-        samples = self._otr_sample(rows.detach(), head)
+        samples, raw_values = self._otr_sample(rows.detach(), head, gold)
         if args.otr_include_gold:
-            samples = otr_ensure_gold(samples, gold)
+            drawn, samples = samples, otr_ensure_gold(samples, gold)
+            if raw_values is not None:
+                # A replaced sample is the gold token, whose raw logit is the last column.
+                replaced = samples != drawn
+                raw_values[:, :-1] = torch.where(replaced, raw_values[:, -1:], raw_values[:, :-1])
         rewards = otr_rewards(samples, gold, beta=args.otr_beta, dtype=torch.float32)
         self._log_mean(mode, "otr/mean_reward", rewards.mean(dim=-1))
         self._log_mean(mode, "otr/gold_sampled", (samples == gold.unsqueeze(-1)).any(dim=-1).float())
@@ -646,7 +680,9 @@ class TokenSFTTrainer(SFTTrainer):
             label_log_probs = chunked_token_logprobs(
                 rows, weight, bias, gold, temperature=tau, logit_scale=scale, softcap=softcap
             )
-        sampled = sampled_log_probs(rows, weight, bias, samples, gold, label_log_probs, tau, scale, softcap)
+        sampled = sampled_log_probs(
+            rows, weight, bias, samples, gold, label_log_probs, tau, scale, softcap, raw_values=raw_values
+        )
         return otr_pg_loss(sampled, rewards, baseline=args.otr_baseline)
 
     def _history_log_probs(self, inputs, labels, valid) -> torch.Tensor:
@@ -678,7 +714,9 @@ class TokenSFTTrainer(SFTTrainer):
             attention_scores = attention_prompt_mass(attention.float(), prompt.to(attention.device))[:, 1:]
         else:
             attention_scores = torch.zeros_like(rel)
-        scores = ss_token_scores(rel, attention_scores, valid, gamma=args.sstoken_gamma, norm_scope=args.sstoken_norm_scope)
+        scores = ss_token_scores(
+            rel, attention_scores, valid, gamma=args.sstoken_gamma, norm_scope=args.sstoken_norm_scope
+        )
         keep = ss_token_select(scores, valid, ratio=args.sstoken_ratio, scope=args.sstoken_select_scope)
         gather = self.accelerator.gather_for_metrics
         kept, total = gather(keep.sum()).sum(), gather(valid.sum()).sum()
@@ -693,7 +731,8 @@ class TokenSFTTrainer(SFTTrainer):
     def _log_mean(self, mode: str, key: str, values: torch.Tensor) -> None:
         """Mean over all ranks of a 1-D tensor of per-position values."""
         gather = self.accelerator.gather_for_metrics
-        total, count = gather(values.detach().float().sum()).sum(), gather(torch.tensor(values.numel(), device=values.device)).sum()
+        total = gather(values.detach().float().sum()).sum()
+        count = gather(torch.tensor(values.numel(), device=values.device)).sum()
         self._metrics[mode][key].append((total / count).item() if count > 0 else 0.0)
 
     def _log_masked_stats(self, mode: str, prefix: str, values, valid, extremes: bool = True) -> None:

@@ -7,6 +7,8 @@ from importlib import resources
 
 from datasets import Dataset
 
+from .sft import load_tiny_sft_dataset  # noqa: F401
+
 
 def load_tiny_preference_dataset() -> Dataset:
     """240 (prompt, chosen, rejected) rows of three toy tasks: addition, repeating words, counting a word.
