@@ -15,7 +15,8 @@ from trl_tokenlevel.data.builtin.sft import load_tiny_sft_dataset
 from trl_tokenlevel.data.sft_columns import tokenize_sft_dataset
 from trl_tokenlevel.ops.sft import otr_pg_loss, otr_rewards
 from trl_tokenlevel.trainers.token_sft_config import TokenSFTConfig
-from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer, gathered_logits, sample_tokens_tiled
+from trl_tokenlevel.ops.sft import gathered_logits, sample_tokens_tiled
+from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer
 
 from .dpo_utils import base_args
 

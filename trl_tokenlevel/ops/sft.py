@@ -560,3 +560,176 @@ def ema_update_(
         if his.shape != cur.shape:
             raise ValueError(f"Parameter shapes differ: {tuple(his.shape)} vs {tuple(cur.shape)}.")
         his.lerp_(cur.to(his.dtype), 1.0 - decay)
+
+
+# Elements of one fp32 `[rows, V]` logits tile of the multinomial OTR sampler (64 MiB).
+_SAMPLER_TILE_ELEMENTS = 2**24
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OTR tile helpers: exact multinomial sampling over vocabulary tiles and sparse scoring of sampled tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _transform(raw: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    """TRL's logits transform (`add_fused_lm_head`): scale, then optional tanh softcap."""
+    z = raw * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+@torch.no_grad()
+def sample_tokens_tiled(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_samples: int,
+    temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    generator: torch.Generator | None = None,
+    extra_indices: torch.Tensor | None = None,
+    tile_elements: int = _SAMPLER_TILE_ELEMENTS,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact samples `[N, K]` from `softmax(transform(W h + b) / T)`, a few rows at a time.
+
+    Each tile holds the fp32 logits of `max(1, tile_elements // V)` rows over the whole vocabulary and draws its K
+    samples with `torch.multinomial` (with replacement); no `[N, V]` tensor exists. The cost is one LM-head projection
+    per row whatever K is, unlike Gumbel-max (`ops.sft.gumbel_max_sample_chunked`, K·V noise draws per row), whose
+    memory is instead independent of V.
+
+    With `extra_indices` (`[N, E]` token ids, e.g. the labels) it also returns the raw logits `W h + b` (before scale,
+    softcap and temperature) at `[samples, extra_indices]`, `[N, K + E]` in fp32, read from the same tiles.
+    """
+    num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    samples = torch.empty(num_rows, num_samples, dtype=torch.long, device=hidden.device)
+    extra = 0 if extra_indices is None else extra_indices.shape[1]
+    raw_at = torch.empty(num_rows, num_samples + extra, dtype=dtype, device=hidden.device)
+    rows_per_tile = max(1, tile_elements // vocab_size)
+    vocab_step = max(1, tile_elements // rows_per_tile)
+    for r0 in range(0, num_rows, rows_per_tile):
+        h = hidden[r0 : r0 + rows_per_tile].to(dtype)
+        raw = torch.empty(h.shape[0], vocab_size, dtype=dtype, device=hidden.device)
+        # Cast the head one vocabulary slice at a time (a bf16 head is never copied whole).
+        for v0 in range(0, vocab_size, vocab_step):
+            raw[:, v0 : v0 + vocab_step] = h @ weight[v0 : v0 + vocab_step].to(dtype).T
+        if bias is not None:
+            raw += bias.to(dtype)
+        probs = torch.softmax(_transform(raw, logit_scale, softcap) / temperature, dim=-1)
+        drawn = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        samples[r0 : r0 + h.shape[0]] = drawn
+        if extra_indices is not None:
+            picked = torch.cat([drawn, extra_indices[r0 : r0 + h.shape[0]]], dim=-1)
+            raw_at[r0 : r0 + h.shape[0]] = raw.gather(1, picked)
+    return samples if extra_indices is None else (samples, raw_at)
+
+
+def _row_tiles(num_rows: int, vocab_size: int, tile_elements: int):
+    step = max(1, tile_elements // vocab_size)
+    for r0 in range(0, num_rows, step):
+        yield slice(r0, r0 + step)
+
+
+@torch.no_grad()
+def raw_logits_at(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    tile_elements: int = _SAMPLER_TILE_ELEMENTS,
+) -> torch.Tensor:
+    """Raw logits `h_n · W[indices[n, m]] + b[...]` (`[N, M]`, fp32), from `[rows, V]` projection tiles."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.empty(indices.shape, dtype=dtype, device=hidden.device)
+    for rows in _row_tiles(indices.shape[0], weight.shape[0], tile_elements):
+        raw = hidden[rows].to(dtype) @ weight.to(dtype).T
+        if bias is not None:
+            raw += bias.to(dtype)
+        out[rows] = raw.gather(1, indices[rows])
+    return out
+
+
+class _SparseLogits(torch.autograd.Function):
+    """Raw logits at given token ids, `[N, M]`, with gradients to the hidden states and the LM head.
+
+    The forward returns precomputed values (from `sample_tokens_tiled` or `raw_logits_at`). The backward never
+    gathers `[N, M, H]` head rows: `grad_hidden = Σ_m g_{n,m} W[idx_{n,m}]` is one `embedding_bag`, and
+    `grad_W = Gᵀ h` is accumulated over row tiles of the `[rows, V]` gradient matrix `G` (duplicate ids summed by a
+    scatter-add), i.e. one head-sized matrix product, as in the LM head's own backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, indices, values, tile_elements):
+        ctx.save_for_backward(hidden, weight, bias, indices)
+        ctx.tile_elements = tile_elements
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, indices = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = torch.nn.functional.embedding_bag(
+                indices, weight, per_sample_weights=grad_out.to(weight.dtype), mode="sum"
+            ).to(hidden.dtype)
+        if need_w or (bias is not None and need_b):
+            vocab_size, dtype = weight.shape[0], grad_out.dtype
+            grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+            grad_b = torch.zeros(vocab_size, dtype=dtype, device=weight.device) if bias is not None and need_b else None
+            for rows in _row_tiles(indices.shape[0], vocab_size, ctx.tile_elements):
+                tile = torch.zeros(grad_out[rows].shape[0], vocab_size, dtype=dtype, device=weight.device)
+                tile.scatter_add_(1, indices[rows], grad_out[rows])
+                if grad_w is not None:
+                    grad_w += tile.T @ hidden[rows].to(dtype)
+                if grad_b is not None:
+                    grad_b += tile.sum(dim=0)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def gathered_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    raw_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable transformed logits `z[n, indices[n, m]]` (`[N, M]`, fp32), without the other V − M entries.
+
+    `raw_values` (the raw logits at `indices`, e.g. from `sample_tokens_tiled`) skips their computation.
+    """
+    if raw_values is None:
+        raw_values = raw_logits_at(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), indices)
+    raw = _SparseLogits.apply(hidden, weight, bias, indices, raw_values, _SAMPLER_TILE_ELEMENTS)
+    return _transform(raw, logit_scale, softcap)
+
+
+def sampled_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    samples: torch.Tensor,
+    labels: torch.Tensor,
+    label_log_probs: torch.Tensor,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    raw_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable `log π_T(a_{n,k})` of sampled tokens `[N, K]`, from the label's log-probability.
+
+    `log π_T(a) = log π_T(y) + (z_a − z_y) / T`: both sides share the log-partition, so with `label_log_probs` =
+    `log π_T(y)` (with gradient, e.g. from TRL's fused head) only the K + 1 logits at `[samples, labels]` are needed,
+    never a vocabulary pass. `raw_values`: their raw logits, `[N, K + 1]`, if already known.
+    """
+    indices = torch.cat([samples, labels.unsqueeze(-1)], dim=-1)
+    z = gathered_logits(hidden, weight, bias, indices, logit_scale, softcap, raw_values)
+    return label_log_probs.unsqueeze(-1) + (z[:, :-1] - z[:, -1:]) / temperature
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------------
