@@ -24,9 +24,10 @@ def eos(small_large, padded_prompts):
     """An EOS id that the small model emits mid-sequence in some row (so rows finish at different steps)."""
     small, _ = small_large
     ids, mask = padded_prompts
-    out = small.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
-                         pad_token_id=PAD, eos_token_id=None)  # fmt: skip
-    return int(out[0, ids.shape[1] + 3])
+    out = cached_generate(small, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD)
+    eos = int(out.completion_ids[0, 3])
+    assert eos not in out.completion_ids[0, :3].tolist()
+    return eos
 
 
 def hf_greedy(model, ids, mask, eos):
@@ -140,7 +141,7 @@ def test_r2r_routing_worked_example_through_the_loop(small_large):
     small, large = small_large
     probs = torch.tensor([0.02, 0.9, 0.3, 0.06, 0.55])
     out = routed_generate(small, large, lambda x: probs[x.step].reshape(1), torch.tensor([[5, 6, 7]]),
-                          threshold=0.3, max_new_tokens=5, eos_token_id=None, pad_token_id=PAD)  # fmt: skip
+                          threshold=0.3, max_new_tokens=5, eos_token_id=[], pad_token_id=PAD)  # fmt: skip
     assert out.large_mask[0].int().tolist() == [0, 1, 1, 0, 1]
     assert out.large_token_fraction == pytest.approx(0.6)
     torch.testing.assert_close(out.router_probs[0], probs)
@@ -151,7 +152,7 @@ def test_router_probability_batch_of_three_is_binary(small_large, padded_prompts
     small, large = small_large
     ids, mask = padded_prompts
     router = TokenRouter.from_small_model(small, width=16, num_blocks=1, top_k=8).eval()
-    out = routed_generate(small, large, router, ids, mask, threshold=2.0, max_new_tokens=2, eos_token_id=None,
+    out = routed_generate(small, large, router, ids, mask, threshold=2.0, max_new_tokens=2, eos_token_id=[],
                           pad_token_id=PAD)  # fmt: skip
     decoder = IncrementalDecoder(small, capture_hidden=True)
     step = decoder.step(ids, mask)
@@ -163,7 +164,7 @@ def test_router_probability_batch_of_three_is_binary(small_large, padded_prompts
 def test_sampling_is_reproducible_and_never_routing_matches_single_model(small_large, padded_prompts):
     small, large = small_large
     ids, mask = padded_prompts
-    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=PAD, do_sample=True, temperature=0.7,
+    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD, do_sample=True, temperature=0.7,
                   top_k=20)  # fmt: skip
     a = routed_generate(small, large, never, ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
     b = cached_generate(small, ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
@@ -177,7 +178,7 @@ def test_different_lm_head_widths_are_cut_to_the_shared_vocabulary(small_large, 
     small, _ = small_large
     wider = tiny_llama(5, hidden=32, layers=1, vocab=VOCAB + 8)
     ids, mask = padded_prompts
-    out = routed_generate(small, wider, always, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD)
+    out = routed_generate(small, wider, always, ids, mask, max_new_tokens=4, eos_token_id=[], pad_token_id=PAD)
     assert int(out.completion_ids.max()) < VOCAB
     assert torch.equal(out.large_mask, out.completion_mask)
 
@@ -210,3 +211,13 @@ def test_text_prompts_with_tokenizer_and_heatmap_rows(tiny_tokenizer):
     rows = out.token_rows(tiny_tokenizer)
     assert [len(r.tokens) for r in rows] == out.completion_mask.sum(1).tolist()
     assert "row 0" in token_heatmap_html(rows)
+
+
+def test_conversational_prompts_use_the_chat_template(tiny_tokenizer):
+    small = tiny_llama(0, hidden=32, layers=1, vocab=len(tiny_tokenizer))
+    large = tiny_llama(1, hidden=32, layers=1, vocab=len(tiny_tokenizer))
+    messages = [[{"role": "user", "content": "What is 1 plus 2?"}]]
+    out = routed_generate(small, large, never, prompts=messages, tokenizer=tiny_tokenizer, max_new_tokens=3)
+    rendered = tiny_tokenizer.apply_chat_template(messages[0], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tiny_tokenizer(rendered)["input_ids"]
+    assert out.sequences[0, : len(prompt_ids)].tolist() == prompt_ids

@@ -54,6 +54,8 @@ def test_r2r_labels_and_probabilities():
     close(decoding.r2r_divergence_probability(torch.tensor([[0.0], [math.log(3)]], dtype=F64)), [0.5, 0.75], 12)
     three_class = torch.tensor([[0.0, 0.0, math.log(2)]], dtype=F64)
     close(decoding.r2r_divergence_probability(three_class), [0.5], 12)
+    with pytest.raises(ValueError, match="head dimension"):
+        decoding.r2r_divergence_probability(torch.tensor([0.0, 1.0, 2.0]))  # 3 binary logits, head dim squeezed
     close(decoding.r2r_pos_weight(torch.tensor([1, 0, 0, 0, 1, 0])), [2.0], 12)
     close(decoding.r2r_pos_weight(torch.tensor([1, 0, 0, 0]), recall_factor=1.5), [4.5], 12)
 

@@ -321,11 +321,16 @@ def shared_vocab_size(*models) -> int | None:
 
 
 def prepare_inputs(models, input_ids, attention_mask, prompts, tokenizer):
+    """Tensors for the decoding buffer, on the first model's device (the buffer, the logits and the token choice
+    stay there; a sampling `generator` must live on the same device)."""
     if input_ids is None:
         if prompts is None or tokenizer is None:
             raise ValueError("Pass `input_ids` (left-padded) or `prompts` together with `tokenizer`.")
         input_ids, attention_mask = encode_prompts(tokenizer, prompts)
-    return input_ids, attention_mask
+    device = next(models[0].parameters()).device
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    return input_ids.to(device), attention_mask
 
 
 @torch.no_grad()

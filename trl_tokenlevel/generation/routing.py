@@ -142,7 +142,7 @@ class TokenRouter(nn.Module):
         self.config.threshold = float(value)
 
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor, topk_logits: torch.Tensor) -> torch.Tensor:
-        """Routing logits `[N]` from hidden states `[N, d]`, proposed token ids `[N]` and sorted top-k logits `[N, k]`."""
+        """Routing logits `[N]` from hidden states `[N, d]`, proposed token ids `[N]`, sorted top-k logits `[N, k]`."""
         dtype = self.input_proj.weight.dtype
         features = torch.cat(
             [hidden.to(dtype), self.embedding(token_ids).to(dtype), self.topk_proj(topk_logits.to(dtype))], dim=-1
@@ -184,8 +184,7 @@ class TokenRouter(nn.Module):
 
 
 def _binary_probability(logits: torch.Tensor) -> torch.Tensor:
-    # Keep the trailing head dimension: `r2r_divergence_probability` reads a last dimension of size 3 as a 3-class
-    # head, so a squeezed vector of 3 binary logits would be misread.
+    # The binary router emits one logit per row; the ops function takes the head dimension explicitly.
     return r2r_divergence_probability(logits.unsqueeze(-1))
 
 
@@ -461,6 +460,10 @@ def build_routing_dataset(
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    if prompt_column not in dataset.column_names:
+        raise ValueError(f"Column {prompt_column!r} not found; the dataset has {dataset.column_names}.")
+    if completion_column is not None and completion_column not in dataset.column_names:
+        raise ValueError(f"Column {completion_column!r} not found; the dataset has {dataset.column_names}.")
     if judge is None:
         judge = ContinuationJudge(
             large_model,
@@ -472,10 +475,6 @@ def build_routing_dataset(
         )
     elif reward_fn is not None:
         raise ValueError("Pass either `judge` or `reward_fn` (the reward function is used by the default judge).")
-    if prompt_column not in dataset.column_names:
-        raise ValueError(f"Column {prompt_column!r} not found; the dataset has {dataset.column_names}.")
-    if completion_column is not None and completion_column not in dataset.column_names:
-        raise ValueError(f"Column {completion_column!r} not found; the dataset has {dataset.column_names}.")
     eos, pad = resolve_special_ids([large_model], tokenizer)
     vocab = shared_vocab_size(small_model, large_model)
     top_k = min(top_k, vocab)
