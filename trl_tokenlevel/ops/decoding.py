@@ -287,16 +287,16 @@ def r2r_labels(
 
 
 def r2r_divergence_probability(router_logits: torch.Tensor) -> torch.Tensor:
-    """Router output `[..., C]` → probability `[...]` that the token is divergent.
+    """Router output `[N, ..., C]` → probability `[N, ...]` that the token is divergent.
 
     Paper: https://huggingface.co/papers/2505.21600. A binary head (`C = 1`) gives `σ(logit)`; a 3-class head
     (`C = 3`: match / mismatch / divergent) gives `softmax(logits)[..., 2]`. The head dimension is required: a squeezed
     vector of binary logits of length 3 would otherwise be read as one 3-class row.
     """
-    if router_logits.dim() == 0 or router_logits.shape[-1] not in (1, 3):
+    if router_logits.dim() < 2 or router_logits.shape[-1] not in (1, 3):
         raise ValueError(
-            f"router_logits must end in a head dimension of size 1 (binary) or 3 (3-class), got shape "
-            f"{tuple(router_logits.shape)}; unsqueeze(-1) a vector of binary logits."
+            f"router_logits must be [..., C] with at least one batch dimension and a head dimension C of 1 (binary) "
+            f"or 3 (3-class), got shape {tuple(router_logits.shape)}; unsqueeze(-1) a vector of binary logits."
         )
     if router_logits.shape[-1] == 3:
         return torch.softmax(router_logits, dim=-1)[..., 2]
