@@ -1,7 +1,7 @@
 """trl-tokenlevel: token-level credit assignment for Hugging Face TRL.
 
 `from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer` is the drop-in for `trl.DPOConfig`/`trl.DPOTrainer`
-(likewise `TokenSFTConfig`/`TokenSFTTrainer`).
+(likewise `TokenGRPOConfig`/`TokenGRPOTrainer` and `TokenSFTConfig`/`TokenSFTTrainer`).
 Trainers are imported lazily so that `trl_tokenlevel.ops` stays importable with torch alone.
 """
 
@@ -20,6 +20,8 @@ _LAZY = {
     "TokenDPOTrainer": "trl_tokenlevel.trainers.token_dpo_trainer",
     "TokenSFTConfig": "trl_tokenlevel.trainers.token_sft_config",
     "TokenSFTTrainer": "trl_tokenlevel.trainers.token_sft_trainer",
+    "TokenGRPOConfig": "trl_tokenlevel.trainers.token_grpo_config",
+    "TokenGRPOTrainer": "trl_tokenlevel.trainers.token_grpo_trainer",
 }
 
 __all__ = list(_LAZY) + ["TESTED_TRL_MINORS", "__version__"]

@@ -283,3 +283,67 @@ def test_bad_token_advantage_fn_output_is_reported(tiny_model_path, tokenizer, t
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         train(TokenGRPOTrainer, grpo_args(tmp_path), tiny_model_path, tokenizer,
               token_advantage_fn=lambda batch: batch.advantages)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward budget and evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _count_backbone_calls(trainer) -> list:
+    calls = []
+    trainer.model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},  # loss stage: shaping reads the training forward
+        # Rollout stage where TRL runs its old-log-prob forward (GA not a multiple of spg x iterations): we reuse it.
+        {"gradient_accumulation_steps": 2, "num_iterations": 2, "max_steps": 2},
+    ],
+    ids=["loss_stage", "rollout_stage_reuses_trl_forward"],
+)
+def test_entropy_methods_add_no_forward(setting, tiny_model_path, tokenizer, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .test_token_grpo_parity import id_reward
+
+    counts = []
+    for trainer_cls, overrides in ((GRPOTrainer, {}), (TokenGRPOTrainer, {"token_selection": "entropy_quantile",
+                                                                          "token_advantage": "gtpo"})):  # fmt: skip
+        config_cls = GRPOConfig if trainer_cls is GRPOTrainer else TokenGRPOConfig
+        args = grpo_args(tmp_path / trainer_cls.__name__, config_cls, **setting, **overrides)
+        trainer = trainer_cls(model=tiny_model_path, reward_funcs=id_reward, args=args, processing_class=tokenizer,
+                              train_dataset=load_tiny_grpo_dataset().select(range(16)))  # fmt: skip
+        calls = _count_backbone_calls(trainer)
+        trainer.train()
+        counts.append(len(calls))
+    assert counts[0] == counts[1]  # generation steps + TRL's forwards, and not one more
+
+
+def test_evaluation_runs_token_shaping(tiny_model_path, tokenizer, tmp_path):
+    args = grpo_args(tmp_path, token_selection="entropy_quantile", token_advantage="hapo", eval_strategy="steps",
+                     eval_steps=1, per_device_eval_batch_size=4)  # fmt: skip
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [len(c) / 8 for c in
+                               completion_ids], args=args, processing_class=tokenizer,
+                               train_dataset=load_tiny_grpo_dataset().select(range(16)),
+                               eval_dataset=load_tiny_grpo_dataset().select(range(16, 20)))  # fmt: skip
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert evals and all(math.isfinite(entry["eval_loss"]) for entry in evals)
+    assert "eval_token/selected_frac" in evals[-1]
+
+
+def test_peft_lora_with_hidden_state_methods(tiny_model_path, tokenizer, tmp_path):
+    """LoRA: the hidden-state hook sits on the adapted backbone (UCAS), and the reference is the disabled adapter."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    args = grpo_args(tmp_path, token_advantage="ucas", token_selection="entropy_quantile", beta=0.05)
+    trainer = train(TokenGRPOTrainer, args, tiny_model_path, tokenizer, peft_config=lora)
+    logged = _last_metrics(trainer)
+    assert math.isfinite(logged["kl"]) and math.isfinite(logged["token/adv_after/mean"])
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n and p.abs().sum() > 0]
+    assert changed  # lora_B starts at zero: the adapters were trained

@@ -153,9 +153,9 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
     the plain temperature T. High-entropy steps are sampled hotter, low-entropy steps colder.
 
     The processor *is* the temperature step: call `generate` with `temperature=1.0` (the default) so no other
-    temperature is applied, and with `top_k=0, top_p=1.0` so it sees the full distribution; custom processors run after
-    `generate`'s own warpers, so pass truncation warpers (e.g. `TopKLogitsWarper`) after this one in the
-    `logits_processor` list. It does not change greedy decoding (a positive rescaling keeps the argmax).
+    temperature is applied. Custom processors run before `generate`'s own temperature/top-k/top-p warpers
+    (transformers 5.x), so this one sees the full distribution and any top-k/top-p truncation applies to the adapted
+    distribution. It does not change greedy decoding (a positive rescaling keeps the argmax).
 
     Args:
         temperature: base T, default 1.0.

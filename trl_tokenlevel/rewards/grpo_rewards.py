@@ -133,9 +133,10 @@ class TokenBLEUReward:
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float]:
         if self.reference_column not in kwargs:
+            columns = sorted(k for k in kwargs if k not in ("trainer_state", "log_metric", "log_extra"))
             raise ValueError(
                 f"TokenBLEUReward reads the references from the dataset column {self.reference_column!r}, which the "
-                f"batch does not have (columns: {sorted(k for k in kwargs if k not in ('trainer_state', 'log_metric', 'log_extra'))})."
+                f"batch does not have (columns: {columns})."
             )
         if completion_ids is None:
             raise ValueError("TokenBLEUReward needs `completion_ids` (TRL passes them to every reward function).")
@@ -181,7 +182,9 @@ class MajorityVoteReward:
 
     __name__ = "majority_vote"
 
-    def __init__(self, extract_answer: Callable[[str], Hashable | None] = extract_last_number, tie_break: str = "first"):
+    def __init__(
+        self, extract_answer: Callable[[str], Hashable | None] = extract_last_number, tie_break: str = "first"
+    ):
         self.extract_answer = extract_answer
         self.tie_break = tie_break
 

@@ -381,6 +381,11 @@ class TokenGRPOConfig(GRPOConfig):
                     "entropy_selection='topk' reproduces the official per-rank rule and cannot be global. Set "
                     "entropy_scope='local' with it, or use entropy_selection='quantile' for a global threshold."
                 )
+            if self.entropy_normalize == "selected" and self.loss_type == "dr_grpo":
+                raise ValueError(
+                    "entropy_normalize='selected' divides by the selected tokens, but loss_type='dr_grpo' divides by the "
+                    "constant B·max_completion_length. Use loss_type='dapo' (or 'grpo'/'bnpo') with it."
+                )
             if self.entropy_normalize == "all" and self.loss_type not in NUM_ITEMS_LOSS_TYPES:
                 raise ValueError(
                     f"entropy_normalize='all' divides by every valid token, but loss_type={self.loss_type!r} divides "

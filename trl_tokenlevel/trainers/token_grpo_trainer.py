@@ -22,6 +22,7 @@ The math lives in `trl_tokenlevel.ops`; this file moves tensors, gathers across 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from collections.abc import Callable
@@ -147,12 +148,11 @@ def chunked_tw_grpo_weights(
     out = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
     uniform = -math.log(vocab)
 
-    def tile_log_probs(h, start, log_normaliser, valid_tile):
+    def tile_logits(h, start):
         z = h @ weight[start : start + vocab_chunk].T
         if bias is not None:
             z = z + bias[start : start + vocab_chunk]
-        z = _transform_logits(z, logit_scale, softcap) / temperature
-        return torch.where(valid_tile[..., None], z - log_normaliser[..., None], torch.full_like(z, uniform))
+        return _transform_logits(z, logit_scale, softcap) / temperature
 
     for group in torch.unique(group_index):
         rows = torch.nonzero(group_index == group).squeeze(1)
@@ -160,28 +160,28 @@ def chunked_tw_grpo_weights(
         divergence = torch.zeros(valid_group.shape, dtype=torch.float32, device=hidden.device)
         for t0 in range(0, valid_group.shape[1], token_chunk):
             h = h_group[:, t0 : t0 + token_chunk]
-            valid_tile = valid_group[:, t0 : t0 + token_chunk]
+            valid_tile = valid_group[:, t0 : t0 + token_chunk, None]
+            # Pass 1: log-normaliser of every (completion, position), online over vocabulary tiles.
             running_max = torch.full(h.shape[:2], float("-inf"), device=h.device)
             running_sum = torch.zeros(h.shape[:2], device=h.device)
             for start in range(0, vocab, vocab_chunk):
-                z = h @ weight[start : start + vocab_chunk].T
-                if bias is not None:
-                    z = z + bias[start : start + vocab_chunk]
-                z = _transform_logits(z, logit_scale, softcap) / temperature
+                z = tile_logits(h, start)
                 tile_max = torch.maximum(running_max, z.max(-1).values)
-                running_sum = running_sum * torch.exp(running_max - tile_max) + torch.exp(z - tile_max[..., None]).sum(-1)
+                running_sum = running_sum * torch.exp(running_max - tile_max)
+                running_sum = running_sum + torch.exp(z - tile_max[..., None]).sum(-1)
                 running_max = tile_max
-            log_normaliser = running_max + running_sum.log()
+            log_normaliser = (running_max + running_sum.log())[..., None]
+            # Pass 2: k3 disagreement with the group's mean log-probabilities, summed over the vocabulary.
             k3 = torch.zeros(h.shape[:2], device=h.device)
             for start in range(0, vocab, vocab_chunk):
-                log_probs = tile_log_probs(h, start, log_normaliser, valid_tile)
+                z = tile_logits(h, start)
+                log_probs = torch.where(valid_tile, z - log_normaliser, torch.full_like(z, uniform))
                 diff = (log_probs.mean(0, keepdim=True) - log_probs).clamp(-11.0, 11.0)
                 k3 += (torch.exp(diff) - diff - 1).sum(-1)
             divergence[:, t0 : t0 + token_chunk] = k3
         per_position = divergence.mean(0)
         low, high = per_position.min(), per_position.max()
-        normalized = (per_position - low) / (high - low + 1e-8)
-        weights = 1 + (tw_alpha - 1) * normalized
+        weights = 1 + (tw_alpha - 1) * (per_position - low) / (high - low + 1e-8)
         out[rows] = torch.where(valid_group, weights[None, :].expand_as(valid_group), torch.zeros_like(out[rows]))
     return out
 
@@ -351,7 +351,9 @@ class TokenGRPOTrainer(GRPOTrainer):
 
         # RMT's length reward is one more reward function, appended before TRL sets up the reward bookkeeping.
         if token_args is not None and token_args.rmt_budget_init is not None:
-            reward_funcs = [] if reward_funcs is None else list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
+            if reward_funcs is None:
+                reward_funcs = []
+            reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs.append(
                 RMTLengthReward(
                     token_args.rmt_budget_init, token_args.rmt_budget_min, token_args.rmt_gamma, token_args.rmt_k,
@@ -360,8 +362,11 @@ class TokenGRPOTrainer(GRPOTrainer):
                 )  # fmt: skip
             )
             if args.reward_weights is not None:
+                args = copy.copy(args)  # the caller's config keeps its own list of weights
                 args.reward_weights = [*args.reward_weights, 1.0]
-            if isinstance(reward_processing_classes, list):
+            if reward_processing_classes is not None:
+                if not isinstance(reward_processing_classes, list):
+                    reward_processing_classes = [reward_processing_classes]
                 reward_processing_classes = [*reward_processing_classes, None]
 
         # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`).
@@ -395,11 +400,15 @@ class TokenGRPOTrainer(GRPOTrainer):
 
         self._stage = args.resolved_token_shaping_stage
         self._needs_hidden = args.token_advantage in _HIDDEN_STATE_METHODS
-        if args.token_advantage == "tw_grpo" and args.per_device_train_batch_size % self.num_generations != 0:
+        rows_per_shaping = args.per_device_train_batch_size
+        if self._stage == "rollout":
+            rows_per_shaping *= args.steps_per_generation
+        if args.token_advantage == "tw_grpo" and rows_per_shaping % self.num_generations != 0:
             raise ValueError(
                 "token_advantage='tw_grpo' compares the next-token distributions of a group's completions, which must "
-                f"all be on one rank: per_device_train_batch_size ({args.per_device_train_batch_size}) must be a "
-                f"multiple of num_generations ({self.num_generations})."
+                f"all be on one rank: the {rows_per_shaping} rows each rank shapes at once (per_device_train_batch_size"
+                f"{' x steps_per_generation' if self._stage == 'rollout' else ''}) must be a multiple of "
+                f"num_generations ({self.num_generations})."
             )
         if args.token_advantage == "hapo" and args.hapo_adaptive_temperature:
             self._hapo_processor = _RecordingAdaptiveTemperature(
@@ -461,7 +470,9 @@ class TokenGRPOTrainer(GRPOTrainer):
                 )
             from datasets import load_dataset
 
-            expert_dataset = load_dataset(self.args.chord_expert_dataset_name, split=self.args.chord_expert_dataset_split)
+            expert_dataset = load_dataset(
+                self.args.chord_expert_dataset_name, split=self.args.chord_expert_dataset_split
+            )
         ratio = self.args.chord_expert_data_ratio
         rows = max(1, round(self.args.per_device_train_batch_size * ratio / (1 - ratio)))
         self._expert_batches = _ExpertBatches(
@@ -763,6 +774,8 @@ class TokenGRPOTrainer(GRPOTrainer):
             }  # fmt: skip
             rollout_batch = TokenGRPOBatch(**gathered)
             shaped = self.compute_token_advantages(rollout_batch)
+            if isinstance(shaped, torch.Tensor):
+                shaped = shaped.detach()  # advantages are constants of the loss
             expected = tuple(rollout_batch.completion_ids.shape)
             if not isinstance(shaped, torch.Tensor) or tuple(shaped.shape) != expected:
                 raise ValueError(
@@ -939,7 +952,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         mask = mask.bool()
         picked = values.detach().float()[mask]
         device = values.device
-        totals = torch.stack([picked.sum(), (picked * picked).sum(), torch.tensor(float(picked.numel()), device=device)])
+        count = torch.tensor(float(picked.numel()), device=device)
+        totals = torch.stack([picked.sum(), (picked * picked).sum(), count])
         totals = self.accelerator.reduce(totals, reduction="sum")
         count = totals[2].clamp(min=1.0)
         mean = totals[0] / count

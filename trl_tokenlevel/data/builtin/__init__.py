@@ -7,6 +7,7 @@ from importlib import resources
 
 from datasets import Dataset
 
+from .grpo import load_tiny_grpo_dataset  # noqa: F401
 from .sft import load_tiny_sft_dataset  # noqa: F401
 
 

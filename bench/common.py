@@ -1,0 +1,370 @@
+"""Shared helpers for the benchmarks in `bench/`.
+
+Every benchmark follows the same pattern: the parent process builds a model (random weights from a config, saved to a
+temporary directory) and a dataset once, then measures each configuration in its own fresh subprocess (so peak memory
+is per configuration and no allocator state leaks between them), in alternating order over several rounds (to cancel
+drift), and writes one JSON file under `bench/results/`. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environment and machine description
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment of a measured subprocess: fixed thread counts, offline, quiet."""
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        TQDM_DISABLE="1",
+        WANDB_DISABLED="true",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONHASHSEED="0",
+    )
+    # The package is imported from this checkout even when it is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """Hardware and library versions, recorded in every result file."""
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "mem_total_gb": _mem_total_gb(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "device": device,
+    }
+    try:
+        import trl_tokenlevel
+
+        info["trl_tokenlevel"] = getattr(trl_tokenlevel, "__version__", "unknown")
+    except ImportError:
+        pass
+    info["git_commit"] = _git_commit()
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout (read-only), plus a marker when the working tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory probes (Linux). Peak RSS is the kernel's high-water mark; it can be reset so that the peak of a phase
+# (training) is measured apart from the construction peak (model loading, dataset tokenization).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Current resident set size."""
+    kb = _status_kb("VmRSS")
+    if kb is None:  # not Linux: best effort
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return kb * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since process start or the last `reset_peak_rss()` (`ru_maxrss`, which reads the same counter)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS high-water mark (`echo 5 > /proc/self/clear_refs`); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step timing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_step_timer(cuda: bool = False):
+    """A `TrainerCallback` recording clock marks at each optimizer step's begin and end.
+
+    `step_times()` are end-to-end intervals between consecutive step ends: they include fetching and collating the batch,
+    forward/backward, the optimizer step and the previous step's logging, i.e. everything a user pays per step.
+    `compute_times()` (begin -> end) and `data_times()` (previous end -> begin: logging plus batch fetch and collation;
+    the Trainer fetches a step's batches before `on_step_begin`) split it. `cpu_step_times()` is the same interval in
+    process CPU time (all threads): with one thread it is much less sensitive than wall time to other processes on a
+    shared machine. On CUDA the marks synchronize the device (so CPU time there includes the wait).
+    """
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins: list[float] = []
+            self.ends: list[float] = []
+            self.cpu_ends: list[float] = []
+            self.train_begin: float | None = None
+            self.cpu_train_begin: float | None = None
+
+        def _now(self) -> float:
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_begin = self._now()
+            self.cpu_train_begin = time.process_time()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begins.append(self._now())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(self._now())
+            self.cpu_ends.append(time.process_time())
+
+        @staticmethod
+        def _intervals(marks: list[float], skip: int) -> list[float]:
+            return [b - a for a, b in zip(marks[:-1], marks[1:])][skip:]
+
+        def step_times(self, skip: int) -> list[float]:
+            return self._intervals([self.train_begin, *self.ends], skip)
+
+        def cpu_step_times(self, skip: int) -> list[float]:
+            return self._intervals([self.cpu_train_begin, *self.cpu_ends], skip)
+
+        def compute_times(self, skip: int) -> list[float]:
+            return [e - b for b, e in zip(self.begins, self.ends)][skip:]
+
+        def data_times(self, skip: int) -> list[float]:
+            marks = [self.train_begin, *self.ends]
+            return [b - e for e, b in zip(marks[:-1], self.begins)][skip:]
+
+    return StepTimer()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics, ordering, subprocesses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median and spread (quartiles, min, max, relative IQR) of a sample."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    median = statistics.median(ordered)
+    return {
+        "n": len(ordered),
+        "median": median,
+        "p25": q1,
+        "p75": q3,
+        "min": ordered[0],
+        "max": ordered[-1],
+        "rel_iqr": (q3 - q1) / median if median else 0.0,
+    }
+
+
+def round_orders(configs: list[str], rounds: int) -> list[list[str]]:
+    """Configuration order per round: rotate by one each round and reverse every other round (ABCD, DCBA-like)."""
+    orders = []
+    for r in range(rounds):
+        shift = r % len(configs)
+        order = configs[shift:] + configs[:shift]
+        orders.append(order[::-1] if r % 2 else order)
+    return orders
+
+
+def run_worker(script: Path, payload: dict[str, Any], env: dict[str, str], timeout: float | None = None) -> dict:
+    """Run `script --worker PAYLOAD.json` in a fresh interpreter; return the JSON it writes to `payload['result_path']`.
+
+    The worker's output is kept in `<result_path>.log` and its tail is raised with the error if it fails.
+    """
+    result_path = Path(payload["result_path"])
+    payload_path = result_path.with_suffix(".payload.json")
+    payload_path.write_text(json.dumps(payload))
+    log_path = result_path.with_suffix(".log")
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(script), "--worker", str(payload_path)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"worker {payload.get('config')} failed (exit {proc.returncode}); log tail:\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic data: pseudo-words, a byte-level BPE tokenizer trained on them in memory, rows of controlled token length
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pseudo_words(count: int, seed: int) -> list[str]:
+    """`count` distinct lowercase pseudo-words of 3-8 letters."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 8))))
+    return sorted(words)
+
+
+def build_word_tokenizer(words: list[str], vocab_size: int, seed: int):
+    """A byte-level BPE tokenizer (`trl_tokenlevel.tiny.build_tiny_tokenizer`) trained on sentences of `words`."""
+    from trl_tokenlevel.tiny import build_tiny_tokenizer
+
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choices(words, k=64)) for _ in range(max(200, 4 * len(words) // 64))]
+    return build_tiny_tokenizer(corpus, vocab_size=vocab_size)
+
+
+def synthetic_preference_rows(
+    tokenizer, words: list[str], num_rows: int, prompt_tokens: int, completion_tokens: int, seed: int,
+    edit_rate: float = 0.05,
+) -> list[dict[str, str]]:  # fmt: skip
+    """Rows `{prompt, chosen, rejected}` with about `prompt_tokens` / `completion_tokens` tokens each.
+
+    The rejected completion is the chosen one with a fraction `edit_rate` of its words replaced (like the built-in tiny
+    dataset, where chosen and rejected differ in a few tokens), then topped up or cut to the same token budget.
+    Token counts are exact up to the last word (byte-level pre-tokenization splits at spaces); callers truncate with
+    `max_length`.
+    """
+    rng = random.Random(seed)
+    cost = {}
+
+    def tokens_of(word: str) -> int:
+        if word not in cost:
+            cost[word] = len(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        return cost[word]
+
+    def fill(budget: int, start: list[str] | None = None) -> list[str]:
+        out, used = [], 0
+        for word in start or []:
+            if used + tokens_of(word) > budget:
+                return out
+            out.append(word)
+            used += tokens_of(word)
+        while used < budget:
+            word = rng.choice(words)
+            out.append(word)
+            used += tokens_of(word)
+        return out
+
+    rows = []
+    for _ in range(num_rows):
+        prompt = fill(max(prompt_tokens - 3, 1))  # "Q:" and "\nA:" take a few tokens
+        chosen = fill(completion_tokens)
+        rejected = [rng.choice(words) if rng.random() < edit_rate else word for word in chosen]
+        rejected = fill(completion_tokens, start=rejected)
+        rows.append({
+            "prompt": "Q: " + " ".join(prompt) + "\nA:",
+            "chosen": " " + " ".join(chosen),
+            "rejected": " " + " ".join(rejected),
+        })  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
