@@ -29,7 +29,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
+from trl_tokenlevel.scripts.common import (
+    build_tiny_base,
+    load_train_and_heldout,
+    machine_defaults,
+    model_init_kwargs,
+    parse_with_tiny_defaults,
+    set_model_init_kwargs,
+    train_and_save,
+)
 
 TINY_DEFAULTS = dict(
     per_device_train_batch_size=8,
@@ -77,40 +85,15 @@ def make_parser(prog: str | None = None):
     parser = TrlParser(
         (ScriptArguments, TokenDPOScriptArguments, TokenDPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog
     )
-    # TrainingArguments refuses bf16 without a GPU; default to what the machine supports.
-    parser.set_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), output_dir="tokenlevel-dpo-output")
+    parser.set_defaults(**machine_defaults("tokenlevel-dpo-output"))
     return parser
 
 
 def parse_args(argv=None):
-    parser = make_parser(prog="trl-tokenlevel dpo")
-    parsed = parser.parse_args_and_config(args=argv)
-    if parsed[3].model_name_or_path is None:
-        # The built-in tiny job: defaults sized for a CPU minute. Flags and YAML still override them.
-        parser.set_defaults(**TINY_DEFAULTS)
-        parsed = parser.parse_args_and_config(args=argv)
-    return parsed
+    return parse_with_tiny_defaults(make_parser(prog="trl-tokenlevel dpo"), argv, TINY_DEFAULTS)
 
 
-def _load_datasets(script_args, dataset_args, training_args):
-    from datasets import load_dataset
-    from trl import get_dataset
-
-    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
-
-    if dataset_args.datasets:
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    else:
-        split = load_tiny_preference_dataset().train_test_split(test_size=16, seed=0)
-        return split["train"], split["test"]
-    train = dataset[script_args.dataset_train_split]
-    heldout = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
-    return train, heldout
-
-
-def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kwargs, device):
+def _add_token_signal(script_args, dataset, model_path, tokenizer, init_kwargs, device):
     from transformers import AutoModelForCausalLM
 
     from trl_tokenlevel import signals
@@ -119,7 +102,7 @@ def _add_token_signal(script_args, dataset, model_path, tokenizer, model_init_kw
         if path is None:
             raise ValueError(f"--token_signal {script_args.token_signal} needs {what}.")
         # Signals are built before training, on the training device (one forward per completion and model).
-        return AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs).to(device).eval()
 
     if script_args.token_signal == "dpo":
         dpo_model = load(script_args.signal_model_name_or_path, "--signal_model_name_or_path (a DPO-trained model)")
@@ -168,33 +151,22 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenlevel import TokenDPOTrainer
-    from trl_tokenlevel.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    train_dataset, heldout = _load_datasets(script_args, dataset_args, training_args)
+    init_kwargs = model_init_kwargs(model_args, training_args)
+    train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_preference_dataset)
     if model_args.model_name_or_path is None:
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in train_dataset]
-        tokenizer = build_tiny_tokenizer(texts)
-        model_path = os.path.join(training_args.output_dir, "tiny-base")
-        with training_args.main_process_first(desc="building the tiny base model"):  # one writer under accelerate
-            if not os.path.exists(os.path.join(model_path, "config.json")):
-                save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2), tokenizer, model_path)
-        model_init_kwargs = {}
+        tokenizer, model_path = build_tiny_base(training_args, texts)
+        init_kwargs = {}
     else:
         model_path = model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                                   trust_remote_code=training_args.trust_remote_code)  # fmt: skip
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs or None
+    set_model_init_kwargs(training_args, init_kwargs)
 
     train_dataset = _add_token_signal(
-        token_script_args, train_dataset, model_path, tokenizer, model_init_kwargs, training_args.device
+        token_script_args, train_dataset, model_path, tokenizer, training_args.model_init_kwargs or {}, training_args.device
     )
     trainer = TokenDPOTrainer(
         model=model_path,
@@ -205,9 +177,7 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    train_and_save(trainer, training_args, script_args)
 
     rows = heldout if heldout is not None else train_dataset
     count = min(token_script_args.heatmap_examples, len(rows))
@@ -215,8 +185,6 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         path = os.path.join(training_args.output_dir, "token_rewards.html")
         if write_implicit_reward_heatmap(trainer, rows.select(range(count)), path):
             trainer.accelerator.print(f"Per-token implicit-reward heatmap written to {path}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
 
 

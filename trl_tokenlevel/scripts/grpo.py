@@ -30,10 +30,17 @@ Every `TokenGRPOConfig`/`GRPOConfig` field is a flag; `--config file.yaml` works
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-import torch
+from trl_tokenlevel.scripts.common import (
+    build_tiny_base,
+    load_train_and_heldout,
+    machine_defaults,
+    model_init_kwargs,
+    parse_with_tiny_defaults,
+    set_model_init_kwargs,
+    train_and_save,
+)
 
 TINY_DEFAULTS = dict(
     per_device_train_batch_size=8,
@@ -74,20 +81,12 @@ def make_parser(prog: str | None = None):
     parser = TrlParser(
         (ScriptArguments, TokenGRPOScriptArguments, TokenGRPOConfig, ModelConfig, DatasetMixtureConfig), prog=prog
     )
-    # TrainingArguments refuses bf16 without a GPU; default to what the machine supports.
-    parser.set_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-                        output_dir="tokenlevel-grpo-output")  # fmt: skip
+    parser.set_defaults(**machine_defaults("tokenlevel-grpo-output"))
     return parser
 
 
 def parse_args(argv=None):
-    parser = make_parser(prog="trl-tokenlevel grpo")
-    parsed = parser.parse_args_and_config(args=argv)
-    if parsed[3].model_name_or_path is None:
-        # The built-in tiny job: defaults sized for a CPU minute. Flags and YAML still override them.
-        parser.set_defaults(**TINY_DEFAULTS)
-        parsed = parser.parse_args_and_config(args=argv)
-    return parsed
+    return parse_with_tiny_defaults(make_parser(prog="trl-tokenlevel grpo"), argv, TINY_DEFAULTS)
 
 
 def build_reward_funcs(names: list[str], tokenizer, reference_column: str = "solution") -> list:
@@ -110,54 +109,27 @@ def build_reward_funcs(names: list[str], tokenizer, reference_column: str = "sol
     return [table[name]() for name in names]
 
 
-def _load_datasets(script_args, dataset_args):
-    from datasets import load_dataset
-    from trl import get_dataset
-
-    from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
-
-    if dataset_args.datasets:
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    else:
-        split = load_tiny_grpo_dataset().train_test_split(test_size=16, seed=0)
-        return split["train"], split["test"], True
-    train = dataset[script_args.dataset_train_split]
-    heldout = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
-    return train, heldout, False
-
-
 def main(script_args, token_script_args, training_args, model_args, dataset_args):
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
-    from trl_tokenlevel.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+    from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
     from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    train_dataset, heldout, builtin = _load_datasets(script_args, dataset_args)
+    init_kwargs = model_init_kwargs(model_args, training_args)
+    train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_grpo_dataset)
     if model_args.model_name_or_path is None:
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in load_tiny_preference_dataset()]
         texts += [row["prompt"] + row["solution"] for row in train_dataset] if builtin else []
-        tokenizer = build_tiny_tokenizer(texts)
-        model_path = os.path.join(training_args.output_dir, "tiny-base")
-        save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2), tokenizer, model_path)
-        model_init_kwargs = {}
+        tokenizer, model_path = build_tiny_base(training_args, texts)
+        init_kwargs = {}
     else:
         model_path = model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                                   trust_remote_code=training_args.trust_remote_code,
                                                   padding_side="left")  # fmt: skip
-    if training_args.model_init_kwargs is not None:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = model_init_kwargs or None
+    set_model_init_kwargs(training_args, init_kwargs)
 
     trainer_kwargs = {}
     if training_args.chord and training_args.chord_expert_dataset_name is None and builtin:
@@ -174,12 +146,7 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    return trainer
+    return train_and_save(trainer, training_args, script_args)
 
 
 if __name__ == "__main__":

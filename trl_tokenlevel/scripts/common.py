@@ -1,0 +1,82 @@
+"""What the `trl-tokenlevel` training scripts share: parsing with tiny-job defaults, data loading, the tiny base model,
+model init kwargs and the final save."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+
+def machine_defaults(output_dir: str) -> dict:
+    """Parser defaults every script sets: TrainingArguments refuses bf16 without a GPU, so default to what is there."""
+    return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "output_dir": output_dir}
+
+
+def parse_with_tiny_defaults(parser, argv, tiny_defaults: dict):
+    """Parse once; without `--model_name_or_path` (the built-in tiny job) parse again with defaults sized for a CPU
+    minute. Flags and YAML files still override them."""
+    parsed = parser.parse_args_and_config(args=argv)
+    model_args = next(args for args in parsed if hasattr(args, "model_name_or_path"))
+    if model_args.model_name_or_path is None:
+        parser.set_defaults(**tiny_defaults)
+        parsed = parser.parse_args_and_config(args=argv)
+    return parsed
+
+
+def load_train_and_heldout(script_args, dataset_args, load_builtin: Callable):
+    """`(train, heldout, builtin)`: a dataset mixture, a named dataset, or the built-in one split 16 rows off."""
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    else:
+        split = load_builtin().train_test_split(test_size=16, seed=0)
+        return split["train"], split["test"], True
+    train = dataset[script_args.dataset_train_split]
+    heldout = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
+    return train, heldout, False
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def build_tiny_base(training_args, texts, **model_kwargs):
+    """Tokenizer trained on `texts` and a tiny model saved under `<output_dir>/tiny-base` (one writer under accelerate).
+
+    Returns `(tokenizer, model_path)`; TRL reloads reference models from the path.
+    """
+    from trl_tokenlevel.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+
+    tokenizer = build_tiny_tokenizer(texts)
+    model_path = os.path.join(training_args.output_dir, "tiny-base")
+    with training_args.main_process_first(desc="building the tiny base model"):
+        if not os.path.exists(os.path.join(model_path, "config.json")):
+            save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2, **model_kwargs), tokenizer, model_path)
+    return tokenizer, model_path
+
+
+def set_model_init_kwargs(training_args, kwargs: dict) -> None:
+    if training_args.model_init_kwargs is not None:
+        kwargs = {**kwargs, **training_args.model_init_kwargs}
+    training_args.model_init_kwargs = kwargs or None
+
+
+def train_and_save(trainer, training_args, script_args):
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
