@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer
 from trl_tokenlevel.ops.preference import aligndistil_loss_from_logits, per_token_kl_from_logits, tdpo_loss

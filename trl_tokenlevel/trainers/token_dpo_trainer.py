@@ -53,7 +53,7 @@ from ..ops.preference import (
 )
 from ..signals.masks import SparsePOMask
 from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
-from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
+from .token_dpo_config import TokenDPOConfig
 
 logger = get_logger(__name__)
 
