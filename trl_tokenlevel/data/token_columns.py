@@ -93,6 +93,18 @@ def _check_row(column: str, row: int, values: Any, expected_length: int, ids_col
             )
 
 
+def _checked_tensor(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
+    """`values` as a float32 tensor; anything `_check_row` would reject raises its message. The common case (a valid
+    row, already checked when the dataset was prepared) costs one conversion and one `isfinite`."""
+    try:
+        tensor = torch.tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError):
+        tensor = None
+    if tensor is None or tensor.shape != (expected_length,) or not torch.isfinite(tensor).all():
+        _check_row(column, row, values, expected_length, ids_column)
+    return tensor
+
+
 def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int] | None = None) -> list[str]:
     """Check every per-token column of a tokenized preference dataset; return the names found.
 
@@ -141,16 +153,16 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
         return output
 
     @staticmethod
-    def _completion_rows(examples, column: str, ids_column: str, neutral: float) -> list[list[float]]:
+    def _completion_rows(examples, column: str, ids_column: str, neutral: float) -> list[torch.Tensor]:
         rows = []
         for index, example in enumerate(examples):
             completion_length = len(example[ids_column])
             values = example.get(column)
             if values is None:
-                values = [neutral] * completion_length
+                completion = torch.full((completion_length,), neutral, dtype=torch.float32)
             else:
-                _check_row(column, index, values, completion_length, ids_column)
-            rows.append([0.0] * len(example["prompt_ids"]) + [float(value) for value in values])
+                completion = _checked_tensor(column, index, values, completion_length, ids_column)
+            rows.append(torch.cat([torch.zeros(len(example["prompt_ids"])), completion]))
         return rows
 
     def _truncate_and_pad(self, rows: list[list[float]]) -> torch.Tensor:
@@ -158,5 +170,4 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
             # The same slice the parent applied to the ids (it has already validated `truncation_mode`).
             keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             rows = [row[keep] for row in rows]
-        tensors = [torch.tensor(row, dtype=torch.float32) for row in rows]
-        return pad(tensors, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        return pad(rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)

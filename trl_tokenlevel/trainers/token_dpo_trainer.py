@@ -9,6 +9,7 @@ function in `trl_tokenlevel.ops.preference`. The math lives there; this file mov
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 
@@ -773,19 +774,28 @@ class TokenDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _log_token_stats(self, mode: str, prefix: str, values: torch.Tensor, shift_mask: torch.Tensor) -> None:
-        """Token-weighted mean per side and global min/max over completion tokens, gathered across ranks."""
+        """Token-weighted mean per side and global min/max over completion tokens, gathered across ranks.
+
+        All statistics travel in one tensor: one gather and one device-to-host copy per call.
+        """
         values = values.detach().float()
         valid = shift_mask.bool()
-        for side, side_values, side_valid in zip(("chosen", "rejected"), values.chunk(2), valid.chunk(2)):
-            total = self.accelerator.gather_for_metrics(side_values[side_valid].sum()).sum()
-            count = self.accelerator.gather_for_metrics(side_valid.sum()).sum()
-            self._metrics[mode][f"{prefix}/{side}_mean"].append((total / count).item() if count > 0 else 0.0)
+        (chosen, rejected), (chosen_valid, rejected_valid) = values.chunk(2), valid.chunk(2)
         inf = torch.tensor(float("inf"), device=values.device)
-        low = self.accelerator.gather_for_metrics(torch.where(valid, values, inf).min()).min()
-        high = self.accelerator.gather_for_metrics(torch.where(valid, values, -inf).max()).max()
-        if torch.isfinite(low):
-            self._metrics[mode][f"{prefix}/min"].append(low.item())
-            self._metrics[mode][f"{prefix}/max"].append(high.item())
+        stats = torch.stack([
+            torch.where(chosen_valid, chosen, 0.0).sum(), chosen_valid.sum().float(),
+            torch.where(rejected_valid, rejected, 0.0).sum(), rejected_valid.sum().float(),
+            -torch.where(valid, values, inf).min(), torch.where(valid, values, -inf).max(),
+        ])  # fmt: skip
+        gathered = self.accelerator.gather(stats[None]).view(-1, 6)
+        chosen_sum, chosen_count, rejected_sum, rejected_count = gathered[:, :4].sum(dim=0).tolist()
+        low, high = -gathered[:, 4].max().item(), gathered[:, 5].max().item()
+        metrics = self._metrics[mode]
+        metrics[f"{prefix}/chosen_mean"].append(chosen_sum / chosen_count if chosen_count > 0 else 0.0)
+        metrics[f"{prefix}/rejected_mean"].append(rejected_sum / rejected_count if rejected_count > 0 else 0.0)
+        if math.isfinite(low):
+            metrics[f"{prefix}/min"].append(low)
+            metrics[f"{prefix}/max"].append(high)
 
     def _log_dpo_metrics(
         self, mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, chosen_logratios, rejected_logratios
