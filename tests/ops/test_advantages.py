@@ -42,8 +42,10 @@ from trl_tokenlevel.ops.advantages import (
     tw_grpo_position_divergence,
     tw_grpo_soft_reward,
     tw_grpo_token_weights,
+    tw_grpo_weights_from_divergence,
     ucas_advantages,
     ucas_self_certainty,
+    ucas_self_certainty_from_logprobs,
 )
 
 F64 = torch.float64
@@ -164,6 +166,15 @@ class TestUCAS:
         probs = logits.softmax(-1)
         kl_uniform_p = (-(probs.log()).mean(-1)) - math.log(7)
         torch.testing.assert_close(ucas_self_certainty(logits), kl_uniform_p + math.log(7))
+
+    def test_self_certainty_from_sampled_logprob(self):
+        """`lse(z/T) = z_y/T − log p_T(y)`: the sampled token's logit and log-prob replace the vocabulary sum."""
+        raw = torch.randn(3, 7, generator=torch.Generator().manual_seed(1), dtype=F64)
+        temperature, targets = 0.6, torch.tensor([[2], [0], [6]])
+        logps = torch.log_softmax(raw / temperature, -1).gather(-1, targets).squeeze(-1)
+        identity = ucas_self_certainty_from_logprobs(raw.gather(-1, targets).squeeze(-1), logps, raw.mean(-1),
+                                                     temperature)  # fmt: skip
+        torch.testing.assert_close(identity, ucas_self_certainty(raw / temperature))
 
     def test_padding_excluded_from_min_max_and_zero(self):
         mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]])
@@ -525,6 +536,19 @@ class TestTWGRPO:
                                      num_generations=2, full_logps=self.PROBS.log())
         adv = TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch)
         assert_printed(adv, ["1.19", "0.7", "0.752216", "-1.19", "-0.7", "0"])
+
+    def test_registry_from_divergence(self):
+        """Without (B, T, V) log-probs: the per-row divergence (what `ops.chunked.chunked_tw_grpo_divergence` builds
+        from hidden states) gives the same advantages, with α applied by the entry."""
+        divergence = tw_grpo_position_divergence(self.PROBS.log(), self.MASK, one_group(2))[one_group(2)]
+        batch = TokenAdvantageInputs(torch.zeros(2, 3, dtype=torch.long), self.MASK, torch.zeros(2, 3, dtype=F64),
+                                     torch.zeros(2, 3, dtype=F64), t64([1, 0]), t64([0.7, -0.7]),
+                                     num_generations=2, tw_grpo_divergence=divergence)
+        assert_printed(TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch), ["1.19", "0.7", "0.752216", "-1.19", "-0.7", "0"])
+        assert_printed(tw_grpo_weights_from_divergence(divergence, self.MASK, tw_alpha=1.7),
+                       ["1.7", "1.0", "1.074594", "1.7", "1.0", "0"])
+        with pytest.raises(ValueError, match="full_logps"):
+            TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch, tw_weight_grad=True)
 
     def test_soft_reward(self):
         assert tw_grpo_soft_reward("A, C", "A,B,C") == pytest.approx(2 / 3)

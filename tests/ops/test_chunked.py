@@ -539,3 +539,137 @@ def test_kl_bf16_cuda(direction, backend):
     for g, rg in zip(grads, ref_grads):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), rg, rtol=2e-2, atol=2e-2 * rg.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token-level RL statistics: UCAS self-certainty and TW-GRPO divergence from hidden states
+# ---------------------------------------------------------------------------------------------------------------------
+
+from trl_tokenlevel.ops.advantages import (  # noqa: E402
+    TOKEN_ADVANTAGE_METHODS,
+    TokenAdvantageInputs,
+    tw_grpo_position_divergence,
+    tw_grpo_token_weights,
+    ucas_self_certainty,
+    ucas_self_certainty_from_logprobs,
+)
+from trl_tokenlevel.ops.chunked import (  # noqa: E402
+    chunked_mean_logits,
+    chunked_sampled_logits,
+    chunked_tw_grpo_divergence,
+    chunked_tw_grpo_weights,
+    chunked_ucas_statistics,
+)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_ucas_statistics_match_full_logits(softcap):
+    """`s = z_y/T − log p_T(y) − mean(z)/T` equals `lse(z/T) − mean(z/T)`; the sampled logit is the raw `z_y`."""
+    gen = torch.Generator().manual_seed(0)
+    n, v, h = 12, 29, 8
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    temperature, scale = 0.8, 1.5
+    z = ref_logits(hidden, weight, bias, logit_scale=scale, softcap=softcap)  # before temperature
+    logps = torch.log_softmax(z / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    kw = dict(logit_scale=scale, softcap=softcap)
+    torch.testing.assert_close(chunked_mean_logits(hidden, weight, bias, vocab_chunk=7, token_chunk=5, **kw),
+                               z.mean(-1), **FP64)  # fmt: skip
+    z_y = z.gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(chunked_sampled_logits(hidden, weight, bias, targets, **kw), z_y, **FP64)
+    certainty, sampled = chunked_ucas_statistics(hidden, weight, bias, targets, logps, temperature=temperature,
+                                                 vocab_chunk=7, token_chunk=5, **kw)  # fmt: skip
+    expected = ucas_self_certainty(z / temperature)
+    torch.testing.assert_close(certainty, expected, **FP64)
+    torch.testing.assert_close(sampled, z_y, **FP64)
+    torch.testing.assert_close(ucas_self_certainty_from_logprobs(z_y, logps, z.mean(-1), temperature), expected,
+                               **FP64)  # fmt: skip
+
+
+def test_ucas_statistics_fp32_and_validation():
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(11, 8, generator=gen)
+    targets = torch.tensor([0, 3, 10, 5])
+    z = hidden @ weight.t()
+    logps = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    certainty, _ = chunked_ucas_statistics(hidden, weight, None, targets, logps)
+    assert certainty.dtype == torch.float32
+    torch.testing.assert_close(certainty, ucas_self_certainty(z), **FP32)
+    with pytest.raises(ValueError, match="target_logps"):
+        chunked_ucas_statistics(hidden, weight, None, targets, logps[:3])
+    with pytest.raises(ValueError, match="targets"):
+        chunked_sampled_logits(hidden, weight, None, torch.tensor([0, 1, 2, 11]))
+
+
+def _tw_case(softcap):
+    gen = torch.Generator().manual_seed(0)
+    rows, width, h, v = 6, 5, 8, 37
+    hidden = torch.randn(rows, width, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
+    bias = torch.randn(v, generator=gen, dtype=torch.float64)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    group_ids = torch.tensor([7, 7, 7, 3, 3, 3])  # any labels; group 3 sorts first
+    kw = dict(temperature=0.7, logit_scale=1.3, softcap=softcap)
+    full_logps = torch.log_softmax(ref_logits(hidden, weight, bias, **kw), -1)
+    return hidden, weight, bias, mask, group_ids, kw, full_logps
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_tw_grpo_divergence_and_weights_match_full_logits(softcap):
+    hidden, weight, bias, mask, group_ids, kw, full_logps = _tw_case(softcap)
+    group_index = torch.unique(group_ids, return_inverse=True)[1]
+    expected_divergence = tw_grpo_position_divergence(full_logps, mask, group_index)[group_index]
+    divergence = chunked_tw_grpo_divergence(hidden, weight, bias, mask, group_ids, vocab_chunk=10, token_chunk=2, **kw)
+    torch.testing.assert_close(divergence, expected_divergence, **FP64)
+    expected = tw_grpo_token_weights(full_logps, mask, group_index, tw_alpha=1.7)
+    weights = chunked_tw_grpo_weights(hidden, weight, bias, mask, group_ids, tw_alpha=1.7, vocab_chunk=10,
+                                      token_chunk=2, **kw)  # fmt: skip
+    torch.testing.assert_close(weights, expected, **FP64)
+    # fp32 inputs compute in fp32.
+    weights32 = chunked_tw_grpo_weights(hidden.float(), weight.float(), bias.float(), mask, group_ids, tw_alpha=1.7,
+                                        vocab_chunk=16, **kw)  # fmt: skip
+    assert weights32.dtype == torch.float32
+    torch.testing.assert_close(weights32.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_tw_grpo_registry_without_full_distributions():
+    """The `tw_grpo` registry entry on the chunked divergence equals the entry on (B, T, V) log-probs, α applied by
+    the entry; `tw_weight_grad=True` needs the full log-probabilities."""
+    hidden, weight, bias, mask, group_ids, kw, full_logps = _tw_case(None)
+    rows, width = mask.shape
+    common = dict(completion_ids=torch.zeros(rows, width, dtype=torch.long), completion_mask=mask,
+                  per_token_logps=torch.zeros(rows, width, dtype=torch.float64),
+                  per_token_entropy=torch.zeros(rows, width, dtype=torch.float64),
+                  rewards=torch.zeros(rows, dtype=torch.float64),
+                  advantages=torch.tensor([1.0, -0.5, 0.2, 0.7, -1.0, 0.3], dtype=torch.float64), group_ids=group_ids)
+    divergence = chunked_tw_grpo_divergence(hidden, weight, bias, mask, group_ids, vocab_chunk=10, **kw)
+    chunked = TokenAdvantageInputs(**common, tw_grpo_divergence=divergence)
+    full = TokenAdvantageInputs(**common, full_logps=full_logps)
+    for alpha in (1.7, 1.4):
+        torch.testing.assert_close(TOKEN_ADVANTAGE_METHODS["tw_grpo"](chunked, tw_alpha=alpha),
+                                   TOKEN_ADVANTAGE_METHODS["tw_grpo"](full, tw_alpha=alpha), **FP64)  # fmt: skip
+    with pytest.raises(ValueError, match="full_logps"):
+        TOKEN_ADVANTAGE_METHODS["tw_grpo"](chunked, tw_weight_grad=True)
+    with pytest.raises(ValueError, match="tw_grpo_divergence"):
+        TOKEN_ADVANTAGE_METHODS["tw_grpo"](TokenAdvantageInputs(**common))
+
+
+def test_tw_grpo_spec_example_through_the_chunked_path():
+    """Spec §8 worked example (G = 2, L = 3, V = 3): hidden states equal to the log-probabilities with an identity head
+    reproduce the given distributions, so the chunked weights must be [1.7, 1.0, 1.074594] / [1.7, 1.0, 0]."""
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.2, 0.2]],
+                          [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]]], dtype=torch.float64)  # fmt: skip
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    divergence = chunked_tw_grpo_divergence(probs.log(), torch.eye(3, dtype=torch.float64), None, mask,
+                                            torch.tensor([0, 0]), vocab_chunk=2)  # fmt: skip
+    for row in divergence:
+        for value, printed in zip(row.tolist(), (1.023716, 0.0, 0.109090)):
+            assert abs(value - printed) <= 5e-7
+    weights = chunked_tw_grpo_weights(probs.log(), torch.eye(3, dtype=torch.float64), None, mask,
+                                      torch.tensor([0, 0]), tw_alpha=1.7, vocab_chunk=2)  # fmt: skip
+    torch.testing.assert_close(weights, torch.tensor([[1.7, 1.0, 1.074594], [1.7, 1.0, 0.0]], dtype=torch.float64),
+                               atol=5e-7, rtol=0)  # fmt: skip

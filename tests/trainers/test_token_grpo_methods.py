@@ -1,5 +1,6 @@
-"""TokenGRPOTrainer end to end: every method trains a tiny model a few steps with generation on CPU; the trainer-side
-pieces (chunked TW-GRPO weights, UCAS statistics, the user hook, stages, validation) against plain references."""
+"""TokenGRPOTrainer end to end: every method trains a tiny model a few steps with generation on CPU; the user hook,
+stages, forward budget and validation. The hidden-state statistics (UCAS, TW-GRPO) are ops, tested in
+`tests/ops/test_chunked.py` against full-logits references."""
 
 from __future__ import annotations
 
@@ -9,16 +10,9 @@ import pytest
 import torch
 
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
-from trl_tokenlevel.ops.advantages import TokenAdvantageInputs, tw_grpo_token_weights, ucas_self_certainty
+from trl_tokenlevel.ops.advantages import TokenAdvantageInputs
 from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
-from trl_tokenlevel.trainers.token_grpo_trainer import (
-    TokenGRPOBatch,
-    TokenGRPOTrainer,
-    _ExpertBatches,
-    _transform_logits,
-    chunked_tw_grpo_weights,
-    mean_logits_chunked,
-)
+from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOBatch, TokenGRPOTrainer, _ExpertBatches
 
 from .test_token_grpo_parity import assert_logs_equal, assert_params_changed, assert_params_equal, grpo_args, train
 
@@ -188,60 +182,6 @@ def test_hapo_processor_drives_rollout_temperature(tiny_model_path, tokenizer, t
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Trainer-side math against plain full-logits references
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_tw_grpo_weights_match_full_logits(softcap):
-    torch.manual_seed(0)
-    rows, width, hidden_size, vocab = 6, 5, 8, 37
-    hidden = torch.randn(rows, width, hidden_size, dtype=torch.float64)
-    weight = torch.randn(vocab, hidden_size, dtype=torch.float64)
-    bias = torch.randn(vocab, dtype=torch.float64)
-    mask = torch.ones(rows, width, dtype=torch.long)
-    mask[1, 3:] = 0
-    mask[4, 1:] = 0
-    group_index = torch.tensor([0, 0, 0, 1, 1, 1])
-    temperature, scale = 0.7, 1.3
-    z = _transform_logits(hidden @ weight.T + bias, scale, softcap) / temperature
-    expected = tw_grpo_token_weights(torch.log_softmax(z, -1), mask, group_index, tw_alpha=1.7)
-    actual = chunked_tw_grpo_weights(hidden, weight, bias, mask, group_index, tw_alpha=1.7, temperature=temperature,
-                                     logit_scale=scale, softcap=softcap, vocab_chunk=10, token_chunk=2)  # fmt: skip
-    torch.testing.assert_close(actual.double(), expected, atol=1e-5, rtol=0)
-
-
-def test_tw_grpo_spec_example_through_the_chunked_path():
-    """Spec §8 worked example (G = 2, L = 3, V = 3): hidden states equal to the log-probabilities with an identity head
-    reproduce the given distributions, so the chunked weights must be [1.7, 1.0, 1.074594] / [1.7, 1.0, 0]."""
-    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.2, 0.2]],
-                          [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]]], dtype=torch.float64)  # fmt: skip
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    weights = chunked_tw_grpo_weights(probs.log(), torch.eye(3, dtype=torch.float64), None, mask,
-                                      torch.tensor([0, 0]), tw_alpha=1.7, vocab_chunk=2)  # fmt: skip
-    torch.testing.assert_close(weights.double(), torch.tensor([[1.7, 1.0, 1.074594], [1.7, 1.0, 0.0]],
-                                                              dtype=torch.float64), atol=5e-7, rtol=0)  # fmt: skip
-
-
-@pytest.mark.parametrize("softcap", [None, 2.0])
-def test_ucas_statistics_identity(softcap):
-    """Self-certainty from the fused head's log-prob: `z_y/T − log p_T(y) − mean(z)/T = lse(z/T) − mean(z/T)`."""
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 4, 8, dtype=torch.float64)
-    weight = torch.randn(29, 8, dtype=torch.float64)
-    bias = torch.randn(29, dtype=torch.float64)
-    targets = torch.randint(0, 29, (3, 4))
-    temperature = 0.8
-    z = _transform_logits(hidden @ weight.T + bias, 1.5, softcap)
-    logp = torch.log_softmax(z / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
-    mean = mean_logits_chunked(hidden, weight, bias, logit_scale=1.5, softcap=softcap, vocab_chunk=7)
-    torch.testing.assert_close(mean.double(), z.mean(-1), atol=1e-5, rtol=0)
-    z_y = z.gather(-1, targets[..., None]).squeeze(-1)
-    certainty = z_y / temperature - logp - mean.double() / temperature
-    torch.testing.assert_close(certainty, ucas_self_certainty(z / temperature), atol=1e-5, rtol=0)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -250,7 +190,10 @@ def test_ucas_statistics_identity(softcap):
     "overrides, message",
     [
         ({"token_selection": "entropy_quantile", "entropy_selection": "topk"}, "entropy_scope='local'"),
-        ({"token_selection": "entropy_quantile", "loss_type": "grpo"}, "entropy_normalize='selected'"),
+        ({"token_selection": "entropy_quantile", "loss_type": "dr_grpo", "entropy_normalize": "selected"},
+         "entropy_normalize='selected'"),
+        ({"token_selection": "entropy_quantile", "loss_type": "luspo", "entropy_normalize": "selected"},
+         "no token count"),
         ({"token_selection": "entropy_quantile", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"token_advantage": "tempo", "token_shaping_stage": "loss", "gradient_accumulation_steps": 2},
          "steps_per_generation=1"),

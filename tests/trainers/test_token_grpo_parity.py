@@ -129,8 +129,8 @@ def test_plain_grpo_config_is_accepted(tiny_model_path, tokenizer, tmp_path):
 
 
 def test_neutral_selection_runs_the_token_path_with_stock_math(tiny_model_path, tokenizer, tmp_path):
-    """ρ = 1 selects every token: the whole token path (our cached training forward, tool_mask, (B, T) advantages)
-    runs and must leave TRL's loss, metrics and updates unchanged."""
+    """ρ = 1 selects every token: the whole token path (our cached training forward, the selection through TRL's
+    entropy-mask branch, (B, T) advantages) runs and must leave TRL's loss, metrics and updates unchanged."""
     stock = train(GRPOTrainer, grpo_args(tmp_path / "a", GRPOConfig, beta=0.05), tiny_model_path, tokenizer)
     ours = train(TokenGRPOTrainer, grpo_args(tmp_path / "b", beta=0.05, token_selection="entropy_quantile",
                                              entropy_top_ratio=1.0), tiny_model_path, tokenizer)  # fmt: skip
@@ -139,16 +139,60 @@ def test_neutral_selection_runs_the_token_path_with_stock_math(tiny_model_path, 
     assert_params_equal(stock.model, ours.model)
 
 
-def test_entropy_quantile_equals_trl_top_entropy_quantile(tiny_model_path, tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},  # the paper's recipe: dapo, no KL
+        {"beta": 0.05},  # KL on every valid token, the policy term on the selected ones
+        {"loss_type": "grpo", "beta": 0.05, "entropy_coef": 0.01},  # per-completion normaliser; entropy bonus on F
+        {"loss_type": "bnpo", "beta": 0.05, "num_iterations": 2},
+    ],
+    ids=["dapo", "dapo_beta", "grpo_beta_entropy_bonus", "bnpo_beta_iterations"],
+)
+def test_entropy_quantile_equals_trl_top_entropy_quantile(setting, tiny_model_path, tokenizer, tmp_path):
     """The default 80/20 rule (quantile threshold, ties kept, all-valid-token normaliser) is TRL's
-    `top_entropy_quantile` rule: same loss and same updates (TRL's entropy/clip metrics then average over all
-    tokens, ours over the selected ones, so only the loss is compared among the logs)."""
-    stock = train(GRPOTrainer, grpo_args(tmp_path / "a", GRPOConfig, top_entropy_quantile=0.2), tiny_model_path,
-                  tokenizer)  # fmt: skip
-    ours = train(TokenGRPOTrainer, grpo_args(tmp_path / "b", token_selection="entropy_quantile"), tiny_model_path,
-                 tokenizer)  # fmt: skip
-    assert_logs_equal(stock.state.log_history, ours.state.log_history, only=("loss", "grad_norm", "train_loss"))
+    `top_entropy_quantile=0.2`, also with a KL term: the selection masks only the policy-gradient term, the KL stays on
+    every valid token. Same losses, every TRL metric (entropy, KL and clip ratios over all valid tokens) and the same
+    updates."""
+    stock = train(GRPOTrainer, grpo_args(tmp_path / "a", GRPOConfig, top_entropy_quantile=0.2, **setting),
+                  tiny_model_path, tokenizer)  # fmt: skip
+    ours = train(TokenGRPOTrainer, grpo_args(tmp_path / "b", token_selection="entropy_quantile", **setting),
+                 tiny_model_path, tokenizer)  # fmt: skip
+    assert_logs_equal(stock.state.log_history, ours.state.log_history, ignore_prefixes=("token/",))
     assert_params_equal(stock.model, ours.model)
+    selected = [entry["token/selected_frac"] for entry in ours.state.log_history if "token/selected_frac" in entry]
+    assert selected and all(0.0 < frac < 1.0 for frac in selected)
+    if setting.get("beta"):
+        assert any(entry.get("kl", 0.0) > 0.0 for entry in stock.state.log_history)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+def test_selected_normalization_divides_the_policy_term_only(loss_type, tiny_model_path, tokenizer, tmp_path):
+    """One micro-batch, KL > 0: `entropy_normalize="selected"` divides the policy term by the S selected tokens instead
+    of the N valid ones (`L_sel(β=0) = L_all(β=0)·N/S`), while the KL term is the same all-token mean in both
+    (`L_sel(β) − L_sel(0) = L_all(β) − L_all(0) ≠ 0`)."""
+    args = grpo_args(tmp_path, loss_type=loss_type, beta=0.05, token_selection="entropy_quantile")
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=id_reward, args=args, processing_class=tokenizer,
+                               train_dataset=load_tiny_grpo_dataset().select(range(16)))  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():  # move the policy away from the reference, so that the KL term is not 0
+        trainer.model.lm_head.weight.add_(0.05 * torch.randn_like(trainer.model.lm_head.weight))
+    losses = {}
+    for normalize in ("all", "selected"):
+        trainer.args.entropy_normalize = normalize
+        for beta in (0.0, 0.05):
+            trainer.beta = beta
+            with torch.no_grad():
+                losses[normalize, beta] = trainer.compute_loss(trainer.model, inputs).item()
+    fraction = trainer._metrics["train"]["token/selected_frac"][-1]  # S / N over this batch (one process)
+    assert 0.0 < fraction < 1.0
+    kl_term = losses["all", 0.05] - losses["all", 0.0]
+    assert abs(kl_term) > 1e-6
+    assert losses["selected", 0.05] - losses["selected", 0.0] == pytest.approx(kl_term, abs=1e-6)
+    assert losses["selected", 0.0] == pytest.approx(losses["all", 0.0] / fraction, abs=1e-6)
 
 
 def test_gradients_match_on_one_batch(tiny_model_path, tokenizer, tmp_path):

@@ -59,6 +59,9 @@ class TokenAdvantageInputs:
       (:func:`ucas_self_certainty`);
     - ``sampled_token_logits`` (B, T): UCAS raw (pre-temperature) logit of the sampled token;
     - ``full_logps`` (B, T, V): TW-GRPO full-vocabulary log-probabilities;
+    - ``tw_grpo_divergence`` (B, T): TW-GRPO position disagreement ``D_t`` of each row's group at every position
+      (padding positions included), the statistic that ``full_logps`` would give; built from hidden states in
+      vocabulary tiles by ``trl_tokenlevel.ops.chunked.chunked_tw_grpo_divergence`` (no (B, T, V) tensor);
     - ``initial_mean_entropy`` (B,): GTPO ``entropy_filter="readme"``, mean entropy under the initial policy.
     """
 
@@ -75,13 +78,14 @@ class TokenAdvantageInputs:
     sampled_token_logits: Optional[torch.Tensor] = None
     full_logps: Optional[torch.Tensor] = None
     initial_mean_entropy: Optional[torch.Tensor] = None
+    tw_grpo_divergence: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.completion_ids.shape)
         if len(shape) != 2:
             raise ValueError(f"completion_ids must be (B, T), got shape {shape}.")
         for name in ("completion_mask", "per_token_logps", "per_token_entropy", "old_per_token_logps",
-                     "self_certainty", "sampled_token_logits"):
+                     "self_certainty", "sampled_token_logits", "tw_grpo_divergence"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)} but completion_ids has shape {shape}.")
@@ -218,6 +222,22 @@ def ucas_self_certainty(logits: torch.Tensor) -> torch.Tensor:
     Paper: https://huggingface.co/papers/2510.10649. ``logits`` are temperature-scaled (..., V).
     """
     return torch.logsumexp(logits, dim=-1) - logits.mean(dim=-1)
+
+
+def ucas_self_certainty_from_logprobs(
+    sampled_logits: torch.Tensor,
+    sampled_logps: torch.Tensor,
+    mean_logits: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """UCAS self-certainty ``s = logsumexp(z/T) − mean_v(z/T)`` without the vocabulary: elementwise, from the sampled
+    token's raw logit ``z_y``, its log-probability ``log p_T(y)`` at temperature T and the mean raw logit ``mean_v z``.
+
+    ``log p_T(y) = z_y/T − logsumexp(z/T)``, so ``logsumexp(z/T) = z_y/T − log p_T(y)`` and
+    ``s = (z_y − mean_v z)/T − log p_T(y)``. ``z`` are the transformed logits before temperature (after the LM head's
+    logit scale and softcap); the log-prob is the one the policy's (fused) head returns at T. Any shape.
+    """
+    return (sampled_logits - mean_logits) / temperature - sampled_logps
 
 
 def ucas_advantages(
@@ -808,11 +828,26 @@ def tw_grpo_token_weights(
     if not tw_weight_grad:
         full_logps = full_logps.detach()
     divergence = tw_grpo_position_divergence(full_logps, completion_mask, group_index)
+    return tw_grpo_weights_from_divergence(divergence[group_index], completion_mask, tw_alpha=tw_alpha)
+
+
+def tw_grpo_weights_from_divergence(
+    divergence: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    tw_alpha: float = 1.7,
+) -> torch.Tensor:
+    """TW-GRPO weights ``w_t = 1 + (α − 1)·D̂_t`` from per-row divergences, times the mask, (B, T) (spec §8).
+
+    ``divergence`` (B, T) holds ``D_t`` of each row's group at **every** position, padding positions included (rows of
+    one group are equal): :func:`tw_grpo_position_divergence` indexed by the group index, or
+    ``trl_tokenlevel.ops.chunked.chunked_tw_grpo_divergence`` from hidden states. ``D̂`` is the min-max normalisation
+    over the row's positions (``+ 1e-8`` in the denominator, so equal D gives w = 1).
+    """
     low = divergence.min(dim=1, keepdim=True).values
     high = divergence.max(dim=1, keepdim=True).values
     normalized = (divergence - low) / (high - low + 1e-8)
-    weights = 1 + (tw_alpha - 1) * normalized
-    return _masked(weights[group_index], completion_mask)
+    return _masked(1 + (tw_alpha - 1) * normalized, completion_mask)
 
 
 def tw_grpo_soft_reward(answer: str, gold: str, *, verified: bool = False) -> float:
@@ -837,13 +872,29 @@ def tw_grpo_token_advantages(
     tw_alpha: float = 1.7,
     tw_weight_grad: bool = False,
 ) -> torch.Tensor:
-    """Registry entry ``"tw_grpo"``: ``Â_{i,t} = A_i·w_{i,t}`` (spec §8); needs ``batch.full_logps`` (B, T, V).
+    """Registry entry ``"tw_grpo"``: ``Â_{i,t} = A_i·w_{i,t}`` (spec §8).
 
-    Paper: https://huggingface.co/papers/2505.24718. ``A_i`` is ``batch.advantages``; w from
-    :func:`tw_grpo_token_weights` (α = 1.7, detached by default).
+    Paper: https://huggingface.co/papers/2505.24718. ``A_i`` is ``batch.advantages``; w (α = 1.7) from either
+    ``batch.tw_grpo_divergence`` (B, T), the detached statistic that ``ops.chunked.chunked_tw_grpo_divergence`` builds
+    from hidden states and the LM head in vocabulary tiles (what the trainer passes: no (B, T, V) tensor), or
+    ``batch.full_logps`` (B, T, V) through :func:`tw_grpo_token_weights` (detached unless ``tw_weight_grad=True``).
+    ``full_logps`` wins when both are set.
     """
-    weights = tw_grpo_token_weights(batch.require("full_logps", "tw_grpo"), batch.completion_mask,
-                                    batch.group_index, tw_alpha=tw_alpha, tw_weight_grad=tw_weight_grad)
+    if batch.full_logps is not None:
+        weights = tw_grpo_token_weights(batch.full_logps, batch.completion_mask, batch.group_index,
+                                        tw_alpha=tw_alpha, tw_weight_grad=tw_weight_grad)  # fmt: skip
+    elif batch.tw_grpo_divergence is not None:
+        if tw_weight_grad:
+            raise ValueError(
+                "tw_weight_grad=True differentiates the weights through the full log-probabilities: pass "
+                "TokenAdvantageInputs.full_logps with gradient; tw_grpo_divergence is a detached statistic."
+            )
+        weights = tw_grpo_weights_from_divergence(batch.tw_grpo_divergence, batch.completion_mask, tw_alpha=tw_alpha)
+    else:
+        raise ValueError(
+            "Token advantage method 'tw_grpo' needs TokenAdvantageInputs.tw_grpo_divergence (B, T) (from hidden states "
+            "and the LM head: trl_tokenlevel.ops.chunked.chunked_tw_grpo_divergence) or full_logps (B, T, V)."
+        )
     return batch.advantages[:, None].to(weights.dtype) * weights
 
 

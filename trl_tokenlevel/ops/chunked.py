@@ -743,3 +743,229 @@ def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch
             backbone = model.model
     outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return outputs.last_hidden_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token-level RL statistics (spec rl_sft_decoding.md §3 UCAS, §8 TW-GRPO), no gradient
+# ---------------------------------------------------------------------------------------------------------------------
+
+__all__ += [
+    "chunked_mean_logits",
+    "chunked_sampled_logits",
+    "chunked_tw_grpo_divergence",
+    "chunked_tw_grpo_weights",
+    "chunked_ucas_statistics",
+]
+
+
+def _check_rows(name: str, tensor: torch.Tensor, n: int) -> None:
+    if tensor.dim() != 1 or tensor.shape[0] != n:
+        raise ValueError(f"`{name}` must be [N] with N = {n}, got shape {tuple(tensor.shape)}.")
+
+
+@torch.no_grad()
+def chunked_mean_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 1024,
+) -> torch.Tensor:
+    r"""Mean over the vocabulary of the transformed logits before temperature, `mean_v z_n[v]`, no gradient.
+
+    Without a softcap the mean is linear in the head, `(h·mean_v(W) + mean_v(b))·logit_scale`: one matrix-vector
+    product, no tile. With a softcap, one pass over `[token_chunk, vocab_chunk]` tiles.
+
+    Returns:
+        `torch.Tensor` `[N]` (fp32; fp64 for fp64 inputs), detached.
+    """
+    _check_transform("", logit_scale, softcap)
+    _check_positive_int("token_chunk", token_chunk)
+    _check_positive_int("vocab_chunk", vocab_chunk)
+    weight, bias = _full(weight), _full(bias)
+    _check_head("", hidden, weight, bias)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dtype = _compute_dtype(hidden, weight, bias)
+    with _no_autocast(hidden.device), _gathered(weight, bias):
+        if softcap is None:
+            mean = hidden.to(dtype) @ weight.to(dtype).mean(dim=0)
+            if bias is not None:
+                mean = mean + bias.to(dtype).mean()
+            return mean * logit_scale
+        head = _Head(hidden, weight, bias, logit_scale, softcap, 1.0, dtype)
+        total = torch.zeros(n, dtype=dtype, device=hidden.device)
+        for r0, r1 in _spans(n, token_chunk):
+            h = head.rows(r0, r1)
+            for v0, v1 in _spans(vocab, vocab_chunk):
+                total[r0:r1] += head.tile(h, v0, v1)[0].sum(dim=-1)
+    return total / vocab
+
+
+@torch.no_grad()
+def chunked_sampled_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    r"""Transformed logit of each target token before temperature, `z_n[y_n]`, no gradient: one `[N, H]` gather of
+    the head's rows, no `[N, V]` tile.
+
+    Returns:
+        `torch.Tensor` `[N]` (fp32; fp64 for fp64 inputs), detached.
+    """
+    _check_transform("", logit_scale, softcap)
+    weight, bias = _full(weight), _full(bias)
+    _check_head("", hidden, weight, bias)
+    _check_targets(targets, hidden.shape[0], weight.shape[0])
+    dtype = _compute_dtype(hidden, weight, bias)
+    with _no_autocast(hidden.device), _gathered(weight, bias):
+        z = (hidden.to(dtype) * weight[targets].to(dtype)).sum(dim=-1)
+        if bias is not None:
+            z = z + bias[targets].to(dtype)
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+@torch.no_grad()
+def chunked_ucas_statistics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    target_logps: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""UCAS token statistics (spec §3) from hidden states, without a vocabulary-wide logsumexp:
+
+        s_n = logsumexp(z_n/T) - mean_v(z_n/T) = (z_n[y_n] - mean_v z_n)/T - log p_T(y_n)
+
+    `target_logps` is `log p_T(y_n)` at the same temperature (e.g. TRL's fused LM head output), which already holds the
+    logsumexp (`ops.advantages.ucas_self_certainty_from_logprobs`); the sampled logit is one row gather
+    (`chunked_sampled_logits`) and the mean one matrix-vector product (`chunked_mean_logits`, tiles with a softcap).
+
+    Returns:
+        `(self_certainty, sampled_logits)`, both `[N]` (fp32; fp64 for fp64 inputs), detached; `sampled_logits` is
+        the raw (pre-temperature) `z_n[y_n]` that UCAS min-max normalises.
+    """
+    from .advantages import ucas_self_certainty_from_logprobs
+
+    _check_temperature(temperature)
+    _check_rows("target_logps", target_logps, hidden.shape[0])
+    sampled = chunked_sampled_logits(hidden, weight, bias, targets, logit_scale=logit_scale, softcap=softcap)
+    mean = chunked_mean_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap,
+                               vocab_chunk=vocab_chunk, token_chunk=token_chunk)  # fmt: skip
+    certainty = ucas_self_certainty_from_logprobs(sampled, target_logps.to(sampled.dtype), mean, temperature)
+    return certainty, sampled
+
+
+@torch.no_grad()
+def chunked_tw_grpo_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    completion_mask: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+) -> torch.Tensor:
+    r"""TW-GRPO position disagreement `D_t` of each row's group (spec §8), `[B, T]`, from hidden states `[B, T, H]`.
+
+    The same numbers as `ops.advantages.tw_grpo_position_divergence(full_logps, mask, group_index)[group_index]` on
+    `full_logps = log_softmax(z / T)`, without `[B, T, V]`: per group and position tile, pass 1 forms the
+    log-normaliser with an online logsumexp over vocabulary tiles, pass 2 accumulates the k3 disagreement
+    `Σ_v (e^d − d − 1)`, `d = clamp(ℓ̄ − ℓ_g, −11, 11)`, `ℓ̄` the group mean of the log-probabilities, with padding
+    positions at the uniform `−log V`. Every position is filled (padding included: the min-max of the weights runs over
+    all of them); feed the result to `ops.advantages.tw_grpo_weights_from_divergence` or to the `"tw_grpo"` registry
+    entry as `TokenAdvantageInputs.tw_grpo_divergence`. Memory: `G × token_chunk × vocab_chunk` floats.
+
+    Unlike the other ops here, rows are completions and positions stay separate (the divergence compares the
+    completions of a group at the same position).
+
+    Args:
+        hidden: `[B, T, H]` hidden states at the positions that predict the completion tokens.
+        weight, bias: the LM head. completion_mask: `[B, T]`. group_index: `[B]` group of each row (any labels).
+        temperature, logit_scale, softcap: the logits transform (module docstring).
+
+    Returns:
+        `torch.Tensor` `[B, T]` (fp32; fp64 for fp64 inputs), detached.
+    """
+    _check_temperature(temperature)
+    _check_transform("", logit_scale, softcap)
+    _check_positive_int("token_chunk", token_chunk)
+    _check_positive_int("vocab_chunk", vocab_chunk)
+    weight, bias = _full(weight), _full(bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"`hidden` must be [B, T, H], got shape {tuple(hidden.shape)}.")
+    rows, width = hidden.shape[:2]
+    _check_head("", hidden.reshape(rows * width, hidden.shape[-1]), weight, bias)
+    if tuple(completion_mask.shape) != (rows, width):
+        raise ValueError(f"`completion_mask` must be [B, T] = {(rows, width)}, got {tuple(completion_mask.shape)}.")
+    _check_rows("group_index", group_index, rows)
+    vocab = weight.shape[0]
+    dtype = _compute_dtype(hidden, weight, bias)
+    head = _Head(hidden, weight, bias, logit_scale, softcap, temperature, dtype)
+    valid = completion_mask.bool()
+    out = torch.zeros((rows, width), dtype=dtype, device=hidden.device)
+    uniform = -math.log(vocab)
+    with _no_autocast(hidden.device), _gathered(weight, bias):
+        for group in torch.unique(group_index):
+            members = torch.nonzero(group_index == group).squeeze(1)
+            size = members.numel()
+            for t0, t1 in _spans(width, token_chunk):
+                h = hidden[members, t0:t1].reshape(-1, hidden.shape[-1]).to(dtype)  # [G·t, H]
+                keep = valid[members, t0:t1].reshape(-1, 1)
+                lse = _logsumexp([head], [h], vocab, vocab_chunk)[0].unsqueeze(-1)
+                k3 = torch.zeros(h.shape[0], dtype=dtype, device=h.device)
+                for v0, v1 in _spans(vocab, vocab_chunk):
+                    log_probs = torch.where(keep, head.tile(h, v0, v1)[0] - lse, uniform)
+                    log_probs = log_probs.view(size, t1 - t0, v1 - v0)
+                    diff = (log_probs.mean(dim=0, keepdim=True) - log_probs).clamp(-11.0, 11.0)
+                    k3 += (torch.exp(diff) - diff - 1).sum(dim=-1).reshape(-1)
+                out[members, t0:t1] = k3.view(size, t1 - t0).mean(dim=0, keepdim=True).expand(size, -1)
+    return out
+
+
+@torch.no_grad()
+def chunked_tw_grpo_weights(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    completion_mask: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    tw_alpha: float = 1.7,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+) -> torch.Tensor:
+    r"""TW-GRPO position weights `w_t = 1 + (α − 1)·minmax_t(D)`, times the mask, `[B, T]` (spec §8), from hidden
+    states: `chunked_tw_grpo_divergence` then `ops.advantages.tw_grpo_weights_from_divergence`. Equals
+    `ops.advantages.tw_grpo_token_weights` on the full log-probabilities; detached (`tw_weight_grad=False`).
+    """
+    from .advantages import tw_grpo_weights_from_divergence
+
+    divergence = chunked_tw_grpo_divergence(
+        hidden, weight, bias, completion_mask, group_index, temperature=temperature, logit_scale=logit_scale,
+        softcap=softcap, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+    )  # fmt: skip
+    return tw_grpo_weights_from_divergence(divergence, completion_mask, tw_alpha=tw_alpha)

@@ -26,9 +26,9 @@ RMT_EXPONENT_FORMS = ("as_rendered", "scaled")
 CHORD_WEIGHTINGS = ("phi", "none", "is")
 # TRL loss types whose policy term is the PPO clipped surrogate (HAPO's per-token clip ranges plug into it).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-# TRL loss types whose normaliser is `num_items_in_batch` (or a constant): they can keep "all valid tokens" as the
-# denominator while the selection mask removes tokens from the numerator.
-NUM_ITEMS_LOSS_TYPES = ("dapo", "cispo", "vespo", "dr_grpo")
+# TRL loss types without a token count in their normaliser (a constant, or a plain sum): dividing by the selected
+# tokens (`entropy_normalize="selected"`) has no meaning for them.
+UNCOUNTED_LOSS_TYPES = ("dr_grpo", "luspo")
 
 
 @dataclass
@@ -45,8 +45,9 @@ class TokenGRPOConfig(GRPOConfig):
             Which completion tokens carry the policy-gradient update. `"entropy_quantile"`: the top
             `entropy_top_ratio` highest-entropy ("forking") tokens (Beyond the 80/20 Rule,
             [paper](https://huggingface.co/papers/2506.01939)). `"entropy_band"`: the same forking tokens plus SPINE's
-            entropy-band regulariser on them ([paper](https://huggingface.co/papers/2511.17938)). The mask goes into
-            TRL's `tool_mask`; the completion (attention) mask is never touched.
+            entropy-band regulariser on them ([paper](https://huggingface.co/papers/2511.17938)). The selection masks
+            the policy-gradient term only, exactly like TRL's `top_entropy_quantile`: a KL term (`beta > 0`) stays on
+            every valid token, and the completion (attention) mask is never touched.
         token_advantage (`str` or `None`, *optional*, defaults to `None`):
             Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
             ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
@@ -72,8 +73,9 @@ class TokenGRPOConfig(GRPOConfig):
             `"topk"` (official code): exactly `max(1, int(N·ρ + 0.9999))` tokens, per rank (needs
             `entropy_scope="local"`).
         entropy_normalize (`str`, *optional*, defaults to `"all"`):
-            Loss denominator: `"all"` valid tokens (paper) or the `"selected"` tokens (official code). `"all"` needs a
-            loss type normalised by `num_items_in_batch` (`dapo`, `cispo`, `vespo`) or a constant (`dr_grpo`).
+            Denominator of the policy-gradient term: TRL's count of `"all"` valid tokens (paper; TRL's
+            `top_entropy_quantile`) or of the `"selected"` ones (official code; not with `dr_grpo`/`luspo`, which
+            divide by no token count). The KL term keeps the all-valid-token denominator either way.
         entropy_scope (`str`, *optional*, defaults to `"global"`):
             `"global"`: one threshold over the valid tokens of every rank (all-gathered). `"local"` (official code):
             this rank's tokens only.
@@ -381,16 +383,11 @@ class TokenGRPOConfig(GRPOConfig):
                     "entropy_selection='topk' reproduces the official per-rank rule and cannot be global. Set "
                     "entropy_scope='local' with it, or use entropy_selection='quantile' for a global threshold."
                 )
-            if self.entropy_normalize == "selected" and self.loss_type == "dr_grpo":
+            if self.entropy_normalize == "selected" and self.loss_type in UNCOUNTED_LOSS_TYPES:
                 raise ValueError(
-                    "entropy_normalize='selected' divides by the selected tokens, but loss_type='dr_grpo' divides by the "
-                    "constant B·max_completion_length. Use loss_type='dapo' (or 'grpo'/'bnpo') with it."
-                )
-            if self.entropy_normalize == "all" and self.loss_type not in NUM_ITEMS_LOSS_TYPES:
-                raise ValueError(
-                    f"entropy_normalize='all' divides by every valid token, but loss_type={self.loss_type!r} divides "
-                    "by the tokens left in the loss mask (the selected ones). Use loss_type='dapo' (the default) for "
-                    "the paper's normaliser, or entropy_normalize='selected'."
+                    f"entropy_normalize='selected' divides by the selected tokens, but loss_type={self.loss_type!r} "
+                    "divides by no token count (dr_grpo: the constant B·max_completion_length; luspo: a plain sum). "
+                    "Use loss_type='dapo' (or 'grpo'/'bnpo'/'cispo'/'vespo'/'sapo') with it."
                 )
         if self.rmt_budget_init is not None:
             if self.rmt_budget_min < 1 or self.rmt_budget_init < self.rmt_budget_min:

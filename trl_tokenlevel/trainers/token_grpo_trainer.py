@@ -9,12 +9,15 @@ With no token option set, every override defers to `GRPOTrainer`, so training is
    from TRL's fused LM head, rewards, group ids, stock advantages), all-gathered across ranks so groups are whole,
    calls `compute_token_advantages` (a user `token_advantage_fn`, or a method of
    `trl_tokenlevel.ops.advantages.TOKEN_ADVANTAGE_METHODS`), writes `(B, T)` advantages (TRL's loss unsqueezes only
-   1-D ones), the token selection into `tool_mask` (never `completion_mask`, which is also the attention mask) with
-   `num_items_in_batch` recomputed, and HAPO's per-token clip ranges. It runs either in the update step from the
+   1-D ones), the token selection as its own `(B, T)` tensor `tl_selected`, D³S's dropped tokens into `tool_mask`
+   (never `completion_mask`, which is also the attention mask) with `num_items_in_batch` recounted, and HAPO's
+   per-token clip ranges. It runs either in the update step from the
    training forward ("loss" stage: no extra forward) or once per generation batch from one no-grad fused forward
    ("rollout" stage, used when a micro-step does not hold whole groups).
 3. Loss (`_compute_loss`): TRL's loss on the shaped batch, reusing our single training forward, plus SPINE's band
-   term, RMT's NTP term and CHORD's expert SFT mix.
+   term, RMT's NTP term and CHORD's expert SFT mix. The token selection goes through TRL's own `top_entropy_quantile`
+   branch (`get_high_entropy_mask` returns it): it masks the policy-gradient term only, and the KL stays on every
+   valid token, as in the spec and in TRL's 80/20 rule.
 
 The math lives in `trl_tokenlevel.ops`; this file moves tensors, gathers across ranks and logs metrics.
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -46,8 +48,9 @@ from ..ops.advantages import (
     hapo_entropy_stats,
     hapo_normalized_entropy,
     rmt_ntp_loss,
+    tw_grpo_weights_from_divergence,
 )
-from ..ops.chunked import lm_head_params
+from ..ops.chunked import chunked_tw_grpo_divergence, chunked_ucas_statistics, lm_head_params
 from ..ops.decoding import hapo_adaptive_temperature, next_token_entropy
 from ..ops.preference import rto_token_rewards
 from ..ops.selection import all_gather_variable_length, high_entropy_token_mask, spine_entropy_band_penalty
@@ -64,126 +67,14 @@ _HIDDEN_STATE_METHODS = ("ucas", "tw_grpo")
 @dataclass
 class TokenGRPOBatch(TokenAdvantageInputs):
     """The rollout batch handed to `compute_token_advantages`: every `TokenAdvantageInputs` field (all-gathered across
-    ranks, so every prompt group is whole) plus two trainer-computed ones.
+    ranks, so every prompt group is whole) plus ``token_rewards`` (B, T), the dense token rewards of the
+    `token_reward_source` (RTO), 0 on padding.
 
-    - ``tw_grpo_weights`` (B, T): TW-GRPO position weights, computed in vocabulary tiles from hidden states (the
-      registry entry would need `(B, T, V)` log-probs, which the trainer never builds).
-    - ``token_rewards`` (B, T): dense token rewards of the `token_reward_source` (RTO), 0 on padding.
+    Method statistics the trainer builds from hidden states (no `(B, T, V)` tensor): ``self_certainty`` and
+    ``sampled_token_logits`` (UCAS), ``tw_grpo_divergence`` (TW-GRPO, in vocabulary tiles).
     """
 
-    tw_grpo_weights: Optional[torch.Tensor] = None
     token_rewards: Optional[torch.Tensor] = None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Small helpers: vocabulary-tiled statistics from hidden states (no [B, T, V] logits)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _transform_logits(z: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
-    """The LM head's logit transform as TRL's fused head applies it (scale, then softcap), before temperature."""
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
-
-
-@torch.no_grad()
-def mean_logits_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
-                        logit_scale: float = 1.0, softcap: float | None = None,
-                        vocab_chunk: int = 8192) -> torch.Tensor:  # fmt: skip
-    """`mean_v z_v` of the transformed (pre-temperature) logits of `hidden` `(..., H)`, in vocabulary tiles.
-
-    Without softcap the mean is linear in the head (`h·mean(W) + mean(b)`, times the scale): one matrix-vector product.
-    """
-    hidden = hidden.float()
-    weight = weight.float()
-    if softcap is None:
-        mean = hidden @ weight.mean(0)
-        if bias is not None:
-            mean = mean + bias.float().mean()
-        return mean * logit_scale
-    total = torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
-    for start in range(0, weight.shape[0], vocab_chunk):
-        z = hidden @ weight[start : start + vocab_chunk].T
-        if bias is not None:
-            z = z + bias[start : start + vocab_chunk].float()
-        total += _transform_logits(z, logit_scale, softcap).sum(-1)
-    return total / weight.shape[0]
-
-
-@torch.no_grad()
-def chunked_tw_grpo_weights(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    completion_mask: torch.Tensor,
-    group_index: torch.Tensor,
-    *,
-    tw_alpha: float = 1.7,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    vocab_chunk: int = 8192,
-    token_chunk: int = 256,
-) -> torch.Tensor:
-    """TW-GRPO position weights `(B, T)` from hidden states, tiled over positions and vocabulary (spec §8).
-
-    Same result as `trl_tokenlevel.ops.advantages.tw_grpo_token_weights` on the full log-probabilities
-    `log_softmax(transform(h·Wᵀ + b)/T)`, without building `(B, T, V)`: per group and position tile, one vocabulary
-    sweep forms the log-normaliser, a second sweep accumulates the k3 disagreement `Σ_v (e^d − d − 1)`,
-    `d = clamp(ℓ̄ − ℓ_g, −11, 11)`, with padding positions at the uniform `−log V`. Memory is
-    `G × token_chunk × vocab_chunk` floats. Weights are detached (`tw_weight_grad=False`, the spec default).
-
-    Args:
-        hidden: `(B, T, H)` hidden states at the positions predicting the completion tokens.
-        weight, bias: the LM head. completion_mask: `(B, T)`. group_index: `(B,)` group of each row.
-    """
-    hidden = hidden.float()
-    weight = weight.float()
-    bias = bias.float() if bias is not None else None
-    vocab = weight.shape[0]
-    valid = completion_mask.bool()
-    out = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
-    uniform = -math.log(vocab)
-
-    def tile_logits(h, start):
-        z = h @ weight[start : start + vocab_chunk].T
-        if bias is not None:
-            z = z + bias[start : start + vocab_chunk]
-        return _transform_logits(z, logit_scale, softcap) / temperature
-
-    for group in torch.unique(group_index):
-        rows = torch.nonzero(group_index == group).squeeze(1)
-        h_group, valid_group = hidden[rows], valid[rows]
-        divergence = torch.zeros(valid_group.shape, dtype=torch.float32, device=hidden.device)
-        for t0 in range(0, valid_group.shape[1], token_chunk):
-            h = h_group[:, t0 : t0 + token_chunk]
-            valid_tile = valid_group[:, t0 : t0 + token_chunk, None]
-            # Pass 1: log-normaliser of every (completion, position), online over vocabulary tiles.
-            running_max = torch.full(h.shape[:2], float("-inf"), device=h.device)
-            running_sum = torch.zeros(h.shape[:2], device=h.device)
-            for start in range(0, vocab, vocab_chunk):
-                z = tile_logits(h, start)
-                tile_max = torch.maximum(running_max, z.max(-1).values)
-                running_sum = running_sum * torch.exp(running_max - tile_max)
-                running_sum = running_sum + torch.exp(z - tile_max[..., None]).sum(-1)
-                running_max = tile_max
-            log_normaliser = (running_max + running_sum.log())[..., None]
-            # Pass 2: k3 disagreement with the group's mean log-probabilities, summed over the vocabulary.
-            k3 = torch.zeros(h.shape[:2], device=h.device)
-            for start in range(0, vocab, vocab_chunk):
-                z = tile_logits(h, start)
-                log_probs = torch.where(valid_tile, z - log_normaliser, torch.full_like(z, uniform))
-                diff = (log_probs.mean(0, keepdim=True) - log_probs).clamp(-11.0, 11.0)
-                k3 += (torch.exp(diff) - diff - 1).sum(-1)
-            divergence[:, t0 : t0 + token_chunk] = k3
-        per_position = divergence.mean(0)
-        low, high = per_position.min(), per_position.max()
-        weights = 1 + (tw_alpha - 1) * (per_position - low) / (high - low + 1e-8)
-        out[rows] = torch.where(valid_group, weights[None, :].expand_as(valid_group), torch.zeros_like(out[rows]))
-    return out
 
 
 def _return_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -369,8 +260,9 @@ class TokenGRPOTrainer(GRPOTrainer):
                     reward_processing_classes = [reward_processing_classes]
                 reward_processing_classes = [*reward_processing_classes, None]
 
-        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`).
+        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
         self._cached_forward = None
+        self._pending_selection = None
         self._rollout_capture_request = None
         self._rollout_capture = None
         self._last_rewards_per_func = None
@@ -501,10 +393,6 @@ class TokenGRPOTrainer(GRPOTrainer):
         name = args.token_advantage
         if name is None:
             return batch.advantages[:, None].expand(batch.completion_ids.shape).clone()
-        if name == "tw_grpo":
-            # The registry entry multiplies A_i by weights it builds from (B, T, V) log-probs; the trainer builds the
-            # same weights in vocabulary tiles (`chunked_tw_grpo_weights`).
-            return batch.advantages[:, None].to(batch.tw_grpo_weights.dtype) * batch.tw_grpo_weights
         return TOKEN_ADVANTAGE_METHODS[name](batch, **self._method_knobs(name))
 
     def _method_knobs(self, name: str) -> dict[str, Any]:
@@ -529,6 +417,8 @@ class TokenGRPOTrainer(GRPOTrainer):
                         equal_rewards=args.d3s_equal_rewards)  # fmt: skip
         if name == "tempo":
             return dict(tempo_lambda=args.tempo_lambda)
+        if name == "tw_grpo":
+            return dict(tw_alpha=args.tw_alpha)
         return {}
 
     def _d3s_ratios(self) -> tuple[float, float]:
@@ -735,7 +625,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         return tensor[start : start + batch, :width]
 
     def _shape_token_batch(self, batch: dict, per_token_logps, entropies, hidden, old_per_token_logps) -> None:
-        """Write `(B, T)` advantages, the selection into `tool_mask`, `num_items_in_batch` and HAPO clip ranges."""
+        """Write `(B, T)` advantages, the token selection (`tl_selected`), D³S's loss mask (`tool_mask`,
+        `num_items_in_batch`) and HAPO clip ranges."""
         args = self.args
         mode = "train" if self.model.training else "eval"
         completion_ids = batch["completion_ids"]
@@ -760,7 +651,7 @@ class TokenGRPOTrainer(GRPOTrainer):
                     hidden, completion_ids, logps, valid_bool
                 )
             if args.token_advantage == "tw_grpo":
-                extra["tw_grpo_weights"] = self._tw_grpo_weights(hidden, valid_bool, batch["tl_group_ids"])
+                extra["tw_grpo_divergence"] = self._tw_grpo_divergence(hidden, valid_bool, batch["tl_group_ids"])
             gathered = {
                 name: self._gather_rows(value)
                 for name, value in dict(
@@ -792,57 +683,63 @@ class TokenGRPOTrainer(GRPOTrainer):
             if args.token_advantage == "hapo":
                 self._hapo_after_shaping(batch, rollout_batch, num_rows, width, mode)
             if args.token_advantage == "tw_grpo":
-                self._log_masked_stats("token/tw_weight", extra["tw_grpo_weights"], valid_bool, mode, ("mean", "max"))
+                weights = tw_grpo_weights_from_divergence(
+                    rollout_batch.tw_grpo_divergence, rollout_batch.completion_mask, tw_alpha=args.tw_alpha
+                )
+                weights = self._local_rows(weights.to(entropy.dtype), num_rows, width)
+                self._log_masked_stats("token/tw_weight", weights, valid_bool, mode, ("mean", "max"))
         if token_rewards is not None:
             token_advantages = token_advantages + args.token_reward_coef * _return_to_go(token_rewards, valid_bool)
             self._log_masked_stats("token/token_reward", token_rewards, valid_bool, mode, ("mean",))
 
-        # Token selection: a per-token loss mask in `tool_mask`; `completion_mask` stays the attention mask.
-        loss_mask = valid_bool
+        # Token selection (80/20, SPINE): a per-token mask on the policy-gradient term only, carried as `tl_selected`
+        # and applied in `_compute_loss` through TRL's own `top_entropy_quantile` path (`per_token_loss *=
+        # entropy_mask` before aggregation, KL added after it on every valid token). The loss mask and TRL's
+        # `num_items_in_batch` keep every valid token: the paper's normaliser (`entropy_normalize="all"`).
         selected = None
         if args.token_selection is not None:
             gather_fn = all_gather_variable_length if args.entropy_scope == "global" else None
             selected = high_entropy_token_mask(entropy, valid_bool, rho=args.entropy_top_ratio,
                                                entropy_selection=args.entropy_selection, gather_fn=gather_fn)  # fmt: skip
-            loss_mask = loss_mask & selected
             batch["tl_selected"] = selected
             batch["tl_valid"] = valid_bool
             self._log_selection(entropy, valid_bool, selected, mode)
+        # D³S drops rollouts and tokens from the loss itself (spec §6: dropped rollouts leave the batch, the loss is a
+        # token-mean over the kept tokens), KL included: a loss mask in `tool_mask`, never `completion_mask` (also the
+        # attention mask), with TRL's normaliser recounted over the kept tokens.
+        loss_mask = valid_bool
         if kept_by_method is not None and args.d3s_mask_dropped_tokens:
-            loss_mask = loss_mask & kept_by_method
-        if loss_mask is not valid_bool:
+            loss_mask = valid_bool & kept_by_method
             base = torch.ones_like(batch["completion_mask"]) if tool_mask is None else tool_mask
             batch["tool_mask"] = base * loss_mask.to(base.dtype)
-            normalize_by_selected = (selected is not None and args.entropy_normalize == "selected") or (
-                kept_by_method is not None and args.d3s_mask_dropped_tokens
-            )
-            if normalize_by_selected:
-                # TRL's `dapo`/`cispo`/`vespo` divide by `num_items_in_batch`: the global count of loss tokens.
-                batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-            # entropy_normalize="all": TRL's count of every valid token stays the denominator (the paper's rule).
+            batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        if selected is not None and args.entropy_normalize == "selected":
+            # Global count of the selected loss tokens, over the same rows as `num_items_in_batch` (see
+            # `_selected_normalization_scale`).
+            batch["tl_num_selected"] = self.accelerator.gather((selected & loss_mask).sum()).sum()
 
         batch["advantages"] = token_advantages
+        policy_mask = loss_mask if selected is None else loss_mask & selected
         self._log_masked_stats("token/adv_before", stock_tokens, valid_bool, mode, ("mean", "std", "min", "max"))
-        self._log_masked_stats("token/adv_after", token_advantages, loss_mask, mode, ("mean", "std", "min", "max"))
+        self._log_masked_stats("token/adv_after", token_advantages, policy_mask, mode, ("mean", "std", "min", "max"))
 
     @torch.no_grad()
     def _ucas_statistics(self, hidden, completion_ids, logps, valid):
         """UCAS per-token self-certainty `lse(z/T) − mean(z/T)` and raw sampled-token logit `z_y`, from the hidden
-        states of the fused forward: `lse(z/T) = z_y/T − log p_T(y)` reuses the fused head's log-prob."""
+        states of the fused forward: `lse(z/T) = z_y/T − log p_T(y)` reuses the fused head's log-prob
+        (`ops.chunked.chunked_ucas_statistics`)."""
         head = lm_head_params(causal_lm_of(self.model, self.accelerator))
-        rows = hidden[:, -completion_ids.shape[1] - 1 : -1].float()
-        weight, bias = head["weight"], head["bias"]
-        sampled = (rows * weight[completion_ids].float()).sum(-1)
-        if bias is not None:
-            sampled = sampled + bias[completion_ids].float()
-        sampled = _transform_logits(sampled, head["logit_scale"], head["softcap"])
-        mean = mean_logits_chunked(rows, weight, bias, logit_scale=head["logit_scale"], softcap=head["softcap"])
-        certainty = sampled / self.temperature - logps.float() - mean / self.temperature
+        rows = hidden[:, -completion_ids.shape[1] - 1 : -1]
+        certainty, sampled = chunked_ucas_statistics(
+            rows.reshape(-1, rows.shape[-1]), head["weight"], head["bias"], completion_ids.reshape(-1),
+            logps.reshape(-1), temperature=self.temperature, logit_scale=head["logit_scale"], softcap=head["softcap"],
+        )  # fmt: skip
+        certainty, sampled = certainty.float().view_as(logps), sampled.float().view_as(logps)
         zero = torch.zeros_like(certainty)
         return torch.where(valid, certainty, zero), torch.where(valid, sampled, zero)
 
     @torch.no_grad()
-    def _tw_grpo_weights(self, hidden, valid, group_ids):
+    def _tw_grpo_divergence(self, hidden, valid, group_ids):
         counts = torch.unique(group_ids, return_counts=True)[1]
         if bool((counts != counts[0]).any()) or (self.model.training and int(counts[0]) != self.num_generations):
             raise ValueError(
@@ -852,12 +749,10 @@ class TokenGRPOTrainer(GRPOTrainer):
             )
         head = lm_head_params(causal_lm_of(self.model, self.accelerator))
         rows = hidden[:, -valid.shape[1] - 1 : -1]
-        group_index = torch.unique(group_ids, return_inverse=True)[1]
-        return chunked_tw_grpo_weights(
-            rows, head["weight"], head["bias"], valid, group_index, tw_alpha=self.args.tw_alpha,
-            temperature=self.temperature, logit_scale=head["logit_scale"], softcap=head["softcap"],
-            vocab_chunk=self.args.tw_vocab_chunk,
-        )  # fmt: skip
+        return chunked_tw_grpo_divergence(
+            rows, head["weight"], head["bias"], valid, group_ids, temperature=self.temperature,
+            logit_scale=head["logit_scale"], softcap=head["softcap"], vocab_chunk=self.args.tw_vocab_chunk,
+        ).float()  # fmt: skip
 
     def _hapo_after_shaping(self, batch, rollout_batch, num_rows, width, mode) -> None:
         """HAPO's per-token clip ranges (from ĥ of the gathered batch) and the sampler's statistics for next time."""
@@ -896,20 +791,29 @@ class TokenGRPOTrainer(GRPOTrainer):
         if self._stage == "loss":
             self._shape_token_batch(inputs, per_token_logps, entropies, hidden, inputs.get("old_per_token_logps"))
         eps_low, eps_high = inputs.pop("tl_eps_low", None), inputs.pop("tl_eps_high", None)
-        saved_eps = self.epsilon_low, self.epsilon_high
+        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile
         if eps_low is not None:
             # HAPO: TRL's clamp and clip metrics read these attributes; tensors make them per token.
             self.epsilon_low, self.epsilon_high = eps_low, eps_high
+        selected = inputs.get("tl_selected")
+        if selected is not None:
+            # Token selection rides TRL's `top_entropy_quantile` path: any value < 1 makes TRL ask
+            # `get_high_entropy_mask`, which returns our selection; TRL then masks the policy-gradient term only and
+            # adds the KL on every valid token, as the spec (and TRL's own 80/20 rule) require.
+            self._pending_selection = selected
+            self.top_entropy_quantile = 0.0
+            if self.args.entropy_normalize == "selected":
+                inputs["advantages"] = inputs["advantages"] * self._selected_normalization_scale(inputs, selected)
         self._cached_forward = (per_token_logps, entropies, aux_loss)
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             self._cached_forward = None
-            self.epsilon_low, self.epsilon_high = saved_eps
+            self._pending_selection = None
+            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile = saved
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        # Selected tokens and the valid tokens before selection (the selection itself now sits in `tool_mask`).
-        valid, selected = inputs.get("tl_valid"), inputs.get("tl_selected")
+        valid = inputs.get("tl_valid")  # the valid tokens the selection chose from
         if self.args.token_selection == "entropy_band":
             penalty = spine_entropy_band_penalty(
                 entropies, selected, band_coef=self.args.band_coef, band_low=self.args.band_low,
@@ -925,6 +829,37 @@ class TokenGRPOTrainer(GRPOTrainer):
         if self._expert_batches is not None and mode == "train":
             loss = self._chord_mix(model, loss, accumulation, mode)
         return loss
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        # During our `_compute_loss`, TRL's entropy-mask branch receives the token selection made at shaping time.
+        if self._pending_selection is not None:
+            selected, self._pending_selection = self._pending_selection, None
+            return selected.bool() & mask.bool()
+        return super().get_high_entropy_mask(entropies, mask, threshold)
+
+    def _selected_normalization_scale(self, inputs, selected) -> torch.Tensor | float:
+        """`entropy_normalize="selected"`: the factor `c > 0` that turns TRL's normaliser of the policy term (valid
+        loss tokens) into the count of selected ones, folded into the advantages.
+
+        Exact for every TRL loss: each policy term is positively homogeneous in the advantage with sign-only
+        branches (clip region, SAPO temperature, VESPO k/λ, off-policy mask), so `ℓ(c·A) = c·ℓ(A)` for `c > 0`, while
+        the KL term and TRL's metrics keep the all-valid-token normaliser. `dapo`/`cispo`/`vespo`:
+        `num_items_in_batch / tl_num_selected` (global counts over the same rows); `bnpo`: this micro-batch's counts;
+        `grpo`/`sapo`: per completion; `luspo` sums without a token count (factor 1); `dr_grpo` is refused by the
+        config.
+        """
+        mask = inputs["completion_mask"].bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        chosen = selected.bool() & mask
+        loss_type = self.loss_type
+        if loss_type in ("dapo", "cispo", "vespo"):
+            return inputs["num_items_in_batch"].float() / inputs["tl_num_selected"].float().clamp(min=1.0)
+        if loss_type == "bnpo":
+            return mask.sum().float().clamp(min=1.0) / chosen.sum().float().clamp(min=1.0)
+        if loss_type in ("grpo", "sapo"):
+            return (mask.sum(-1).float().clamp(min=1.0) / chosen.sum(-1).float().clamp(min=1.0)).unsqueeze(-1)
+        return 1.0
 
     def _chord_mix(self, model, loss, accumulation, mode):
         """CHORD: `(1 − μ)·L_GRPO + μ·L_SFT` with φ-weighted expert NLL, μ from the warmup + cosine schedule."""
