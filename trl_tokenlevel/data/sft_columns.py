@@ -10,7 +10,6 @@ lines up with the fused LM head's per-token log-probabilities.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -23,6 +22,8 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 from trl.trainer.utils import global_then_local_main_first, pad
+
+from .token_columns import check_token_values
 
 TOKEN_WEIGHTS_COLUMN = "token_weights"
 # Temporary column naming the user's row through TRL's tokenization, for error messages.
@@ -87,27 +88,8 @@ def tokenize_sft_dataset(
 def check_token_weights_row(values: Any, labels: list[int], row: int | str, column: str = TOKEN_WEIGHTS_COLUMN) -> None:
     """Raise `ValueError` naming the column, the row, both lengths and the fix unless `values` fits `labels`."""
     num_loss_tokens = sum(label != -100 for label in labels)
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(
-            f"Column {column!r}, row {row}: expected a list of floats (one per loss token), got "
-            f"{type(values).__name__}. {_FIX}"
-        )
-    if len(values) != num_loss_tokens:
-        raise ValueError(
-            f"Column {column!r}, row {row}: has {len(values)} values but the tokenized example has {num_loss_tokens} "
-            f"loss tokens (labels != -100, out of {len(labels)} tokens). {_FIX}"
-        )
-    for position, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(
-                f"Column {column!r}, row {row}, loss token {position}: expected a float, got {type(value).__name__} "
-                f"({value!r}). {_FIX}"
-            )
-        if not math.isfinite(value):
-            raise ValueError(
-                f"Column {column!r}, row {row}, loss token {position}: value {value} is not finite. Replace NaN/inf "
-                "(e.g. by 1 for a neutral weight) before training."
-            )
+    meaning = f"the tokenized example has {num_loss_tokens} loss tokens (labels != -100, out of {len(labels)} tokens)"
+    check_token_values(column, row, values, num_loss_tokens, meaning, _FIX, unit="loss token")
 
 
 def align_token_weights(values: list[float], labels: list[int]) -> list[float]:

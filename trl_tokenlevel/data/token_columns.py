@@ -65,32 +65,41 @@ def tokenize_preference_dataset(
     return DPOTrainer._prepare_dataset(shim, dataset, processing_class, args, "preference")
 
 
-def _check_row(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> None:
-    fix = (
-        f"Compute one value per completion token with `trl_tokenlevel.data.tokenize_preference_dataset(dataset, "
-        f"tokenizer)[{ids_column!r}]` (EOS / end-of-turn included)."
-    )
+def check_token_values(
+    column: str, row: int | str, values: Any, expected_length: int, length_meaning: str, fix: str, unit: str = "token"
+) -> None:
+    """Raise `ValueError` naming the column, the row, both lengths and `fix` unless `values` is a list of
+    `expected_length` finite floats. `length_meaning` completes "has N values but ..." (e.g. "the tokenized completion
+    'chosen_ids' has 7 tokens"); `unit` names a position in errors about one value."""
     if not isinstance(values, (list, tuple)):
         raise ValueError(
-            f"Column {column!r}, row {row}: expected a list of floats (one per token of {ids_column!r}), got "
-            f"{type(values).__name__}. {fix}"
+            f"Column {column!r}, row {row}: expected a list of floats (one per {unit}), got {type(values).__name__}. "
+            f"{fix}"
         )
     if len(values) != expected_length:
-        raise ValueError(
-            f"Column {column!r}, row {row}: has {len(values)} values but the tokenized completion {ids_column!r} has "
-            f"{expected_length} tokens. {fix}"
-        )
+        raise ValueError(f"Column {column!r}, row {row}: has {len(values)} values but {length_meaning}. {fix}")
     for position, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
-                f"Column {column!r}, row {row}, token {position}: expected a float, got {type(value).__name__} "
+                f"Column {column!r}, row {row}, {unit} {position}: expected a float, got {type(value).__name__} "
                 f"({value!r}). {fix}"
             )
         if not math.isfinite(value):
             raise ValueError(
-                f"Column {column!r}, row {row}, token {position}: value {value} is not finite. Replace NaN/inf "
+                f"Column {column!r}, row {row}, {unit} {position}: value {value} is not finite. Replace NaN/inf "
                 "(e.g. by 0 for a reward or 1 for a weight) before training."
             )
+
+
+def _check_row(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> None:
+    check_token_values(
+        column, row, values, expected_length,
+        length_meaning=f"the tokenized completion {ids_column!r} has {expected_length} tokens",
+        fix=(
+            f"Compute one value per completion token with `trl_tokenlevel.data.tokenize_preference_dataset(dataset, "
+            f"tokenizer)[{ids_column!r}]` (EOS / end-of-turn included)."
+        ),
+    )  # fmt: skip
 
 
 def _checked_tensor(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:

@@ -19,3 +19,6 @@ def load_tiny_preference_dataset() -> Dataset:
     """
     text = resources.files(__package__).joinpath("tiny_preference.jsonl").read_text(encoding="utf-8")
     return Dataset.from_list([json.loads(line) for line in text.splitlines() if line.strip()])
+
+
+__all__ = ["load_tiny_grpo_dataset", "load_tiny_preference_dataset", "load_tiny_sft_dataset"]
