@@ -46,8 +46,8 @@ CONFIGS = {
     "stock": None,
     "otr": {"token_loss_type": "otr"},  # paper defaults: K = 256 samples at kappa = 1.3, Monte-Carlo
     "otr_expected": {"token_loss_type": "otr", "otr_estimator": "expected"},
-    "sstoken": {"token_selection": "sstoken"},  # frozen history model (alpha = 1), gamma = 0.5 (attention)
-    "sstoken_ema": {"token_selection": "sstoken", "sstoken_history_decay": 0.9},
+    "sstoken": {"token_selection": "sstoken", "sstoken_history_decay": 1.0},  # frozen history model, gamma = 0.5
+    "sstoken_ema": {"token_selection": "sstoken", "sstoken_history_decay": 0.9},  # the default
 }
 PRESETS = {
     # hidden, layers, vocab, batch, prompt tokens, completion tokens
