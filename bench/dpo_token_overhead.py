@@ -32,9 +32,7 @@ Ratios are to stock DPO: pooled medians over all measured steps of all rounds, p
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -49,17 +47,21 @@ from common import (  # noqa: E402
     build_word_tokenizer,
     format_table,
     machine_info,
-    make_step_timer,
-    peak_rss_bytes,
     pseudo_words,
-    reset_peak_rss,
     round_orders,
-    rss_bytes,
     run_worker,
     summarize,
-    synthetic_preference_rows,
     worker_env,
     write_json,
+)
+from dpo_bench import (  # noqa: E402
+    make_parser,
+    measured_training,
+    prepare_worker,
+    resolve_args,
+    save_random_qwen2,
+    synthetic_preference_data,
+    training_kwargs,
 )
 
 TARGET_RATIO = 1.05
@@ -87,53 +89,13 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    shape = parser.add_argument_group("shape (defaults depend on --device; see PRESETS)")
-    shape.add_argument("--hidden", type=int)
-    shape.add_argument("--layers", type=int)
-    shape.add_argument("--heads", type=int)
-    shape.add_argument("--kv-heads", type=int)
-    shape.add_argument("--intermediate", type=int)
-    shape.add_argument("--vocab", type=int, help="model vocabulary (LM head width)")
-    shape.add_argument("--tokenizer-vocab", type=int, help="BPE tokenizer vocabulary (<= --vocab)")
-    shape.add_argument("--seq-len", type=int, help="tokens per sequence (prompt + completion) = max_length")
-    shape.add_argument("--prompt-frac", type=float, default=0.25, help="share of --seq-len taken by the prompt")
-    shape.add_argument("--batch", type=int, help="preference pairs per step (2x sequences)")
-    shape.add_argument("--dtype", choices=["float32", "bfloat16"])
-    shape.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    run = parser.add_argument_group("run")
-    run.add_argument("--steps", type=int, help="measured optimizer steps per run")
-    run.add_argument("--warmup", type=int, help="unmeasured optimizer steps before them")
-    run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order")
-    run.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
-    run.add_argument("--threads", type=int,
-                     help="OMP/MKL/torch threads in every run (CPU default 1: on a small shared machine two OpenMP\n"
-                          "threads slow down erratically whenever another process takes a core)")
-    run.add_argument("--logging-steps", type=int, default=1)
-    run.add_argument("--seed", type=int, default=0)
+    parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS, "preference pairs per step (2x sequences)",
+                              "JSON path (default bench/results/dpo_token_overhead_<device>.json)")  # fmt: skip
     run.add_argument("--collate-repeats", type=int, default=3, help="passes over the data for the collation timing")
     run.add_argument("--breakdown", type=int, default=2,
                      help="after training, time compute_loss/backward and the token trainer's parts this many\n"
                           "times per run (0: off)")
-    run.add_argument("--worker-timeout", type=float, default=3600)
-    run.add_argument("--out", type=Path, help="JSON path (default bench/results/dpo_token_overhead_<device>.json)")
-    run.add_argument("--workdir", type=Path, help="keep model/data/logs here instead of a temporary directory")
-    run.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        return args
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.tokenizer_vocab = min(args.tokenizer_vocab, args.vocab)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in CONFIGS]
-    if unknown or "stock" not in args.configs:
-        parser.error(f"--configs must include 'stock' and name only {list(CONFIGS)}; got unknown {unknown}")
-    if args.warmup < 1 or args.steps < 2:
-        parser.error("need --warmup >= 1 (optimizer state allocation) and --steps >= 2")
-    return args
+    return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,46 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_model_and_data(args, workdir: Path) -> dict:
     """Save the model + tokenizer and one dataset per configuration under `workdir`; return row statistics."""
     import torch
-    from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from trl_tokenlevel.data import tokenize_preference_dataset
 
     words = pseudo_words(max(2048, args.tokenizer_vocab // 2), args.seed)
     tokenizer = build_word_tokenizer(words, args.tokenizer_vocab, args.seed)
     if len(tokenizer) > args.vocab:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but --vocab is {args.vocab}")
-
-    config = Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq_len),
-        tie_word_embeddings=True,  # as Qwen2.5-0.5B
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model_path = workdir / "model"
-    model.save_pretrained(model_path)
-    tokenizer.save_pretrained(model_path)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
+    num_params = save_random_qwen2(args, tokenizer, model_path, args.seed)
 
-    num_rows = args.batch * (args.warmup + args.steps)
-    prompt_tokens = max(4, int(args.seq_len * args.prompt_frac))
-    completion_tokens = args.seq_len - prompt_tokens - 1  # TRL appends EOS
-    rows = synthetic_preference_rows(tokenizer, words, num_rows, prompt_tokens, completion_tokens, args.seed)
-    base = Dataset.from_list(rows)
-    tokenized = tokenize_preference_dataset(base, tokenizer)
+    base, tokenized, stats = synthetic_preference_data(args, tokenizer, words)
     generator = torch.Generator().manual_seed(args.seed)
     for name in args.configs:
         dataset = base
@@ -193,20 +124,7 @@ def build_model_and_data(args, workdir: Path) -> dict:
                       for ids in tokenized[f"{side}_ids"]]  # fmt: skip
             dataset = dataset.add_column(column, values)
         dataset.save_to_disk(str(workdir / "data" / name))
-
-    lengths = [
-        min(len(p) + len(c), args.seq_len)
-        for p, cs in zip(tokenized["prompt_ids"], zip(tokenized["chosen_ids"], tokenized["rejected_ids"]))
-        for c in cs
-    ]
-    return {
-        "model_path": str(model_path),
-        "num_params": num_params,
-        "num_rows": num_rows,
-        "tokenizer_size": len(tokenizer),
-        "mean_sequence_tokens": statistics.mean(lengths),
-        "mean_prompt_tokens": statistics.mean(len(p) for p in tokenized["prompt_ids"]),
-    }
+    return {"model_path": str(model_path), "num_params": num_params, **stats}
 
 
 def aggregate(args, runs: dict[str, list[dict]]) -> dict:
@@ -419,95 +337,28 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def worker(payload_path: Path) -> int:
-    p = json.loads(Path(payload_path).read_text())
-    import torch
-
-    torch.set_num_threads(p["threads"])
+def build_trainer(p: dict):
     import datasets
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer
 
-    datasets.disable_caching()  # every run tokenizes from scratch, no cache files shared between runs
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    cuda = p["device"] == "cuda"
-    load_avg_before = os.getloadavg()[0]
-
     tokenizer = AutoTokenizer.from_pretrained(p["model_path"])
     dataset = datasets.load_from_disk(p["data_path"])
-    common = dict(
-        output_dir=p["output_dir"],
-        per_device_train_batch_size=p["batch"],
-        gradient_accumulation_steps=1,
-        max_steps=p["warmup"] + p["steps"],
-        learning_rate=1e-6,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        logging_steps=p["logging_steps"],
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=p["seed"],
-        data_seed=p["seed"],
-        max_length=p["seq_len"],
-        bf16=p["dtype"] == "bfloat16",
-        gradient_checkpointing=p["gradient_checkpointing"],
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        use_cpu=not cuda,
-        model_init_kwargs={"dtype": p["dtype"], "attn_implementation": "sdpa"},
-    )
-    started = time.perf_counter()
+    common = training_kwargs(p)
     if p["token_loss_type"] is None:
-        trainer = DPOTrainer(model=p["model_path"], args=DPOConfig(**common), train_dataset=dataset,
-                             processing_class=tokenizer)  # fmt: skip
-    else:
-        args = TokenDPOConfig(token_loss_type=p["token_loss_type"], **common)
-        trainer = TokenDPOTrainer(model=p["model_path"], args=args, train_dataset=dataset, processing_class=tokenizer)
-    construct_s = time.perf_counter() - started
+        return DPOTrainer(model=p["model_path"], args=DPOConfig(**common), train_dataset=dataset,
+                          processing_class=tokenizer)  # fmt: skip
+    args = TokenDPOConfig(token_loss_type=p["token_loss_type"], **common)
+    return TokenDPOTrainer(model=p["model_path"], args=args, train_dataset=dataset, processing_class=tokenizer)
 
-    gc.collect()
-    rss_after_construct = rss_bytes()
-    rss_peak_construct = peak_rss_bytes()
-    peak_reset_ok = reset_peak_rss()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_after_construct = torch.cuda.memory_allocated()
 
-    timer = make_step_timer(cuda)
-    trainer.add_callback(timer)
-    trainer.train()
-
-    result = {
-        "config": p["config"],
-        "round": p["round"],
-        "construct_s": construct_s,
-        "step_s": timer.step_times(p["warmup"]),
-        "cpu_step_s": timer.cpu_step_times(p["warmup"]),
-        "compute_s": timer.compute_times(p["warmup"]),
-        "data_s": timer.data_times(p["warmup"]),
-        "warmup_step_s": timer.step_times(0)[: p["warmup"]],
-        "rss_after_construct_bytes": rss_after_construct,
-        "rss_peak_construct_bytes": rss_peak_construct,
-        "rss_peak_train_bytes": peak_rss_bytes(),
-        "peak_reset_ok": peak_reset_ok,
-        "load_avg_before": load_avg_before,
-        "load_avg_after": os.getloadavg()[0],
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "logged_metrics": sorted({k for e in trainer.state.log_history for k in e}),
-    }
-    result["rss_peak_delta_bytes"] = result["rss_peak_train_bytes"] - rss_after_construct
-    if cuda:
-        result["cuda_peak_abs_bytes"] = torch.cuda.max_memory_allocated()
-        result["cuda_peak_delta_bytes"] = result["cuda_peak_abs_bytes"] - cuda_after_construct
-        result["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
-    if len(result["step_s"]) != p["steps"]:
-        raise RuntimeError(f"expected {p['steps']} measured steps, got {len(result['step_s'])}")
-
+def worker(payload_path: Path) -> int:
+    p = json.loads(Path(payload_path).read_text())
+    prepare_worker(p)
+    trainer, result = measured_training(p, build_trainer)
+    cuda = p["device"] == "cuda"
     result.update(breakdown(trainer, p, cuda))
     Path(p["result_path"]).write_text(json.dumps(result))
     return 0
