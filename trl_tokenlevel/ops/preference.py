@@ -150,6 +150,12 @@ def implicit_token_rewards(policy_logps: Tensor, ref_logps: Tensor, mask: Tensor
 # TDPO
 
 
+def _kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p (log p − log q) over the last axis; slots where p = 0 contribute 0 rather than 0·(−inf)."""
+    terms = p_logp.exp() * (p_logp - q_logp)
+    return torch.where(p_logp > float("-inf"), terms, 0.0).sum(dim=-1)
+
+
 def per_token_kl_from_logits(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
     r"""Naive full-vocabulary KL(π_ref ‖ π_θ) at every position: `(B, T, V) -> (B, T)`. Reference for tests/benchmarks.
 
@@ -160,10 +166,7 @@ def per_token_kl_from_logits(policy_logits: Tensor, ref_logits: Tensor) -> Tenso
     it. Training code uses a chunked kernel instead of materialising these logits.
     """
     _check_same_shape(policy_logits=policy_logits, ref_logits=ref_logits)
-    ref_logp = F.log_softmax(_upcast(ref_logits), dim=-1)
-    policy_logp = F.log_softmax(_upcast(policy_logits), dim=-1)
-    terms = ref_logp.exp() * (ref_logp - policy_logp)
-    return torch.where(ref_logp > float("-inf"), terms, 0.0).sum(dim=-1)
+    return _kl(F.log_softmax(_upcast(ref_logits), dim=-1), F.log_softmax(_upcast(policy_logits), dim=-1))
 
 
 def tdpo_loss(
@@ -603,12 +606,6 @@ def cdpo_loss(
 # AlignDistil
 
 
-def _reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
-    """Σ_v π_s (log π_s − log π_t); slots where π_s = 0 contribute 0 rather than 0·(−inf)."""
-    terms = student_logp.exp() * (student_logp - teacher_logp)
-    return torch.where(student_logp > float("-inf"), terms, 0.0).sum(dim=-1)
-
-
 def aligndistil_loss_from_logits(
     student_logits: Tensor,
     dpo_logits: Tensor,
@@ -683,7 +680,7 @@ def aligndistil_loss_from_logits(
         else:
             teacher_logits = dpo + ratio * (dpo - reverse)
 
-    token_kl = _reverse_kl(
+    token_kl = _kl(
         F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1)
     )
     loss = masked_sum(coef * token_kl, mask)
