@@ -32,6 +32,9 @@ def test_label_train_generate_chain(tmp_path, capsys):
                          "--num_blocks", "1", "--num_epochs", "2", "--learning_rate", "1e-3"])  # fmt: skip
     assert (tmp_path / "router" / "router.safetensors").exists()
     assert result.router.config.top_k == 8
+    # Defaults: R2R's width scaled to the small model (hidden 32 -> the floor 8), 6 blocks; R2R's 50 epochs.
+    default = run(["train-router", "--dataset_path", labels, "--output_dir", str(tmp_path / "router-default")])
+    assert default.router.config.width == 8 and default.router.config.num_blocks == 6
 
     for method in ("r2r", "ead", "cascade", "small", "large"):
         out_dir = tmp_path / f"gen-{method}"

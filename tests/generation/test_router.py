@@ -1,5 +1,7 @@
 """Router model, training, calibration and save/load; routing-label building on tiny models."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from datasets import Dataset
@@ -13,6 +15,7 @@ from trl_tokenlevel.generation.routing import (
     TokenRouter,
     TokenRouterConfig,
     build_routing_dataset,
+    scaled_width,
     calibrate_router,
     router_probabilities,
     routing_metrics,
@@ -47,11 +50,30 @@ def test_router_architecture_and_shapes(small_large):
     small, _ = small_large
     router = TokenRouter.from_small_model(small, width=24, num_blocks=3, top_k=100)
     assert router.config.top_k == 64  # clipped to the vocabulary
-    assert not router.embedding.weight.requires_grad
-    torch.testing.assert_close(router.embedding.weight, small.get_input_embeddings().weight)
+    # The embedding table is the small model's own tensor: shared, not trained, not saved, not counted.
+    assert router.token_embedding.data_ptr() == small.get_input_embeddings().weight.data_ptr()
+    assert "token_embedding" not in router.state_dict()
+    assert router.num_parameters() == router.config.num_parameters() == sum(p.numel() for p in router.parameters())
     assert len(router.blocks) == 3 and router.input_proj.in_features == 3 * 32
     logits = router(torch.randn(5, 32), torch.randint(0, 64, (5,)), torch.randn(5, 64))
     assert logits.shape == (5,)
+    with pytest.raises(ValueError, match="embedding table"):
+        TokenRouter(router.config, torch.zeros(3, 32))
+
+
+def test_default_router_is_scaled_to_the_small_model(small_large):
+    small, _ = small_large
+    router = TokenRouter.from_small_model(small)
+    # This 23k-parameter test model is below what 5% can hold: the width stops at its floor of 8.
+    assert router.config.width == 8
+    assert router.config.num_blocks == 6 and router.config.expansion == 4  # R2R's depth and expansion
+    # R2R's width 1024 for a 1536-wide small model; linear in the hidden size when the 5% cap does not bind.
+    assert scaled_width(1536) == 1024 and scaled_width(768) == 512 and scaled_width(64) == 40
+    assert scaled_width(64, small_model_parameters=3_200_000, vocab_size=49152) == 40  # 94k params: 2.9%
+    capped = scaled_width(576, small_model_parameters=134_500_000, vocab_size=49152)
+    config = TokenRouterConfig(hidden_size=576, vocab_size=49152, embedding_dim=576, width=capped)
+    assert config.num_parameters() <= 0.05 * 134_500_000 < TokenRouterConfig(
+        hidden_size=576, vocab_size=49152, embedding_dim=576, width=capped + 8).num_parameters()
 
 
 def test_training_reaches_target_recall_and_uses_pos_weight():
@@ -75,7 +97,10 @@ def test_save_load_round_trip(tmp_path):
     data = synthetic_tokens(n=50, seed=3)
     expected = router_probabilities(router, data)
     path = router.save_pretrained(str(tmp_path / "router"))
-    loaded = TokenRouter.from_pretrained(path)
+    with pytest.raises(ValueError, match="small_model"):
+        TokenRouter.from_pretrained(path)
+    small = SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding.from_pretrained(router.token_embedding))
+    loaded = TokenRouter.from_pretrained(path, small_model=small)
     assert loaded.threshold == router.threshold and loaded.config == router.config
     torch.testing.assert_close(router_probabilities(loaded, data), expected, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):

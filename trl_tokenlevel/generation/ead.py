@@ -12,6 +12,7 @@ import torch
 from trl_tokenlevel.generation.kv import (
     DecodingBuffer,
     IncrementalDecoder,
+    PromptCache,
     Sampler,
     TokenRoutingOutput,
     prepare_inputs,
@@ -44,6 +45,8 @@ def ead_generate(
     top_p: float = 1.0,
     logits_processor: list | None = None,
     generator: torch.Generator | None = None,
+    small_prompt_cache: PromptCache | None = None,
+    large_prompt_cache: PromptCache | None = None,
 ) -> TokenRoutingOutput:
     """Generate with the small model while the rolling mean entropy stays ≤ τ, with the large model while it is above.
 
@@ -57,6 +60,7 @@ def ead_generate(
     Args:
         threshold: τ in bits (tune it per model pair; in nats it would be ln 2 times smaller).
         window, min_dwell: w and d_min ([recon] defaults 5 and 5: the paper swept them).
+        small_prompt_cache, large_prompt_cache: `PromptCache`s of these `input_ids`, to reuse the prompts' encoding.
         Other arguments: as `routed_generate`.
 
     Returns:
@@ -67,7 +71,11 @@ def ead_generate(
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)
     vocab = shared_vocab_size(small_model, large_model)
     buffer = DecodingBuffer(input_ids, attention_mask, eos, pad)
-    small, large = IncrementalDecoder(small_model), IncrementalDecoder(large_model)
+    for cache in (small_prompt_cache, large_prompt_cache):
+        if cache is not None:
+            cache.check(input_ids)
+    small = IncrementalDecoder(small_model, prompt_cache=small_prompt_cache)
+    large = IncrementalDecoder(large_model, prompt_cache=large_prompt_cache)
     switch = EntropyAdaptiveSwitch(
         input_ids.shape[0], threshold, window, min_dwell, reset_window_on_switch, start_large, input_ids.device
     )

@@ -13,6 +13,7 @@ predicts for them are discarded).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class IncrementalDecoder:
             on `model.get_output_embeddings()`), so only the kept position is stored even during a long prefill.
     """
 
-    def __init__(self, model, capture_hidden: bool = False):
+    def __init__(self, model, capture_hidden: bool = False, prompt_cache: PromptCache | None = None):
         self.model = model
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.24 names the KV-cache argument and output `cache`; earlier versions `past_key_values`.
@@ -56,6 +57,13 @@ class IncrementalDecoder:
         self.seen = 0
         self.calls = 0
         self.encoded_tokens = 0  # rows x new columns, summed over calls (padding and finished rows included)
+        self._prompt_output: StepOutput | None = None
+        if prompt_cache is not None:
+            if capture_hidden and prompt_cache.hidden is None:
+                raise ValueError("This decoder needs hidden states: build the PromptCache with capture_hidden=True.")
+            self.cache = copy.deepcopy(prompt_cache.cache)  # decoding appends to it; the prompt cache stays reusable
+            self.seen = prompt_cache.length
+            self._prompt_output = StepOutput(prompt_cache.logits, prompt_cache.hidden)
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +72,10 @@ class IncrementalDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> StepOutput:
         length = tokens.shape[1]
+        if self._prompt_output is not None:
+            prompt_output, self._prompt_output = self._prompt_output, None
+            if length == self.seen:  # first step after a reused prompt: its logits are already known
+                return prompt_output
         if self.seen >= length:
             raise RuntimeError(f"Nothing new to encode: the cache already holds {self.seen} of {length} columns.")
         device = self.device
@@ -93,6 +105,40 @@ class IncrementalDecoder:
         logits = outputs.logits[:, -1].float().to(tokens.device)
         hidden = captured[-1].float().to(tokens.device) if captured else None
         return StepOutput(logits, hidden)
+
+
+@dataclass
+class PromptCache:
+    """A model's KV cache after encoding a left-padded prompt batch, and its next-token logits (and hidden state) at
+    the last column: give it to several decoding calls on the same prompts (`prompt_cache=` / `small_prompt_cache=` /
+    `large_prompt_cache=`) and the prompts are encoded once (prefix caching; each call works on a copy).
+
+    Build it with `PromptCache.build(model, input_ids, attention_mask, capture_hidden=...)`; the small model of
+    `routed_generate` needs `capture_hidden=True` (the router reads its hidden state).
+    """
+
+    cache: object
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+    length: int
+    batch_size: int
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              capture_hidden: bool = False) -> PromptCache:  # fmt: skip
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        check_left_padded(attention_mask)
+        decoder = IncrementalDecoder(model, capture_hidden=capture_hidden)
+        out = decoder.step(input_ids, attention_mask)
+        return cls(decoder.cache, out.logits, out.hidden, input_ids.shape[1], input_ids.shape[0])
+
+    def check(self, input_ids: torch.Tensor) -> None:
+        if tuple(input_ids.shape) != (self.batch_size, self.length):
+            raise ValueError(
+                f"The prompt cache was built for prompts of shape {(self.batch_size, self.length)}, got "
+                f"{tuple(input_ids.shape)}: build it from the same left-padded input_ids."
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,14 +397,18 @@ def cached_generate(
     top_p: float = 1.0,
     logits_processor: list | None = None,
     generator: torch.Generator | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> TokenRoutingOutput:
     """Plain single-model decoding with the same output as routed generation (the small-only / large-only baselines;
-    `is_large` sets `large_mask`). Greedy by default; equals `model.generate` for the same settings."""
+    `is_large` sets `large_mask`). Greedy by default; equals `model.generate` for the same settings. `prompt_cache`:
+    the model's `PromptCache` of these `input_ids` (the prompt is then not encoded again)."""
     input_ids, attention_mask = prepare_inputs([model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([model], tokenizer, eos_token_id, pad_token_id)
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)
     buffer = DecodingBuffer(input_ids, attention_mask, eos, pad)
-    decoder = IncrementalDecoder(model)
+    if prompt_cache is not None:
+        prompt_cache.check(input_ids)
+    decoder = IncrementalDecoder(model, prompt_cache=prompt_cache)
     flag = torch.full_like(buffer.finished, is_large)
     for _ in range(max_new_tokens):
         if buffer.finished.all():

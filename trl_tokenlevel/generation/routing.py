@@ -32,6 +32,7 @@ from torch import nn
 from trl_tokenlevel.generation.kv import (
     DecodingBuffer,
     IncrementalDecoder,
+    PromptCache,
     Sampler,
     TokenRoutingOutput,
     cached_generate,
@@ -56,16 +57,22 @@ ROUTER_WEIGHTS_NAME = "router.safetensors"
 # --------------------------------------------------------------------------------------------------------------------
 
 
+R2R_SLM_HIDDEN_SIZE = 1536  # DeepSeek-R1-Distill-Qwen-1.5B, the small model R2R's default router was sized for
+R2R_WIDTH = 1024
+ROUTER_PARAMETER_BUDGET = 0.05  # default router parameters <= 5% of the small model's
+
+
 @dataclass
 class TokenRouterConfig:
-    """Shape of a `TokenRouter` (R2R defaults from thu-nics/R2R `resource/default_training_config.json`).
+    """Shape of a `TokenRouter`. The field defaults are R2R's (thu-nics/R2R `resource/default_training_config.json`,
+    for a 1536-wide small model); `TokenRouter.from_small_model` scales the width to the small model (`scaled_width`).
 
     Args:
         hidden_size: the small model's last-layer hidden size.
-        vocab_size: rows of the frozen token-embedding copy (the small model's input embedding table).
+        vocab_size: rows of the small model's input-embedding table (read for the proposed token's embedding).
         embedding_dim: width of that table (the small model's hidden size for most models).
         top_k: number of sorted top logits read by the router (R2R: 100); clipped to the vocabulary size.
-        width: MLP width (R2R: 1024).
+        width: MLP width (R2R: 1024 for hidden size 1536).
         num_blocks: pre-LN residual MLP blocks (R2R: 6).
         expansion: block expansion factor (R2R: 4).
         dropout: block dropout (R2R: 0.1).
@@ -76,7 +83,7 @@ class TokenRouterConfig:
     vocab_size: int
     embedding_dim: int
     top_k: int = 100
-    width: int = 1024
+    width: int = R2R_WIDTH
     num_blocks: int = 6
     expansion: int = 4
     dropout: float = 0.1
@@ -84,6 +91,26 @@ class TokenRouterConfig:
 
     def __post_init__(self):
         self.top_k = min(self.top_k, self.vocab_size)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (the embedding table is the small model's, not the router's)."""
+        d, e, w, k, x = self.hidden_size, self.embedding_dim, self.width, self.top_k, self.expansion
+        block = 2 * w + (w * w * x + w * x) + (w * x * w + w)  # LayerNorm, up, down
+        return (k * d + d) + ((2 * d + e) * w + w) + self.num_blocks * block + 2 * w + (w + 1)
+
+
+def scaled_width(hidden_size: int, small_model_parameters: int | None = None, budget: float = ROUTER_PARAMETER_BUDGET,
+                 **config_kwargs) -> int:  # fmt: skip
+    """R2R's router width scaled to a small model: `1024 · hidden_size / 1536` (a multiple of 8, at least 8), then
+    lowered until the router has at most `budget` times the small model's parameters (when their count is given)."""
+    width = max(8, round(R2R_WIDTH * hidden_size / R2R_SLM_HIDDEN_SIZE / 8) * 8)
+    config_kwargs = {"vocab_size": 1 << 30, "embedding_dim": hidden_size, **config_kwargs}
+    while small_model_parameters and width > 8:
+        config = TokenRouterConfig(hidden_size=hidden_size, width=width, **config_kwargs)
+        if config.num_parameters() <= budget * small_model_parameters:
+            break
+        width -= 8
+    return width
 
 
 class _ResidualBlock(nn.Module):
@@ -103,18 +130,26 @@ class TokenRouter(nn.Module):
     routing-worthy.
 
     Inputs per token, all from the small model's forward that proposes ŷ_t: `h_t` its last-layer hidden state (input of
-    the LM head), `E[ŷ_t]` the proposed token's embedding from a **frozen copy** of its input-embedding table, and the
-    `top_k` largest logits (sorted) projected by `Linear(top_k → hidden_size)`. The concatenation goes through
-    `Linear → width`, `num_blocks` pre-LN residual MLP blocks (GELU), `LayerNorm` and `Linear(width → 1)`.
+    the LM head), `E[ŷ_t]` the proposed token's row of its input-embedding table (frozen), and the `top_k` largest
+    logits (sorted) projected by `Linear(top_k → hidden_size)`. The concatenation goes through `Linear → width`,
+    `num_blocks` pre-LN residual MLP blocks (GELU), `LayerNorm` and `Linear(width → 1)`.
+
+    The embedding table is the small model's own tensor, held as a non-saved buffer: R2R keeps a frozen copy, which
+    for a small model is its largest tensor; sharing it keeps the router's own size to its MLP (`num_parameters`), and
+    `from_pretrained` re-attaches it from the small model.
     """
 
     def __init__(self, config: TokenRouterConfig, embedding_weight: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        if embedding_weight is not None:
-            self.embedding.weight.data.copy_(embedding_weight.detach()[: config.vocab_size])
-        self.embedding.weight.requires_grad_(False)
+        if embedding_weight is None:
+            embedding_weight = torch.zeros(config.vocab_size, config.embedding_dim)
+        if tuple(embedding_weight.shape) != (config.vocab_size, config.embedding_dim):
+            raise ValueError(
+                f"The embedding table has shape {tuple(embedding_weight.shape)}, the router config expects "
+                f"{(config.vocab_size, config.embedding_dim)}: pass the small model the router was built for."
+            )
+        self.register_buffer("token_embedding", embedding_weight.detach(), persistent=False)
         self.topk_proj = nn.Linear(config.top_k, config.hidden_size)
         self.input_proj = nn.Linear(2 * config.hidden_size + config.embedding_dim, config.width)
         self.blocks = nn.ModuleList(
@@ -125,13 +160,25 @@ class TokenRouter(nn.Module):
 
     @classmethod
     def from_small_model(cls, small_model, **config_kwargs) -> TokenRouter:
-        """A fresh router sized for `small_model`, with a frozen copy of its input-embedding table."""
+        """A fresh router for `small_model`, reading its input-embedding table. Without an explicit `width`, R2R's
+        width is scaled to the small model's hidden size and capped at 5% of its parameters (`scaled_width`)."""
         embedding = small_model.get_input_embeddings().weight
         hidden = small_model.get_output_embeddings().in_features
-        config = TokenRouterConfig(
-            hidden_size=hidden, vocab_size=embedding.shape[0], embedding_dim=embedding.shape[1], **config_kwargs
-        )
-        return cls(config, embedding.float()).to(embedding.device)
+        shape = dict(hidden_size=hidden, vocab_size=embedding.shape[0], embedding_dim=embedding.shape[1])
+        if config_kwargs.get("width") is None:
+            extra = {k: v for k, v in config_kwargs.items() if k in ("top_k", "num_blocks", "expansion")}
+            small_parameters = sum(p.numel() for p in small_model.parameters())
+            config_kwargs["width"] = scaled_width(hidden, small_parameters, vocab_size=embedding.shape[0], **extra)
+        config = TokenRouterConfig(**shape, **config_kwargs)
+        return cls(config, embedding).to(embedding.device)
+
+    def num_parameters(self) -> int:
+        """The router's own (trainable) parameters; the shared embedding table is not counted."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per routed decision, 2·(multiply-adds of the linear layers): what a cost figure must add."""
+        return 2 * self.num_parameters()
 
     @property
     def threshold(self) -> float:
@@ -144,9 +191,8 @@ class TokenRouter(nn.Module):
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor, topk_logits: torch.Tensor) -> torch.Tensor:
         """Routing logits `[N]` from hidden states `[N, d]`, proposed token ids `[N]`, sorted top-k logits `[N, k]`."""
         dtype = self.input_proj.weight.dtype
-        features = torch.cat(
-            [hidden.to(dtype), self.embedding(token_ids).to(dtype), self.topk_proj(topk_logits.to(dtype))], dim=-1
-        )
+        embedded = nn.functional.embedding(token_ids, self.token_embedding).to(dtype)
+        features = torch.cat([hidden.to(dtype), embedded, self.topk_proj(topk_logits.to(dtype))], dim=-1)
         x = self.input_proj(features)
         for block in self.blocks:
             x = block(x)
@@ -170,7 +216,9 @@ class TokenRouter(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str, device: torch.device | str | None = None) -> TokenRouter:
+    def from_pretrained(cls, path: str, small_model=None, device: torch.device | str | None = None) -> TokenRouter:
+        """Load a saved router; `small_model` provides the token-embedding table (routers saved by earlier versions
+        carry a copy as `embedding.weight`, used when present)."""
         from safetensors.torch import load_file
 
         config_file = os.path.join(path, ROUTER_CONFIG_NAME)
@@ -178,8 +226,17 @@ class TokenRouter(nn.Module):
             raise FileNotFoundError(f"No {ROUTER_CONFIG_NAME} in {path!r}: save the router with `save_pretrained`.")
         with open(config_file) as handle:
             config = TokenRouterConfig(**json.load(handle))
-        router = cls(config)
-        router.load_state_dict(load_file(os.path.join(path, ROUTER_WEIGHTS_NAME)))
+        state = load_file(os.path.join(path, ROUTER_WEIGHTS_NAME))
+        embedding = state.pop("embedding.weight", None)
+        if embedding is None:
+            if small_model is None:
+                raise ValueError(
+                    f"The router in {path!r} reads the small model's token embeddings: pass "
+                    "`TokenRouter.from_pretrained(path, small_model=...)`."
+                )
+            embedding = small_model.get_input_embeddings().weight
+        router = cls(config, embedding)
+        router.load_state_dict(state)
         return router.to(device or "cpu").eval()
 
 
@@ -229,6 +286,8 @@ def routed_generate(
     top_p: float = 1.0,
     logits_processor: list | None = None,
     generator: torch.Generator | None = None,
+    small_prompt_cache: PromptCache | None = None,
+    large_prompt_cache: PromptCache | None = None,
 ) -> TokenRoutingOutput:
     """Decode with the small model and let the large model re-decide the tokens the router flags (R2R).
 
@@ -246,6 +305,8 @@ def routed_generate(
         max_new_tokens, eos_token_id, pad_token_id: as in `generate` (ids default to the tokenizer's).
         do_sample, temperature, top_k, top_p, logits_processor, generator: token choice for both models (greedy by
             default); `logits_processor` runs on the scores of whichever model chooses the token.
+        small_prompt_cache, large_prompt_cache: `PromptCache`s of these `input_ids` (small: `capture_hidden=True`),
+            to reuse the prompts' encoding across calls (e.g. a threshold sweep on the same prompts).
 
     Returns:
         `TokenRoutingOutput`: completions, `large_mask` (which model produced each token), `large_token_fraction`,
@@ -258,8 +319,11 @@ def routed_generate(
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)
     vocab = shared_vocab_size(small_model, large_model)
     buffer = DecodingBuffer(input_ids, attention_mask, eos, pad)
-    small = IncrementalDecoder(small_model, capture_hidden=True)
-    large = IncrementalDecoder(large_model)
+    for cache in (small_prompt_cache, large_prompt_cache):
+        if cache is not None:
+            cache.check(input_ids)
+    small = IncrementalDecoder(small_model, capture_hidden=True, prompt_cache=small_prompt_cache)
+    large = IncrementalDecoder(large_model, prompt_cache=large_prompt_cache)
     router_device = next(router.parameters()).device if isinstance(router, nn.Module) else None
     was_training = isinstance(router, nn.Module) and router.training
     if was_training:

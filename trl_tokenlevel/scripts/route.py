@@ -85,7 +85,11 @@ class RouteTrainArguments:
     """`route train-router`: train and calibrate a `TokenRouter` on a labelled dataset."""
 
     dataset_path: str = field(default="tokenlevel-route/labels", metadata={"help": "Output of `route label`."})
-    width: int = field(default=1024, metadata={"help": "Router MLP width (R2R: 1024)."})
+    width: int | None = field(
+        default=None,
+        metadata={"help": "Router MLP width. Unset: R2R's 1024 scaled by the small model's hidden size / 1536, capped "
+                  "so the router has at most 5% of the small model's parameters."},
+    )  # fmt: skip
     num_blocks: int = field(default=6, metadata={"help": "Residual MLP blocks (R2R: 6)."})
     expansion: int = field(default=4, metadata={"help": "Block expansion (R2R: 4)."})
     dropout: float = field(default=0.1, metadata={"help": "Block dropout (R2R: 0.1)."})
@@ -272,7 +276,8 @@ def train(model_args: RouteModelArguments, args: RouteTrainArguments, training_c
     result.router.save_pretrained(args.output_dir)
     _write_meta(args.output_dir, small_model_name_or_path=small_path, large_model_name_or_path=large_path,
                 validation=result.validation, epochs=len(result.history))  # fmt: skip
-    print(f"Router saved to {args.output_dir}: θ = {result.threshold:.4g}, validation {result.validation}")
+    print(f"Router ({router.num_parameters()} parameters, width {router.config.width}) saved to {args.output_dir}: "
+          f"θ = {result.threshold:.4g}, validation {result.validation}")  # fmt: skip
     return result
 
 
@@ -299,7 +304,7 @@ def generate(model_args: RouteModelArguments, args: RouteGenerateArguments):
                     tokenizer=tokenizer)  # fmt: skip
     router = threshold = None
     if args.method == "r2r":
-        router = TokenRouter.from_pretrained(args.router_path, device=_device(model_args))
+        router = TokenRouter.from_pretrained(args.router_path, small_model=small, device=_device(model_args))
         threshold = args.threshold
     elif args.method == "ead":
         threshold = 2.0 if args.threshold is None else args.threshold
