@@ -1,49 +1,62 @@
-"""Small/large token routing on a controlled task: accuracy vs large-model token share for R2R, EAD and cascades.
+"""Honest small/large token-routing benchmark: held-out prompts, one budget for every method, compute counted.
 
-The task ("code lookup") is a table of `--keys` random 4-letter keys, each with a random 2-digit code:
+Pair. Large: the demo model (SmolLM2-135M-Instruct, `trl_tokenlevel.models`), used as is. Small: a Llama with the SAME
+tokenizer, 2 layers and width 64 (about 40x fewer parameters, mostly its tied embedding table, initialised from the
+large model's embeddings projected on their top principal components), trained here for a few hundred steps on the
+task's train split. Task: copy a list of digits (`tasks.make_problems("copy")`), one solved example then the question,
+plain text (no chat template, so prompts are short):
 
-    prompt:  "code bccj :"        answer: " the code is 2 8 ."  (+ EOS)
+    Repeat: 7 2 9 4 1            <- the fixed solved example (train split)
+    Answer: 7 2 9 4 1
+    Repeat: 3 1 4 1 5            <- the question
+    Answer:                      -> " 3 1 4 1 5\n"  (the newline ends the answer; verifier: exact match)
 
-Every key is one token of a byte-level BPE tokenizer from `trl_tokenlevel.tiny`, so the answer is 7 tokens: 5 easy
-format tokens (the same in every answer) and 2 hard ones (the code digits, memorised per key). A narrow "small" Llama
-(hidden 8, 2 layers) and a wider "large" Llama (hidden 64, 2 layers) are trained on the whole table for the same
-number of steps; the large one memorises it, the small one misses some digits. This is a knowledge-lookup setting
-built so that only a minority of tokens are hard, which is the premise R2R relies on; the numbers say nothing about
-real LLM pairs.
+Splits (hash-disjoint, `tasks.split_of`): the small model trains on train-split problems; router labels come from
+other train-split problems (never seen in training); calibration from the valid split; test prompts from the test
+split, a different set per seed. Neither model nor any router or threshold ever sees a test prompt.
 
-Keys are split (after the language models are trained on all of them) into router-labelling keys, calibration keys
-and evaluation keys. Methods, all greedy, evaluated on the evaluation keys:
+Methods, all greedy, each calibrated on the same calibration prompts to the same large-token shares s (5/10/15/20/30%):
 
-    small / large   one model alone (`generation.kv.cached_generate`)
-    r2r             router trained on labels from `build_routing_dataset` (judge: the large model continues both
-                    branches, exact-match reward against the key's code), θ calibrated for recall 0.95 on the
-                    calibration keys, plus a sweep of fixed θ
-    ead             entropy-adaptive switching, sweep of τ (bits), w = d_min = 1 (answers are 7 tokens) and the
-                    spec's suggested w = d_min = 5
-    cascade         Chow-Quantile α = 0 (the minimum token log-prob) deferral, θ calibrated on the calibration keys
-                    for target deferral rates
+    small / large   one model alone
+    r2r             R2R router (scaled to the small model: width 40, 6 blocks, ~93k parameters, 2.8% of the small
+                    model) trained on divergence labels: the large model's greedy answer is followed by both models;
+                    at every mismatch the large model continues both branches and the verifier (exact match) decides
+                    whether the small token is harmful (label 1) or a harmless mismatch (label 0).
+                    θ = the (1 − s)-quantile of the router's probabilities on the small model's calibration answers
+                    (plus R2R's own operating point: θ for recall 0.95 of harmful tokens on held-out labels)
+    confidence      route when the small model's top probability is below the s-quantile of its calibration values
+    ead             entropy-adaptive switching (w = d_min = 1: answers are 11 tokens), τ = the (1 − s)-quantile of the
+                    small model's entropies
+    random          route each token with probability s
+    cascade         the small model answers; the post-hoc deferral model (logistic regression on token log-prob
+                    quantiles, fitted on the label prompts to "the large answer is right and the small one is wrong")
+                    defers the share s of the calibration answers with the lowest scores to the large model
 
-Reported per method: exact-match accuracy, large-model token fraction (`TokenRoutingOutput.large_token_fraction`:
-share of output tokens produced by the large model; for cascades the small model's discarded tokens are extra cost,
-listed separately), a compute proxy (parameter-weighted tokens encoded by both models, relative to large-only at the
-same batch size: it counts the large model's catch-up prefills) and the wall time of generating all evaluation
-answers, batched (64) and, for small / large / calibrated R2R, one prompt at a time. Writes
-`bench/results/routing_benchmark.json`, `.md` and `.png` (accuracy vs large-model fraction, drawn by a small built-in
-PNG writer: matplotlib is not needed). On tiny CPU models the wall time is per-call overhead, not model size: two
-models and a router per step are slower than one model, whatever the sizes.
+Cost. FLOPs per prompt = 2·params·tokens processed, per request (batch-1 accounting): the small model processes the
+prompt and every answer token; the large model, when it produced a token of the row, the prompt and the answer up to
+its last produced token (its KV cache catches up on the rest), or the whole answer (large-only, deferred cascade rows:
+the cascade also pays the discarded small answer); the router its MLP per token (the shared embedding lookup is free).
+Attention-score FLOPs are left out (prompts are ~30 tokens). Wall time of each run (batched, on this CPU) is reported as
+measured; it is not a speed claim (on a CPU the per-call overhead of two models dominates tiny batches).
 
-    python bench/routing_benchmark.py                 # default: 2-3 CPU minutes on 2 (busy) cores
-    python bench/routing_benchmark.py --quick         # smoke run (tiny table, few steps; numbers meaningless)
-    python bench/routing_benchmark.py --plot-only bench/results/routing_benchmark.json   # redraw the PNG
+Seeds (≥ 5) vary the test prompts, the router's initialisation and its label subset (80% of the label prompts), and
+the random baseline; the two language models are trained/loaded once. Reported: mean and 95% t-interval over seeds of
+accuracy, achieved large-token share and FLOPs per method and target share, and the paired per-seed accuracy
+difference R2R − confidence at each share.
+
+    python bench/routing_benchmark.py                    # full run (~30 min on 2 busy CPU cores)
+    python bench/routing_benchmark.py --quick            # smoke run (numbers meaningless)
+    python bench/routing_benchmark.py --plot-only bench/results/routing_benchmark.json
+    python bench/routing_benchmark.py --device cuda      # GPU: same numbers, wall times meaningful per device
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
-import random
 import struct
 import sys
 import time
@@ -51,290 +64,577 @@ import zlib
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-CONSONANTS = "bcdfghjklmnpqrstvwxz"
+METHODS = ("r2r", "confidence", "ead", "random", "cascade")
 
 # --------------------------------------------------------------------------------------------------------------------
-# Task
+# Task and model pair
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def make_table(num_keys: int, seed: int) -> dict[str, str]:
-    rng = random.Random(seed)
-    keys: set[str] = set()
-    while len(keys) < num_keys:
-        keys.add("".join(rng.choice(CONSONANTS) for _ in range(4)))
-    return {key: " ".join(rng.choice("0123456789") for _ in range(2)) for key in sorted(keys)}
+def prompt_text(problem, shot) -> str:
+    return f"{shot.question}\nAnswer: {shot.answer}\n{problem.question}\nAnswer:"
 
 
-def prompt_text(key: str) -> str:
-    return f"code {key} :"
-
-
-def answer_text(code: str) -> str:
-    return f" the code is {code} ."
+def answer_tokens(tokenizer, problem) -> list[int]:
+    return tokenizer(" " + problem.answer + "\n", add_special_tokens=False)["input_ids"]
 
 
 def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
-    """TRL-style reward: 1 if the completion is exactly the answer (whitespace-trimmed)."""
-    return [float(c.strip() == a.strip()) for c, a in zip(completions, answer)]
+    """Verifier of the final answer (TRL reward signature): 1 iff the completion is exactly the answer."""
+    from trl_tokenlevel.data.builtin.tasks import normalize
+
+    return [float(normalize(c) == a) for c, a in zip(completions, answer)]
 
 
-def build_task(num_keys: int, seed: int):
-    from trl_tokenlevel.tiny import build_tiny_tokenizer
+def load_problems(args):
+    from trl_tokenlevel.data.builtin.tasks import make_problems, shots_for
 
-    table = make_table(num_keys, seed)
-    texts = [prompt_text(k) + answer_text(v) for k, v in table.items()] * 2
-    tokenizer = build_tiny_tokenizer(texts, vocab_size=300 + 4 * num_keys)
-    tokenizer.padding_side = "left"
-    keys = list(table)
-    prompt_ids = [tokenizer(prompt_text(k))["input_ids"] for k in keys]
-    answer_ids = [tokenizer(answer_text(table[k]))["input_ids"] + [tokenizer.eos_token_id] for k in keys]
-    shapes = {(len(p), len(a)) for p, a in zip(prompt_ids, answer_ids)}
-    if len(shapes) != 1:
-        raise RuntimeError(f"Keys did not tokenise to single tokens (prompt/answer lengths {shapes}); raise the vocab.")
-    ids = torch.tensor([p + a for p, a in zip(prompt_ids, answer_ids)])
-    labels = ids.clone()
-    labels[:, : len(prompt_ids[0])] = -100
-    return table, tokenizer, ids, labels, len(prompt_ids[0])
+    shot = shots_for("copy", 1, length=args.copy_length)[0]
+    kw = dict(length=args.copy_length)
+    train = make_problems("copy", args.small_train_problems + args.label_prompts, split="train", seed=1, **kw)
+    train = [p for p in train if p.key != shot.key]
+    small_train, label = train[: args.small_train_problems], train[args.small_train_problems :][: args.label_prompts]
+    calibration = make_problems("copy", args.calibration_prompts, split="valid", seed=2, **kw)
+    test = make_problems("copy", args.test_prompts * args.seeds, split="test", seed=3, **kw)
+    return shot, small_train, label, calibration, test
 
 
-def split_keys(keys: list[str], seed: int, label_share: float, calibration_share: float):
-    order = list(keys)
-    random.Random(seed + 1).shuffle(order)
-    n_label = int(label_share * len(order))
-    n_cal = int(calibration_share * len(order))
-    return order[:n_label], order[n_label : n_label + n_cal], order[n_label + n_cal :]
+def answer_tokenizer(tokenizer):
+    """The demo tokenizer with the newline as end of sequence (the answer format's stop token); pad stays."""
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "\n"
+    tok.padding_side = "left"
+    if tok.convert_tokens_to_ids(tok.eos_token) is None or len(tok("\n", add_special_tokens=False)["input_ids"]) != 1:
+        raise RuntimeError("The newline is not a single token of this tokenizer.")
+    return tok
 
 
-def train_lm(model, ids, labels, steps: int, lr: float, batch: int, seed: int, log_every: int = 100):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+def build_small_model(large, tokenizer, hidden: int, layers: int, seed: int, init: str = "random"):
+    """A narrow Llama with the large model's vocabulary (tied embeddings). `init="pca"` starts the embedding as the
+    large embedding table projected on its top `hidden` principal components; `"random"` keeps the standard init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    table = large.get_input_embeddings().weight.detach().float()
+    centred = table - table.mean(dim=0)
+    torch.manual_seed(seed)
+    _, _, components = torch.pca_lowrank(centred, q=hidden, center=False)
+    projected = centred @ components
+    config = LlamaConfig(vocab_size=table.shape[0], hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         tie_word_embeddings=True, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None)  # fmt: skip
+    small = LlamaForCausalLM(config)
+    if init == "pca":
+        small.get_input_embeddings().weight.data.copy_(projected * (0.02 / projected.std()))
+    # Attention starts as a pass-through of the token identities (value and output projections = identity): every
+    # head's output is then an average of the attended tokens' embeddings, so the gradient can sharpen attention onto
+    # the digit to copy from the first step (with random projections a long plateau comes first).
+    for layer in small.model.layers:
+        layer.self_attn.v_proj.weight.data.copy_(torch.eye(hidden))
+        layer.self_attn.o_proj.weight.data.copy_(torch.eye(hidden))
+    return small
+
+
+@torch.no_grad()
+def small_accuracy(model, tokenizer, problems, shot) -> float:
+    from trl_tokenlevel.data.builtin.tasks import is_correct
+    from trl_tokenlevel.generation.kv import cached_generate
+
+    model.eval()
+    ids, mask = encode(tokenizer, problems, shot, next(model.parameters()).device)
+    out = cached_generate(model, ids, mask, tokenizer=tokenizer, max_new_tokens=len(answer_tokens(tokenizer, problems[0])))
+    return sum(is_correct(p, t) for p, t in zip(problems, out.texts)) / len(problems)
+
+
+def train_small(small, tokenizer, problems, shot, steps: int, batch: int, lr: float, seed: int, log,
+                eval_problems=None, eval_every: int = 5, target_accuracy: float | None = None) -> tuple[float, dict]:
+    """Next-token loss on the answer tokens only (the LM head is applied to those positions: the 49k-wide head is the
+    small model's main cost); AdamW, 5 warm-up steps then a constant learning rate.
+
+    With `target_accuracy`, greedy accuracy on `eval_problems` (calibration prompts) is measured every `eval_every`
+    steps and training stops once it reaches the target: the small model is made *clearly weaker* than the large one
+    on purpose, the regime token routing is for. Returns the training time and `{"steps", "eval_accuracy"}`."""
+    rows = [tokenizer(prompt_text(p, shot), add_special_tokens=False)["input_ids"] + answer_tokens(tokenizer, p)
+            for p in problems]  # fmt: skip
+    prompt_len = len(tokenizer(prompt_text(problems[0], shot), add_special_tokens=False)["input_ids"])
+    if len({len(r) for r in rows}) != 1:
+        raise RuntimeError("Copy prompts should all have the same token length.")
+    data = torch.tensor(rows)
+    optimizer = torch.optim.AdamW(small.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
     generator = torch.Generator().manual_seed(seed)
-    model.train()
+    head = small.get_output_embeddings()
+    small.train()
     start = time.perf_counter()
+    info = {"steps": steps, "eval_accuracy": None}
     for step in range(steps):
-        index = torch.randint(0, len(ids), (batch,), generator=generator)
-        loss = model(input_ids=ids[index], labels=labels[index]).loss
+        ids = data[torch.randint(0, len(data), (batch,), generator=generator)]
+        hidden = small.model(input_ids=ids).last_hidden_state[:, prompt_len - 1 : -1]
+        logits = head(hidden).float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt_len:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(small.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"    step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
-    model.eval()
-    return time.perf_counter() - start
+        if step % 25 == 0 or step == steps - 1:
+            log(f"    small step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s")
+        if eval_problems and (step + 1) % eval_every == 0:
+            accuracy = small_accuracy(small, tokenizer, eval_problems, shot)
+            small.train()
+            log(f"    small step {step + 1}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} calibration prompts")
+            info.update(steps=step + 1, eval_accuracy=accuracy)
+            if target_accuracy is not None and accuracy >= target_accuracy:
+                break
+    small.eval()
+    return time.perf_counter() - start, info
+
+
+def prepare_small_model(args, large, tokenizer, small_train, eval_problems, shot, device, log):
+    """Train the small model, or load the one a previous run saved in `--small-model` (training is then not repeated;
+    its recorded time is reported). Returns the model and the training time in seconds."""
+    from transformers import LlamaForCausalLM
+
+    folder = Path(args.small_model) if args.small_model else None
+    if folder is not None and (folder / "config.json").exists():
+        info = json.loads((folder / "train_info.json").read_text())
+        if info["args"] != small_model_args(args):
+            raise ValueError(f"{folder} holds a small model trained with {info['args']}, not {small_model_args(args)}; "
+                             "use another --small-model folder.")  # fmt: skip
+        log(f"small model loaded from {folder} (trained in {info['train_s']:.0f}s, {info['training']})")
+        return LlamaForCausalLM.from_pretrained(folder).to(device).eval(), info["train_s"], info["training"]
+    small = build_small_model(large, tokenizer, args.small_hidden, args.small_layers, args.seed, args.small_init)
+    small = small.to(device)
+    log(f"small {num_parameters(small):,} parameters ({num_parameters(large) / num_parameters(small):.1f}x fewer than "
+        f"large); training {args.small_steps} steps on {len(small_train)} train-split problems")  # fmt: skip
+    seconds, training = train_small(small, tokenizer, small_train, shot, args.small_steps, args.small_batch,
+                                    args.small_lr, args.seed, log, eval_problems=eval_problems[:16],
+                                    eval_every=args.small_eval_every, target_accuracy=args.small_target_accuracy)  # fmt: skip
+    if folder is not None:
+        small.save_pretrained(folder)
+        info = {"args": small_model_args(args), "train_s": seconds, "training": training}
+        (folder / "train_info.json").write_text(json.dumps(info))
+    return small, seconds, training
+
+
+def small_model_args(args) -> dict:
+    keys = ("copy_length", "small_hidden", "small_layers", "small_steps", "small_batch", "small_lr", "small_init",
+            "small_target_accuracy", "small_eval_every",
+            "small_train_problems", "seed")  # fmt: skip
+    return {key: getattr(args, key) for key in keys}
+
+
+def encode(tokenizer, problems, shot, device):
+    enc = tokenizer([prompt_text(p, shot) for p in problems], padding=True, padding_side="left", return_tensors="pt",
+                    add_special_tokens=False)  # fmt: skip
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Scoring one run
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(name: str, run, prompts: list[str], answers: list[str], batch: int, **info) -> dict:
-    """Run `run(prompts_batch) -> TokenRoutingOutput` over the prompts; accuracy, large fraction, wall time."""
-    correct = large = total = discarded = small_encoded = large_encoded = 0
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        out = run(prompts[i : i + batch])
-        correct += sum(t.strip() == a.strip() for t, a in zip(out.texts, answers[i : i + batch]))
-        large += int((out.large_mask & out.completion_mask).sum())
-        total += int(out.completion_mask.sum())
-        discarded += int(out.stats.get("small_tokens_discarded", 0))
-        small_encoded += int(out.stats.get("small_encoded_tokens", 0))
-        large_encoded += int(out.stats.get("large_encoded_tokens", 0))
-    wall = time.perf_counter() - start
-    row = {
-        "method": name,
-        "accuracy": correct / len(prompts),
-        "large_token_fraction": large / total if total else 0.0,
-        "small_tokens_discarded_per_output_token": discarded / total if total else 0.0,
-        "wall_time_s": wall,
-        "batch_size": batch,
-        "small_encoded_tokens": small_encoded,
-        "large_encoded_tokens": large_encoded,
-        **info,
+def score(out, rows, problems, prompt_lengths, cost, *, small_runs=True, router_flops_per_token=0, wall=0.0) -> dict:
+    """Accuracy, large-token share and per-request FLOPs (module docstring) of the `rows` of a `TokenRoutingOutput`.
+    `wall` is the time of the whole batched run (all seeds)."""
+    from trl_tokenlevel.data.builtin.tasks import is_correct
+
+    problems, prompt_lengths, texts = problems[rows], prompt_lengths[rows], out.texts[rows]
+    mask = out.completion_mask.bool().cpu()[rows]
+    large = out.large_mask.bool().cpu()[rows] & mask
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    last_large = torch.where(large, positions, torch.full_like(positions, -1)).max(dim=1).values
+    large_tokens = torch.where(last_large >= 0, prompt_lengths + last_large + 1, torch.zeros_like(last_large))
+    small_tokens = prompt_lengths + lengths if small_runs else torch.zeros_like(lengths)
+    flops = (2 * cost["small"] * small_tokens + 2 * cost["large"] * large_tokens
+             + router_flops_per_token * lengths).double()  # fmt: skip
+    correct = [is_correct(p, t) for p, t in zip(problems, texts)]
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "large_share": large.sum().item() / max(mask.sum().item(), 1),
+        "flops_per_prompt": flops.mean().item(),
+        "router_flops_per_prompt": float((router_flops_per_token * lengths).double().mean()),
+        "wall_s": wall,
+        "correct": correct,
     }
-    print(f"  {name:<34} acc {row['accuracy']:.3f}  large {row['large_token_fraction']:.3f}  {wall:6.2f}s", flush=True)
-    return row
+
+
+def cascade_score(small_out, large_out, defer, rows, problems, prompt_lengths, cost) -> dict:
+    """The cascade's outputs without running it again: greedy decoding is deterministic, so a deferred row's answer
+    is the large-only answer and a kept row's the small-only answer. Deferred rows pay both."""
+    from trl_tokenlevel.data.builtin.tasks import is_correct
+
+    defer, problems, prompt_lengths = defer[rows], problems[rows], prompt_lengths[rows]
+    small_len = small_out.completion_mask.sum(dim=1).cpu()[rows]
+    large_len = large_out.completion_mask.sum(dim=1).cpu()[rows]
+    texts = [lt if d else st for st, lt, d in zip(small_out.texts[rows], large_out.texts[rows], defer.tolist())]
+    correct = [is_correct(p, t) for p, t in zip(problems, texts)]
+    final_len = torch.where(defer, large_len, small_len)
+    flops = (2 * cost["small"] * (prompt_lengths + small_len)
+             + defer * 2 * cost["large"] * (prompt_lengths + large_len)).double()  # fmt: skip
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "large_share": (final_len * defer).sum().item() / max(final_len.sum().item(), 1),
+        "flops_per_prompt": flops.mean().item(),
+        "router_flops_per_prompt": 0.0,
+        "wall_s": 0.0,
+        "deferral_rate": defer.float().mean().item(),
+        "correct": correct,
+    }
+
+
+def timed(fn, *args, **kwargs):
+    begin = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - begin
+
+
+def confidence_score(x) -> torch.Tensor:
+    """The zero-parameter rule: 1 − the small model's top probability (route iff ≥ θ, i.e. top probability ≤ 1 − θ)."""
+    return 1.0 - torch.softmax(x.logits.float(), -1).max(-1).values
+
+
+def coin_flips(seed: int):
+    """The random baseline: a uniform number per proposal (route iff ≥ 1 − s, i.e. with probability s)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x: torch.rand(len(x.token_ids), generator=generator)
+
+
+class PerRowRouter:
+    """Routing callable for a batch holding several seeds' prompts: row i uses router `routers[row_seed[i]]` with its
+    threshold, and returns 1.0 (route) or 0.0 (use with `threshold=0.5`)."""
+
+    def __init__(self, routers, thresholds, row_seed):
+        self.routers, self.thresholds, self.row_seed = routers, thresholds, row_seed
+
+    def __call__(self, x):
+        decision = torch.zeros(len(x.token_ids))
+        for index, (router, theta) in enumerate(zip(self.routers, self.thresholds)):
+            rows = (self.row_seed == index).nonzero().flatten()
+            probs = router.probability(x.hidden[rows], x.token_ids[rows], x.logits[rows])
+            decision[rows] = (probs >= theta).float().cpu()
+        return decision
+
+
+class Recorder:
+    """A routing callable that never routes and records, for every active row's proposal, each router's probability,
+    the top probability and the entropy (bits) of the small model: the calibration statistics of the token-level
+    methods on the small model's own answers (the large model is never run)."""
+
+    def __init__(self, routers):
+        self.routers = routers
+        self.values = {"r2r": [[] for _ in routers], "top_prob": [], "entropy": []}
+
+    def __call__(self, x):
+        from trl_tokenlevel.ops.decoding import next_token_entropy
+
+        active = x.active
+        for values, router in zip(self.values["r2r"], self.routers):
+            values.append(router.probability(x.hidden, x.token_ids, x.logits)[active].cpu())
+        self.values["top_prob"].append(torch.softmax(x.logits.float(), -1).max(-1).values[active].cpu())
+        self.values["entropy"].append(next_token_entropy(x.logits, "bits")[active].cpu())
+        return torch.zeros(len(x.token_ids))
+
+    def tensors(self) -> dict:
+        return {
+            "r2r": [torch.cat(values).double() for values in self.values["r2r"]],
+            "top_prob": torch.cat(self.values["top_prob"]).double(),
+            "entropy": torch.cat(self.values["entropy"]).double(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def run_benchmark(args) -> dict:
-    from trl_tokenlevel.generation.cascade import calibrate_cascade, cascade_generate
+    from datasets import Dataset
+
+    from trl_tokenlevel.generation.cascade import PostHocDeferral, cascade_scores
     from trl_tokenlevel.generation.ead import ead_generate
-    from trl_tokenlevel.generation.kv import cached_generate
+    from trl_tokenlevel.generation.kv import PromptCache, cached_generate
     from trl_tokenlevel.generation.routing import (
         RouterTrainingConfig,
         TokenRouter,
         build_routing_dataset,
-        router_probabilities,
-        routing_metrics,
         routed_generate,
         routing_tensors,
         train_router,
     )
-    from trl_tokenlevel.tiny import build_tiny_model
+    from trl_tokenlevel.models import load_demo_model
+    from trl_tokenlevel.ops.decoding import deferral_threshold
 
     torch.set_num_threads(args.threads)
-    total_start = time.perf_counter()
-    table, tokenizer, ids, labels, prompt_len = build_task(args.keys, args.seed)
-    print(f"Task: {len(table)} keys, vocab {len(tokenizer)}, prompt {prompt_len} + answer {ids.shape[1] - prompt_len} "
-          "tokens", flush=True)  # fmt: skip
-    models, timings = {}, {}
-    for name, hidden, layers, lr in (("small", args.small_hidden, args.small_layers, args.small_lr),
-                                     ("large", args.large_hidden, args.large_layers, args.large_lr)):  # fmt: skip
-        model = build_tiny_model(tokenizer, hidden_size=hidden, num_layers=layers, seed=args.seed + 1)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"Training {name}: hidden {hidden}, {layers} layer(s), {params} parameters, {args.steps} steps",
-              flush=True)
-        timings[f"train_{name}_s"] = train_lm(model, ids, labels, args.steps, lr, args.batch, args.seed)
-        models[name] = (model, params)
-    small, large = models["small"][0], models["large"][0]
+    start_all = time.perf_counter()
 
-    label_keys, cal_keys, eval_keys = split_keys(list(table), args.seed, args.label_share, args.calibration_share)
-    prompts = [prompt_text(k) for k in eval_keys]
-    answers = [answer_text(table[k]) for k in eval_keys]
-    generate_kwargs = dict(tokenizer=tokenizer, max_new_tokens=ids.shape[1] - prompt_len + 1)
-    rows = []
-    print(f"Evaluating on {len(eval_keys)} keys (router labels: {len(label_keys)}, calibration: {len(cal_keys)})")
-    rows.append(evaluate("small", lambda p: cached_generate(small, prompts=p, **generate_kwargs), prompts, answers,
-                         args.eval_batch, family="small"))  # fmt: skip
-    rows.append(evaluate("large", lambda p: cached_generate(large, prompts=p, is_large=True, **generate_kwargs),
-                         prompts, answers, args.eval_batch, family="large"))  # fmt: skip
+    def log(message):
+        print(f"[{time.perf_counter() - start_all:7.1f}s] {message}", flush=True)
 
-    # ---- R2R: labels, router, calibration
-    from datasets import Dataset
+    device = torch.device(args.device)
+    large, base_tokenizer = load_demo_model(use_hub=False)
+    large = large.to(device).eval()
+    tokenizer = answer_tokenizer(base_tokenizer)
+    shot, small_train, label_problems, calibration_problems, test_problems = load_problems(args)
+    max_new = len(answer_tokens(tokenizer, test_problems[0])) + 1
+    timings = {}
 
-    def labelled(keys):
-        data = Dataset.from_dict(
-            {"prompt": [prompt_text(k) for k in keys], "answer": [answer_text(table[k]) for k in keys]}
-        )
-        return build_routing_dataset(small, large, tokenizer, data, reward_fn=exact_match,
-                                     max_new_tokens=generate_kwargs["max_new_tokens"], top_k=args.router_top_k,
-                                     batch_size=64, continuation_max_new_tokens=8, progress=False)  # fmt: skip
+    small, timings["small_training_s"], small_training = prepare_small_model(
+        args, large, tokenizer, small_train, calibration_problems, shot, device, log
+    )
+    cost = {"small": num_parameters(small), "large": num_parameters(large)}
+    if args.train_small_only:
+        return {}
 
+    # ---- Router labels (train split, problems the small model never saw): R2R's divergence labelling
     start = time.perf_counter()
-    train_labels, cal_labels = labelled(label_keys), labelled(cal_keys)
-    timings["label_s"] = time.perf_counter() - start
-    train_tensors, cal_tensors = routing_tensors(train_labels), routing_tensors(cal_labels)
+    label_data = Dataset.from_dict({"prompt": [prompt_text(p, shot) for p in label_problems],
+                                    "answer": [p.answer for p in label_problems]})  # fmt: skip
+    labelled = build_routing_dataset(small, large, tokenizer, label_data, reward_fn=exact_match,
+                                     max_new_tokens=max_new, top_k=100, batch_size=args.batch,
+                                     continuation_max_new_tokens=max_new, progress=False)  # fmt: skip
+    timings["labelling_s"] = time.perf_counter() - start
+    mismatch = sum(sum(m) for m in labelled["mismatch"])
+    harmful = sum(sum(lab) for lab in labelled["labels"])
     label_stats = {
-        "label_tokens": int(len(train_tensors["labels"])),
-        "label_mismatch": int(sum(sum(m) for m in train_labels["mismatch"])),
-        "label_routing_worthy": int(train_tensors["labels"].sum()),
-        "calibration_tokens": int(len(cal_tensors["labels"])),
-        "calibration_routing_worthy": int(cal_tensors["labels"].sum()),
+        "prompts": len(labelled),
+        "tokens": sum(len(lab) for lab in labelled["labels"]),
+        "mismatches": mismatch,
+        "harmful_mismatches": harmful,
+        "harmless_mismatches": mismatch - harmful,
+        "large_reference_accuracy": sum(exact_match(None, labelled["completion"], labelled["answer"])) / len(labelled),
     }
-    print(f"  labels: {label_stats}", flush=True)
-    torch.manual_seed(args.seed)
-    router = TokenRouter.from_small_model(small, top_k=args.router_top_k, width=args.router_width,
-                                          num_blocks=args.router_blocks)  # fmt: skip
-    config = RouterTrainingConfig(learning_rate=args.router_lr, batch_size=256, num_epochs=args.router_epochs,
-                                  patience=10, target_recall=0.95, seed=args.seed)  # fmt: skip
+    log(f"labels: {label_stats} ({timings['labelling_s']:.0f}s)")
+
+    # ---- Cascade deferral model (fitted on the label prompts: small answers vs the large references)
+    label_ids, label_mask = encode(tokenizer, label_problems, shot, device)
+    small_on_labels = cached_generate(small, label_ids, label_mask, tokenizer=tokenizer, max_new_tokens=max_new)
+    small_right = torch.tensor(exact_match(None, small_on_labels.texts, labelled["answer"]))
+    large_right = torch.tensor(exact_match(None, labelled["completion"], labelled["answer"]))
+    defer_helps = (large_right > small_right).long()
+    if 0 < defer_helps.sum() < len(defer_helps):
+        deferral = PostHocDeferral().fit(small_on_labels.token_logprobs.cpu(), small_on_labels.completion_mask.cpu(),
+                                         defer_helps)  # fmt: skip
+        cascade_rule, cascade_rule_name = deferral, "post-hoc (learned)"
+    else:  # no contrast to learn from: the minimum token log-prob (Chow-Quantile α = 0)
+        cascade_rule, cascade_rule_name = "chow_quantile", "min token log-prob (no label contrast)"
+    log(f"cascade rule: {cascade_rule_name}; defer helps on {int(defer_helps.sum())}/{len(defer_helps)} label prompts")
+
+    # ---- Calibration prompts (valid split): the small model's own answers, never the large model
+    cal_ids, cal_mask = encode(tokenizer, calibration_problems, shot, device)
+    small_on_cal = cached_generate(small, cal_ids, cal_mask, tokenizer=tokenizer, max_new_tokens=max_new)
+    cal_cascade_scores = cascade_scores(small_on_cal.token_logprobs.cpu(), small_on_cal.completion_mask.cpu(),
+                                        cascade_rule, 0.0)  # fmt: skip
+
+    # ---- One router per seed: its own initialisation and an 80% subset of the label prompts; early stopping and
+    # R2R's recall-0.95 threshold on the other 20%.
+    tensors = routing_tensors(labelled)
+    row_lengths = [len(lab) for lab in labelled["labels"]]
+    offsets = torch.tensor([0, *row_lengths]).cumsum(0).tolist()
+
+    def token_rows(rows):
+        index = torch.cat([torch.arange(offsets[r], offsets[r + 1]) for r in rows])
+        return {key: value[index] for key, value in tensors.items()}
+
+    seeds = [args.seed + i for i in range(args.seeds)]
+    routers, router_info = [], []
+    for seed in seeds:
+        order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        if len(order) < 2:
+            raise ValueError(f"Need at least 2 labelled prompts to train and stop a router, got {len(order)}.")
+        cut = min(max(1, int(0.8 * len(order))), len(order) - 1)
+        torch.manual_seed(seed)
+        router = TokenRouter.from_small_model(small)
+        config = RouterTrainingConfig(learning_rate=args.router_lr, batch_size=256, num_epochs=args.router_epochs,
+                                      patience=10, target_recall=0.95, seed=seed)  # fmt: skip
+        trained, train_s = timed(train_router, router, token_rows(order[:cut]), token_rows(order[cut:]), config,
+                                 progress=False)  # fmt: skip
+        routers.append(router)
+        router_info.append({"seed": seed, "parameters": router.num_parameters(), "width": router.config.width,
+                            "train_s": train_s, "epochs": len(trained.history), "recall_threshold": trained.threshold,
+                            "heldout_label_metrics": trained.validation})  # fmt: skip
+    log(f"routers: {router_info[0]['parameters']:,} parameters each, trained in "
+        f"{sum(r['train_s'] for r in router_info):.1f}s for {len(seeds)} seeds")  # fmt: skip
+
+    # ---- Calibration statistics on the small model's own calibration answers (the large model never runs)
+    recorder = Recorder(routers)
+    routed_generate(small, large, recorder, cal_ids, cal_mask, threshold=2.0, tokenizer=tokenizer,
+                    max_new_tokens=max_new)  # fmt: skip
+    stats = recorder.tensors()
+
+    # ---- Test: every seed's prompts in one batch (each seed's rows use that seed's router); scored per seed
+    per_seed = args.test_prompts
+    ids, mask = encode(tokenizer, test_problems, shot, device)
+    row_seed = torch.arange(len(test_problems)) // per_seed
+    prompt_lengths = mask.sum(dim=1).cpu()
     start = time.perf_counter()
-    result = train_router(router, train_tensors, cal_tensors, config, progress=False)
-    timings["router_train_s"] = time.perf_counter() - start
-    calibrated = result.threshold
-    print(f"  router: θ = {calibrated:.4g} (calibration {result.validation})", flush=True)
-    probs = router_probabilities(router, cal_tensors)
-    thresholds = sorted({calibrated, *args.r2r_thresholds}, reverse=True)
-    for theta in thresholds:
-        tag = " (calibrated, recall 0.95)" if theta == calibrated else ""
-        rows.append(evaluate(f"r2r θ={theta:.3g}{tag}",
-                             lambda p, t=theta: routed_generate(small, large, router, prompts=p, threshold=t,
-                                                                **generate_kwargs),
-                             prompts, answers, args.eval_batch, family="r2r", threshold=theta,
-                             calibrated=theta == calibrated,
-                             calibration_metrics=routing_metrics(probs, cal_tensors["labels"], theta)))  # fmt: skip
+    small_cache = PromptCache.build(small, ids, mask, capture_hidden=True)
+    large_cache = PromptCache.build(large, ids, mask)
+    timings["test_prompt_encoding_s"] = time.perf_counter() - start
+    common = {"tokenizer": tokenizer, "max_new_tokens": max_new}
+    pair = {"small_prompt_cache": small_cache, "large_prompt_cache": large_cache, **common}
+    router_flops = torch.tensor([r.flops_per_token() for r in routers])[row_seed]
+    runs = [{"seed": seed, "router": info, "shares": {}} for seed, info in zip(seeds, router_info)]
 
-    # ---- EAD
-    for window, dwell in ((1, 1), (5, 5)):
-        for tau in args.ead_thresholds:
-            rows.append(evaluate(f"ead τ={tau:g} bits w={window} d={dwell}",
-                                 lambda p, t=tau, w=window, d=dwell: ead_generate(small, large, prompts=p, threshold=t,
-                                                                                  window=w, min_dwell=d,
-                                                                                  **generate_kwargs),
-                                 prompts, answers, args.eval_batch, family=f"ead w={window}", threshold=tau,
-                                 window=window, min_dwell=dwell))  # fmt: skip
+    def record(name, out, wall, share=None, router_flops_per_token=None, **extra):
+        for index, run in enumerate(runs):
+            rows = slice(index * per_seed, (index + 1) * per_seed)
+            flops = 0 if router_flops_per_token is None else router_flops_per_token[rows]
+            result = {**score(out, rows, test_problems, prompt_lengths, cost, small_runs=name != "large",
+                              router_flops_per_token=flops, wall=wall), **extra}  # fmt: skip
+            if share is None:
+                run[name] = result
+            else:
+                run["shares"].setdefault(str(share), {})[name] = result
 
-    # ---- Cascades
-    cal_prompts = [prompt_text(k) for k in cal_keys]
-    for rate in args.cascade_rates:
-        theta = calibrate_cascade(small, prompts=cal_prompts, target_deferral_rate=rate, rule="chow_quantile",
-                                  alpha=0.0, **generate_kwargs)  # fmt: skip
-        rows.append(evaluate(f"cascade min-logprob rate={rate:g}",
-                             lambda p, t=theta: cascade_generate(small, large, prompts=p, threshold=t,
-                                                                 rule="chow_quantile", alpha=0.0, **generate_kwargs),
-                             prompts, answers, args.eval_batch, family="cascade", threshold=theta,
-                             target_deferral_rate=rate))  # fmt: skip
-
-    # ---- Batch size 1: the large model runs only at routed steps (in a batch it catches up every row, see kv.py)
-    if args.batch1:
-        rows.append(evaluate("small (batch 1)", lambda p: cached_generate(small, prompts=p, **generate_kwargs),
-                             prompts, answers, 1, family="small", batch1=True))  # fmt: skip
-        rows.append(evaluate("large (batch 1)", lambda p: cached_generate(large, prompts=p, is_large=True,
-                                                                          **generate_kwargs),
-                             prompts, answers, 1, family="large", batch1=True))  # fmt: skip
-        rows.append(evaluate(f"r2r θ={calibrated:.3g} (calibrated, batch 1)",
-                             lambda p: routed_generate(small, large, router, prompts=p, threshold=calibrated,
-                                                       **generate_kwargs),
-                             prompts, answers, 1, family="r2r", threshold=calibrated, calibrated=True,
-                             batch1=True))  # fmt: skip
-
-    # Compute proxy: parameter-weighted encoded tokens (padding and finished rows included), relative to large-only
-    # at the same batch size.
-    params = {name: p for name, (_, p) in models.items()}
-    for row in rows:
-        row["param_tokens"] = (params["small"] * row["small_encoded_tokens"]
-                               + params["large"] * row["large_encoded_tokens"])  # fmt: skip
-    for row in rows:
-        reference = next(r for r in rows if r["family"] == "large" and r["batch_size"] == row["batch_size"])
-        row["compute_vs_large"] = row["param_tokens"] / reference["param_tokens"]
-
-    large_acc = rows[1]["accuracy"]
-    goal = [r for r in rows if r["family"] not in ("small", "large") and r["large_token_fraction"] < 0.30
-            and r["accuracy"] >= large_acc - 0.02]  # fmt: skip
-    timings["total_s"] = time.perf_counter() - total_start
+    small_out, wall = timed(cached_generate, small, ids, mask, prompt_cache=small_cache, **common)
+    record("small", small_out, wall)
+    large_out, wall = timed(cached_generate, large, ids, mask, prompt_cache=large_cache, is_large=True, **common)
+    record("large", large_out, wall)
+    log(f"test: small acc {sum(r['small']['accuracy'] for r in runs) / len(runs):.3f}, large acc "
+        f"{sum(r['large']['accuracy'] for r in runs) / len(runs):.3f} ({len(test_problems)} prompts)")  # fmt: skip
+    native = PerRowRouter(routers, [info["recall_threshold"] for info in router_info], row_seed)
+    out, wall = timed(routed_generate, small, large, native, ids, mask, threshold=0.5, **pair)
+    record("r2r_recall95", out, wall, router_flops_per_token=router_flops)
+    test_cascade_scores = cascade_scores(small_out.token_logprobs.cpu(), small_out.completion_mask.cpu(),
+                                         cascade_rule, 0.0)  # fmt: skip
+    for share in args.shares:
+        thetas = [torch.quantile(stats["r2r"][i], 1 - share).item() for i in range(len(routers))]
+        out, wall = timed(routed_generate, small, large, PerRowRouter(routers, thetas, row_seed), ids, mask,
+                          threshold=0.5, **pair)  # fmt: skip
+        record("r2r", out, wall, share, router_flops_per_token=router_flops)
+        q = torch.quantile(stats["top_prob"], share).item()
+        out, wall = timed(routed_generate, small, large, confidence_score, ids, mask, threshold=1.0 - q, **pair)
+        record("confidence", out, wall, share, threshold=q)
+        tau = torch.quantile(stats["entropy"], 1 - share).item()
+        out, wall = timed(ead_generate, small, large, ids, mask, threshold=tau, window=1, min_dwell=1, **pair)
+        record("ead", out, wall, share, threshold=tau)
+        out, wall = timed(routed_generate, small, large, coin_flips(1000 + args.seed), ids, mask,
+                          threshold=1.0 - share, **pair)  # fmt: skip
+        record("random", out, wall, share)
+        defer = test_cascade_scores < deferral_threshold(cal_cascade_scores, share)
+        for index, run in enumerate(runs):
+            rows = slice(index * per_seed, (index + 1) * per_seed)
+            run["shares"][str(share)]["cascade"] = cascade_score(small_out, large_out, defer, rows, test_problems,
+                                                                 prompt_lengths, cost)  # fmt: skip
+        summary = {m: sum(r["shares"][str(share)][m]["accuracy"] for r in runs) / len(runs) for m in METHODS}
+        shares = {m: sum(r["shares"][str(share)][m]["large_share"] for r in runs) / len(runs) for m in METHODS}
+        log(f"share {share:.2f}: " + ", ".join(f"{m} acc {summary[m]:.3f} @ {shares[m]:.3f}" for m in METHODS))
+    timings["total_s"] = time.perf_counter() - start_all
     return {
-        "task": {"keys": len(table), "vocab": len(tokenizer), "prompt_tokens": prompt_len,
-                 "answer_tokens": ids.shape[1] - prompt_len, "label_keys": len(label_keys),
-                 "calibration_keys": len(cal_keys), "eval_keys": len(eval_keys)},  # fmt: skip
-        "models": {name: {"parameters": params} for name, (_, params) in models.items()},
-        "args": vars(args),
+        "task": {"name": "copy", "copy_length": args.copy_length, "answer_tokens": max_new - 1,
+                 "prompt_tokens": int(prompt_lengths.max()), "small_train_problems": len(small_train),
+                 "label_prompts": len(label_problems), "calibration_prompts": len(calibration_problems),
+                 "test_prompts_per_seed": args.test_prompts},
+        "models": {"small": {"parameters": cost["small"], "hidden": args.small_hidden, "layers": args.small_layers,
+                             "train_steps": small_training["steps"],
+                             "calibration_accuracy_at_stop": small_training["eval_accuracy"]},
+                   "large": {"parameters": cost["large"], "name": "SmolLM2-135M-Instruct (demo model)"},
+                   "router": {"parameters": runs[0]["router"]["parameters"], "width": runs[0]["router"]["width"],
+                              "share_of_small": runs[0]["router"]["parameters"] / cost["small"]}},
         "label_stats": label_stats,
-        "router": {"threshold": calibrated, "validation": result.validation, "epochs": len(result.history)},
+        "cascade_rule": cascade_rule_name,
+        "args": vars(args),
         "timings_s": timings,
-        "rows": rows,
-        "goal": {
-            "definition": "accuracy >= large-only accuracy - 0.02 at large-model token fraction < 0.30",
-            "met_by": [r["method"] for r in goal],
-            "met": bool(goal),
-        },
+        "runs": runs,
     }
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Report: markdown table and a PNG plot without matplotlib
+# Summary (from the JSON only): mean and 95% CI over seeds, paired R2R − confidence differences
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def markdown_table(results: dict) -> str:
-    lines = ["| method | batch | accuracy | large-model token fraction | discarded small tokens / output token | "
-             "compute vs large | wall s |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in results["rows"]:
-        compute = r.get("compute_vs_large")
-        lines.append(f"| {r['method']} | {r.get('batch_size', '')} | {r['accuracy']:.3f} | "
-                     f"{r['large_token_fraction']:.3f} | {r['small_tokens_discarded_per_output_token']:.3f} | "
-                     f"{'' if compute is None else f'{compute:.3f}'} | {r['wall_time_s']:.2f} |")  # fmt: skip
-    return "\n".join(lines)
+def summarise(results: dict) -> dict:
+    from bench.claims.common import mean_ci, paired_difference, verdict
+
+    runs = results["runs"]
+    large_flops = [r["large"]["flops_per_prompt"] for r in runs]
+
+    def stats(rows):
+        return {
+            "accuracy": mean_ci([r["accuracy"] for r in rows]),
+            "large_share": mean_ci([r["large_share"] for r in rows]),
+            "flops_per_prompt": mean_ci([r["flops_per_prompt"] for r in rows]),
+            "flops_vs_large": mean_ci([r["flops_per_prompt"] / f for r, f in zip(rows, large_flops)]),
+            "router_flops_per_prompt": mean_ci([r["router_flops_per_prompt"] for r in rows]),
+            "wall_s": mean_ci([r["wall_s"] for r in rows]),
+        }
+
+    lines = [{"method": "small", "target_share": 0.0, **stats([r["small"] for r in runs])},
+             {"method": "large", "target_share": 1.0, **stats([r["large"] for r in runs])},
+             {"method": "r2r (recall 0.95 θ)", "target_share": None, **stats([r["r2r_recall95"] for r in runs])}]
+    comparisons = []
+    for share in results["args"]["shares"]:
+        key = str(share)
+        for method in METHODS:
+            lines.append({"method": method, "target_share": share, **stats([r["shares"][key][method] for r in runs])})
+        difference = paired_difference([r["shares"][key]["r2r"]["accuracy"] for r in runs],
+                                       [r["shares"][key]["confidence"]["accuracy"] for r in runs])  # fmt: skip
+        comparisons.append({"target_share": share, "r2r_minus_confidence_accuracy": difference,
+                            "verdict_r2r_beats_confidence": verdict(difference, +1)})  # fmt: skip
+    return {"lines": lines, "r2r_vs_confidence": comparisons}
 
 
+def _fmt(stat, digits=3, scale=1.0) -> str:
+    if stat["ci95"] is None:
+        return f"{stat['mean'] * scale:.{digits}f}"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['ci95'] * scale:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    summary = results["summary"]
+    models, labels, task = results["models"], results["label_stats"], results["task"]
+    seeds = len(results["runs"])
+    pair = (
+        f"Task: copy {task['copy_length']} digits ({task['answer_tokens']} answer tokens, {task['prompt_tokens']} prompt "
+        f"tokens). Large: {models['large']['name']}, {models['large']['parameters']:,} parameters. Small: "
+        f"{models['small']['layers']} layers × {models['small']['hidden']}, {models['small']['parameters']:,} parameters "
+        f"({models['large']['parameters'] / models['small']['parameters']:.0f}x fewer), {models['small']['train_steps']} "
+        f"training steps. Router: width {models['router']['width']}, {models['router']['parameters']:,} parameters "
+        f"({100 * models['router']['share_of_small']:.1f}% of the small model)."
+    )
+    label_line = (
+        f"Labels ({labels['prompts']} train-split prompts, {labels['tokens']} tokens): {labels['mismatches']} "
+        f"small/large mismatches, {labels['harmful_mismatches']} harmful (the verifier says the large branch is right "
+        f"and the small one is not), {labels['harmless_mismatches']} harmless. Large reference accuracy on them "
+        f"{labels['large_reference_accuracy']:.3f}. Cascade rule: {results['cascade_rule']}."
+    )
+    seeds_line = (
+        f"{seeds} seeds × {task['test_prompts_per_seed']} held-out test prompts; mean ± 95% CI over seeds. FLOPs per "
+        "prompt include the router; wall time is one batched run of all seeds' prompts on this machine, not a speed "
+        "claim."
+    )
+    header = (
+        "| method | target large share | large-token share | accuracy | GFLOPs / prompt (with router) | vs large | "
+        "router GFLOPs | wall s |"
+    )
+    out = [pair, "", label_line, "", seeds_line, "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for line in summary["lines"]:
+        target = "-" if line["target_share"] is None else f"{line['target_share']:.2f}"
+        out.append(f"| {line['method']} | {target} | {_fmt(line['large_share'])} | {_fmt(line['accuracy'])} | "
+                   f"{_fmt(line['flops_per_prompt'], 2, 1e-9)} | {_fmt(line['flops_vs_large'])} | "
+                   f"{line['router_flops_per_prompt']['mean'] * 1e-9:.4f} | {line['wall_s']['mean']:.1f} |")  # fmt: skip
+    out += ["", "R2R − confidence rule, paired per seed (same test prompts, same target share):", "",
+            "| target share | accuracy difference | verdict (does R2R beat the confidence rule?) |", "|---:|---:|---|"]
+    for c in summary["r2r_vs_confidence"]:
+        out.append(f"| {c['target_share']:.2f} | {_fmt(c['r2r_minus_confidence_accuracy'])} | "
+                   f"{c['verdict_r2r_beats_confidence']} |")  # fmt: skip
+    return "\n".join(out)
 # 5x7 glyphs, one string of 7 five-pixel rows per character ('#' = ink).
 _GLYPHS = {
     "0": ".###.#...##..###.#.###..##...#.###.", "1": "..#...##....#....#....#....#...###.",
@@ -411,50 +711,58 @@ class Canvas:
         return b"\x89PNG\r\n\x1a\n" + body
 
 
-def plot(results: dict, path: Path) -> None:
-    """Accuracy (y) vs large-model token fraction (x), one colour per method family; lines join each sweep."""
-    width, height, left, right, top, bottom = 900, 600, 90, 220, 50, 80
-    canvas = Canvas(width, height)
-    x_of = lambda f: round(left + f * (width - left - right))  # noqa: E731
-    accuracies = [r["accuracy"] for r in results["rows"]]
-    low = max(0.0, math.floor(min(accuracies) * 10) / 10 - 0.05)
-    y_of = lambda a: round(height - bottom - (a - low) / (1.0 - low) * (height - top - bottom))  # noqa: E731
-    axis, grid = (0, 0, 0), (225, 225, 225)
-    for i in range(11):
-        f = i / 10
-        canvas.line(x_of(f), top, x_of(f), height - bottom, grid)
-        canvas.text(x_of(f) - 12, height - bottom + 10, f"{f:.1f}", scale=2)
-    for i in range(int(round((1.0 - low) * 20)) + 1):
-        a = low + i * 0.05
-        canvas.line(left, y_of(a), width - right, y_of(a), grid)
-        canvas.text(left - 62, y_of(a) - 7, f"{a:.2f}", scale=2)
-    canvas.line(left, top, left, height - bottom, axis, 2)
-    canvas.line(left, height - bottom, width - right, height - bottom, axis, 2)
-    canvas.line(x_of(0.3), top, x_of(0.3), height - bottom, (120, 120, 120))
-    large_acc = next(r["accuracy"] for r in results["rows"] if r["family"] == "large")
-    canvas.line(left, y_of(large_acc - 0.02), width - right, y_of(large_acc - 0.02), (120, 120, 120))
-    canvas.text(left, 15, "ACCURACY VS LARGE-MODEL TOKEN FRACTION", scale=2)
-    canvas.text(left + 150, height - 35, "LARGE-MODEL TOKEN FRACTION", scale=2)
-    families: dict[str, list] = {}
-    for r in results["rows"]:
-        if not r.get("batch1"):
-            families.setdefault(r["family"], []).append(r)
-    legend_y = top
-    # Single-model points last, so that sweeps starting at the small model do not hide it.
-    for family in sorted(families, key=lambda f: f in ("small", "large")):
-        color = _COLORS.get(family, (0, 0, 0))
-        points = sorted((x_of(r["large_token_fraction"]), y_of(r["accuracy"])) for r in families[family])
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+_COLORS = {"small": (214, 39, 40), "large": (31, 119, 180), "r2r": (44, 160, 44), "confidence": (255, 127, 14),
+           "ead": (188, 189, 34), "random": (127, 127, 127), "cascade": (148, 103, 189),
+           "r2r (recall 0.95 θ)": (0, 80, 0)}  # fmt: skip
+
+
+def _panel(canvas, lines, x_key, x_max, left, top, width, height, title, x_label):
+    low = max(0.0, math.floor(min(g["accuracy"]["mean"] for g in lines) * 10) / 10 - 0.1)
+    high = min(1.0, math.ceil(max(g["accuracy"]["mean"] for g in lines) * 10) / 10 + 0.05)
+    x_of = lambda v: round(left + v / x_max * width)
+    y_of = lambda a: round(top + height - (a - low) / (high - low) * height)
+    grid = (225, 225, 225)
+    for i in range(6):
+        v = x_max * i / 5
+        canvas.line(x_of(v), top, x_of(v), top + height, grid)
+        canvas.text(x_of(v) - 12, top + height + 8, f"{v:.2f}", scale=1)
+    steps = int(round((high - low) / 0.1))
+    for i in range(steps + 1):
+        a = low + i * 0.1
+        canvas.line(left, y_of(a), left + width, y_of(a), grid)
+        canvas.text(left - 40, y_of(a) - 4, f"{a:.1f}", scale=1)
+    canvas.line(left, top, left, top + height, (0, 0, 0), 2)
+    canvas.line(left, top + height, left + width, top + height, (0, 0, 0), 2)
+    canvas.text(left, top - 25, title, scale=2)
+    canvas.text(left + width // 3, top + height + 25, x_label, scale=1)
+    by_method = {}
+    for line in lines:
+        by_method.setdefault(line["method"], []).append(line)
+    for method, group in by_method.items():
+        color = _COLORS.get(method, (0, 0, 0))
+        points = sorted(((x_of(min(g[x_key]["mean"], x_max)), y_of(g["accuracy"]["mean"]), g) for g in group),
+                        key=lambda point: point[:2])  # fmt: skip
+        for (x0, y0, _), (x1, y1, _) in zip(points, points[1:]):  # noqa: RUF007
             canvas.line(x0, y0, x1, y1, color, 2)
-        for x, y in points:
-            canvas.disc(x, y, 5, color)
-    for family in families:
-        color = _COLORS.get(family, (0, 0, 0))
-        canvas.disc(width - right + 25, legend_y + 7, 6, color)
-        canvas.text(width - right + 40, legend_y, family.replace("ead ", "EAD "), scale=2)
-        legend_y += 28
-    canvas.text(width - right + 10, legend_y + 20, "GREY: 30% AND", scale=1)
-    canvas.text(width - right + 10, legend_y + 32, "LARGE ACC - 2 PTS", scale=1)
+        for x, y, line in points:
+            ci = line["accuracy"]["ci95"] or 0.0
+            bottom, top_ = max(low, line["accuracy"]["mean"] - ci), min(high, line["accuracy"]["mean"] + ci)
+            canvas.line(x, y_of(bottom), x, y_of(top_), color)
+            canvas.disc(x, y, 4, color)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Two panels: accuracy vs achieved large-token share, accuracy vs FLOPs per prompt relative to large-only
+    (router included); mean over seeds with 95% CI bars."""
+    lines = results["summary"]["lines"]
+    canvas = Canvas(1320, 560)
+    _panel(canvas, lines, "large_share", 1.0, 70, 60, 480, 420, "ACCURACY VS LARGE-TOKEN SHARE", "LARGE-TOKEN SHARE")
+    _panel(canvas, lines, "flops_vs_large", 1.2, 640, 60, 480, 420, "ACCURACY VS FLOPS", "FLOPS / LARGE-ONLY FLOPS")
+    y = 70
+    for method, color in _COLORS.items():
+        canvas.disc(1160, y + 4, 5, color)
+        canvas.text(1172, y, method.replace("θ", "").replace("(", "").replace(")", ""), scale=1)
+        y += 22
     path.write_bytes(canvas.png())
 
 
@@ -463,61 +771,67 @@ def plot(results: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keys", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=700, help="Training steps of each language model.")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--small-hidden", type=int, default=8)
+    parser.add_argument("--copy-length", type=int, default=4)
+    parser.add_argument("--small-hidden", type=int, default=64)
     parser.add_argument("--small-layers", type=int, default=2)
-    parser.add_argument("--small-lr", type=float, default=1e-2)
-    parser.add_argument("--large-hidden", type=int, default=64)
-    parser.add_argument("--large-layers", type=int, default=2)
-    parser.add_argument("--large-lr", type=float, default=5e-3)
-    parser.add_argument("--label-share", type=float, default=0.4)
-    parser.add_argument("--calibration-share", type=float, default=0.15)
-    parser.add_argument("--router-top-k", type=int, default=100)
-    parser.add_argument("--router-width", type=int, default=256)
-    parser.add_argument("--router-blocks", type=int, default=2)
+    parser.add_argument("--small-steps", type=int, default=300, help="At most this many training steps.")
+    parser.add_argument("--small-target-accuracy", type=float, default=0.2,
+                        help="Stop training once greedy accuracy on 16 calibration prompts reaches this (None: never).")
+    parser.add_argument("--small-batch", type=int, default=16)
+    parser.add_argument("--small-lr", type=float, default=3e-3)
+    parser.add_argument("--small-init", choices=["random", "pca"], default="random")
+    parser.add_argument("--small-train-problems", type=int, default=2000)
+    parser.add_argument("--small-model", metavar="DIR",
+                        help="Save the trained small model here, or load it from here if a previous run saved it.")
+    parser.add_argument("--small-eval-every", type=int, default=1)
+    parser.add_argument("--train-small-only", action="store_true", help="Train (and save) the small model, then stop.")
+    parser.add_argument("--label-prompts", type=int, default=16)
+    parser.add_argument("--calibration-prompts", type=int, default=32)
+    parser.add_argument("--test-prompts", type=int, default=8, help="Per seed (disjoint across seeds).")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--shares", type=float, nargs="*", default=[0.05, 0.1, 0.15, 0.2, 0.3])
     parser.add_argument("--router-lr", type=float, default=1e-3)
-    parser.add_argument("--router-epochs", type=int, default=60)
-    parser.add_argument("--r2r-thresholds", type=float, nargs="*", default=[0.999, 0.99, 0.9, 0.5, 0.1])
-    parser.add_argument("--ead-thresholds", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0])
-    parser.add_argument("--cascade-rates", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4])
-    parser.add_argument("--eval-batch", type=int, default=64)
-    parser.add_argument("--no-batch1", dest="batch1", action="store_false",
-                        help="Skip the batch-size-1 rows (small, large, calibrated R2R).")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--router-epochs", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=16, help="Prompts per labelling batch.")
+    parser.add_argument("--threads", type=int, default=1, help="Two threads thrash on a loaded 2-core machine.")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot-only", metavar="JSON", help="Redraw the PNG of an existing result file and exit.")
-    parser.add_argument("--quick", action="store_true", help="Smoke run: 64 keys, 30 steps, tiny router.")
+    parser.add_argument("--plot-only", metavar="JSON", help="Rebuild the table and PNG of an existing result file.")
+    parser.add_argument("--quick", action="store_true", help="Smoke run (tiny sizes, numbers meaningless).")
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "routing_benchmark.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.keys, args.steps, args.router_epochs, args.router_width = 64, 30, 2, 32
-        args.r2r_thresholds, args.ead_thresholds, args.cascade_rates = [0.5], [1.0], [0.3]
-        args.batch1 = False
+        args.copy_length, args.small_steps, args.small_train_problems = 2, 5, 32
+        args.label_prompts, args.calibration_prompts, args.test_prompts, args.seeds = 3, 4, 2, 2
+        args.shares, args.router_epochs = [0.1, 0.3], 2
     return args
 
 
+def write_outputs(results: dict, out: Path) -> None:
+    results["summary"] = summarise(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
+    plot(results, out.with_suffix(".png"))
+
+
 def main(argv=None) -> dict:
-    from common import machine_info
+    from bench.common import machine_info
 
     args = parse_args(argv)
     if args.plot_only:
-        results = json.loads(Path(args.plot_only).read_text())
-        plot(results, Path(args.plot_only).with_suffix(".png"))
+        path = Path(args.plot_only)
+        results = json.loads(path.read_text())
+        write_outputs(results, path)
         return results
     results = run_benchmark(args)
-    results["machine"] = machine_info("cpu")
+    if args.train_small_only:
+        return results
+    results["machine"] = machine_info(args.device if args.device == "cpu" else "cuda")
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    table = markdown_table(results)
-    goal = results["goal"]
-    summary = (f"Goal ({goal['definition']}): {'MET by ' + ', '.join(goal['met_by']) if goal['met'] else 'NOT met'}.")
-    out.with_suffix(".md").write_text(f"{table}\n\n{summary}\n")
-    plot(results, out.with_suffix(".png"))
-    print("\n" + table + "\n\n" + summary)
+    write_outputs(results, out)
+    print("\n" + markdown(results))
     print(f"\nWrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return results
 

@@ -164,3 +164,14 @@ def test_smc_particles_satisfy_the_constraint():
     assert result.weights.sum().item() == pytest.approx(1.0)
     assert math.isfinite(result.log_marginal) and result.log_marginal <= 0
     assert result.constraint_calls > 0
+
+
+def test_plugin_does_not_check_finished_rows():
+    constraint = TokenConstraint(accept=lambda prefix, token: token in (4, 9))
+    processor = AWRSLogitsProcessor(constraint, eos_token_id=9, generator=torch.Generator().manual_seed(0))
+    scores = torch.zeros(2, VOCAB)
+    processor(torch.tensor([[1, 2], [1, 2]]), scores)  # first call: prompt length 2
+    calls = constraint.calls
+    out = processor(torch.tensor([[1, 2, 9], [1, 2, 4]]), scores)
+    assert out[0].argmax() == 9 and processor.log_weights[-1][0] == 0.0  # finished row: EOS again, weight 1
+    assert constraint.calls - calls == processor.calls_per_step[-1] and processor.calls_per_step[-1] >= 1

@@ -221,3 +221,35 @@ def test_conversational_prompts_use_the_chat_template(tiny_tokenizer):
     rendered = tiny_tokenizer.apply_chat_template(messages[0], tokenize=False, add_generation_prompt=True)
     prompt_ids = tiny_tokenizer(rendered)["input_ids"]
     assert out.sequences[0, : len(prompt_ids)].tolist() == prompt_ids
+
+
+def test_prompt_caches_give_the_same_outputs_and_stay_reusable(small_large, padded_prompts):
+    """Routed generation, EAD and single-model decoding from reused prompt caches equal the from-scratch runs, twice
+    (each call decodes on a copy), and the prompt is not encoded again."""
+    from trl_tokenlevel.generation.ead import ead_generate
+    from trl_tokenlevel.generation.kv import PromptCache
+
+    small, large = small_large
+    ids, mask = padded_prompts
+    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD)
+    flip = lambda x: (x.token_ids % 3 == 0).float()  # noqa: E731  (routes a deterministic subset of proposals)
+    small_cache = PromptCache.build(small, ids, mask, capture_hidden=True)
+    large_cache = PromptCache.build(large, ids, mask)
+    reference = routed_generate(small, large, flip, ids, mask, **kwargs)
+    for _ in range(2):
+        cached = routed_generate(small, large, flip, ids, mask, small_prompt_cache=small_cache,
+                                 large_prompt_cache=large_cache, **kwargs)  # fmt: skip
+        assert torch.equal(cached.completion_ids, reference.completion_ids)
+        assert torch.equal(cached.large_mask, reference.large_mask)
+        torch.testing.assert_close(cached.router_probs, reference.router_probs)
+        assert cached.stats["small_encoded_tokens"] == reference.stats["small_encoded_tokens"] - ids.numel()
+    ead = ead_generate(small, large, ids, mask, threshold=3.0, window=1, min_dwell=1, **kwargs)
+    ead_cached = ead_generate(small, large, ids, mask, threshold=3.0, window=1, min_dwell=1,
+                              small_prompt_cache=small_cache, large_prompt_cache=large_cache, **kwargs)  # fmt: skip
+    assert torch.equal(ead.completion_ids, ead_cached.completion_ids) and torch.equal(ead.large_mask, ead_cached.large_mask)
+    single = cached_generate(large, ids, mask, prompt_cache=large_cache, **kwargs)
+    assert torch.equal(single.completion_ids, cached_generate(large, ids, mask, **kwargs).completion_ids)
+    with pytest.raises(ValueError, match="capture_hidden"):
+        routed_generate(small, large, flip, ids, mask, small_prompt_cache=PromptCache.build(small, ids, mask), **kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        cached_generate(large, ids[:2], mask[:2], prompt_cache=large_cache, **kwargs)

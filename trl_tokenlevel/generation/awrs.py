@@ -290,8 +290,9 @@ class AWRSLogitsProcessor(LogitsProcessor):
     token survives whatever `generate` does next (greedy, sampling, top-k/top-p).
 
     The constraint sees the row's generated tokens (`input_ids[prompt_length:]`; the prompt length is taken at the first
-    call after `reset()`). A row with no allowed token gets `eos_token_id` and weight −inf. `log_weights` holds one
-    `[B]` tensor per step; `sequence_log_weights(completion_mask)` sums them over each row's real tokens.
+    call after `reset()`). A row with no allowed token gets `eos_token_id` and weight −inf; a row that already emitted
+    `eos_token_id` keeps getting it, unchecked, with weight 1. `log_weights` holds one `[B]` tensor per step;
+    `sequence_log_weights(completion_mask)` sums them over each row's real tokens.
 
     Use it as the only token-choosing processor: put it last in the list and leave `generate`'s temperature at 1.
     Beam search is not supported (it would re-rank the one-hot rows).
@@ -331,6 +332,10 @@ class AWRSLogitsProcessor(LogitsProcessor):
         calls = 0
         for row in range(len(input_ids)):
             prefix = input_ids[row, self.prompt_length :].tolist()
+            if self.eos_token_id in prefix:  # a finished row (generate still asks for its padding): no check, weight 1
+                out[row, self.eos_token_id] = 0.0
+                weights[row] = 0.0
+                continue
             draw = awrs_sample(scores[row] / self.temperature, self.constraint, prefix, generator=self.generator,
                                chunk_size=self.chunk_size, max_rejections=self.max_rejections)  # fmt: skip
             token = draw.token if draw.token >= 0 else self.eos_token_id
