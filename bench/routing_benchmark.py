@@ -108,11 +108,14 @@ def load_problems(args):
 
 def answer_tokenizer(tokenizer):
     """The demo tokenizer with the newline as end of sequence (the answer format's stop token); pad stays."""
-    tok = copy.deepcopy(tokenizer)
-    tok.eos_token = "\n"
-    tok.padding_side = "left"
-    if tok.convert_tokens_to_ids(tok.eos_token) is None or len(tok("\n", add_special_tokens=False)["input_ids"]) != 1:
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(newline) != 1:
         raise RuntimeError("The newline is not a single token of this tokenizer.")
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(newline[0])  # the vocabulary's string for it ("Ċ"), not "\n"
+    tok.padding_side = "left"
+    if tok.eos_token_id != newline[0]:
+        raise RuntimeError(f"Could not make the newline ({newline[0]}) the end of sequence (got {tok.eos_token_id}).")
     return tok
 
 
