@@ -213,6 +213,21 @@ class TestUCAS:
                                      kappa=0.0)
         torch.testing.assert_close(adv[3], no_penalty[3] - 0.05 * self.LOGITS[3] / (100 + 1e-6))
 
+    def test_gather_fn_ignores_a_rank_without_valid_tokens(self):
+        # The empty rank sends (+inf, −inf): the bounds must stay this rank's own, not collapse to "no valid token".
+        empty_rank_bounds = t64([float("inf"), float("-inf")])
+        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2),
+                              gather_fn=lambda local: torch.cat([empty_rank_bounds, local, empty_rank_bounds]))
+        local = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2))
+        torch.testing.assert_close(adv, local, rtol=0, atol=0)
+        assert (adv != 0).any()
+
+    def test_gather_fn_on_the_empty_rank_uses_the_other_ranks_bounds(self):
+        other_rank_bounds = t64([0.0, 100.0])
+        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.zeros(4, 2),
+                              gather_fn=lambda local: torch.cat([local, other_rank_bounds]))
+        assert torch.equal(adv, torch.zeros(4, 2, dtype=F64))  # no valid token here: every entry is padding
+
     def test_all_masked(self):
         adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.zeros(4, 2))
         assert torch.equal(adv, torch.zeros(4, 2, dtype=F64))

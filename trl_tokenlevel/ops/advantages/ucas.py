@@ -91,7 +91,9 @@ def ucas_advantages(
         ])
         if gather_fn is not None:
             bounds = gather_fn(bounds)
-        low, high = bounds.min(), bounds.max()
+        # One (low, high) pair per rank; a rank without valid tokens sends (+inf, −inf), so min of lows, max of highs.
+        bounds = bounds.reshape(-1, 2)
+        low, high = bounds[:, 0].min(), bounds[:, 1].max()
         if not torch.isfinite(low):  # no valid token on any rank
             return torch.zeros_like(logits)
         if torch.isclose(high, low):
