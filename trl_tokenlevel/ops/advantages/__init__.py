@@ -16,7 +16,7 @@ file          spec                   what it holds
 ``base``      notation               ``TokenAdvantageInputs``, ``resolve_group_index``, ``group_relative_advantages``
 ``ttrl``      §2 SPINE               TTRL majority-vote pseudo-reward
 ``ucas``      §3 UCAS                self-certainty and uncertainty-aware shaping (registry ``"ucas"``)
-``hapo``      §4 HAPO                TLGA, redistribution, adaptive clip ranges (registry ``"hapo"``)
+``hapo``      §4 HAPO                TLGA, redistribution, clip ranges, dual clip (registry ``"hapo"``)
 ``gtpo``      §5 GTPO (2508.03772)   conflict runs, entropy filter, loss (registry ``"gtpo"``)
 ``d3s``       §6 D³S                 max-variance subset, schedule (registry ``"d3s"``)
 ``chord``     §7 CHORD               μ schedule, φ weights, SFT loss and mix (re-exported from ``ops.sft``)
@@ -52,6 +52,7 @@ from .hapo import (
     HapoEntropyStats,
     hapo_adaptive_temperature,
     hapo_clip_bounds,
+    hapo_dual_clip_loss,
     hapo_entropy_stats,
     hapo_normalized_entropy,
     hapo_redistribute_advantages,
@@ -122,6 +123,7 @@ __all__ = [
     "gtpo_token_weights",
     "hapo_adaptive_temperature",
     "hapo_clip_bounds",
+    "hapo_dual_clip_loss",
     "hapo_entropy_stats",
     "hapo_normalized_entropy",
     "hapo_redistribute_advantages",

@@ -9,6 +9,8 @@ LogitsProcessor) and are re-exported here.
 
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 
 from trl_tokenlevel.ops.decoding import (  # noqa: F401  (HAPO ĥ and adaptive temperature, re-exported)
@@ -70,12 +72,43 @@ def hapo_clip_bounds(
 
     Paper: https://huggingface.co/papers/2509.16591. ĥ ≤ 0: ``ε_low' = ε_low·(1 − α ĥ)``, ε_high unchanged;
     ĥ > 0: ``ε_high' = ε_high·(1 + α ĥ)``, ε_low unchanged. Defaults ε_low = ε_high = 0.2, α = 1.0 (``clip_alpha``).
-    Returns ``(eps_low, eps_high)`` shaped like ``h_hat``; use them in the PPO dual-clip loss (c = 10).
+    Returns ``(eps_low, eps_high)`` shaped like ``h_hat``; use them in the PPO dual-clip loss
+    (:func:`hapo_dual_clip_loss`, c = 10).
     """
     high = h_hat > 0
     eps_low = torch.where(high, torch.full_like(h_hat, epsilon_low), epsilon_low * (1 - clip_alpha * h_hat))
     eps_high = torch.where(high, epsilon_high * (1 + clip_alpha * h_hat), torch.full_like(h_hat, epsilon_high))
     return eps_low, eps_high
+
+
+def hapo_dual_clip_loss(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: Union[torch.Tensor, float],
+    eps_high: Union[torch.Tensor, float],
+    *,
+    dual_clip: Optional[float] = 10.0,
+) -> torch.Tensor:
+    """Per-token PPO dual-clip loss with per-token clip ranges, (B, T) (spec §4 Loss, official ``compute_policy_loss``).
+
+    Paper: https://huggingface.co/papers/2509.16591 (dual clip: Ye et al., https://arxiv.org/abs/1912.09729).
+
+        ℓ_PPO = max(−A·r, −A·clip(r, 1 − ε_low', 1 + ε_high'))
+        ℓ     = min(ℓ_PPO, −c·A)  if A < 0,  else ℓ_PPO
+
+    For A < 0 the loss is capped at ``c·|A|`` and the token stops pushing once ``r > c`` (no gradient there); A ≥ 0 is
+    unchanged. ``dual_clip=None`` gives the plain clipped surrogate. Default c = 10 (``clip_ratio_c``, official).
+
+    TRL's clipped losses have no dual clip, but their ``delta`` cap on the unclipped ratio is the same function when
+    ``c ≥ 1 + ε_high'``: with ``r' = min(r, c)``, ``−min(r'A, clip(r)A)`` equals ℓ for A < 0 (``max(min(r, c),
+    clip(r)) = min(c, max(r, clip(r)))`` as ``clip(r) ≤ 1 + ε_high' ≤ c``) and ℓ_PPO for A ≥ 0 (``min(min(r, c),
+    clip(r)) = min(r, clip(r))``). The trainer uses that route; tests check it against this function.
+    """
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(-advantages * ratio, -advantages * clipped)
+    if dual_clip is None:
+        return loss
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
 
 
 def hapo_redistribute_advantages(
