@@ -50,7 +50,8 @@ class TokenGRPOConfig(GRPOConfig):
             every valid token, and the completion (attention) mask is never touched.
         token_advantage (`str` or `None`, *optional*, defaults to `None`):
             Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
-            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
+            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` (Simoni et al.,
+            [paper](https://huggingface.co/papers/2508.03772); not the entropy-weighted GTPO of arXiv 2508.04349),
             `"d3s"` ([paper](https://huggingface.co/papers/2509.22115)), `"tw_grpo"`
             ([paper](https://huggingface.co/papers/2505.24718)) or `"tempo"` ([paper](https://huggingface.co/papers/2509.18314)).
             Python users can pass a callable `token_advantage_fn=` to the trainer instead.
