@@ -52,7 +52,7 @@ from ..ops.preference import (
     treg_loss,
     weighted_dpo_loss,
 )
-from ..signals.masks import SparsePOMask
+from ..signals.masks import SparsePOMask, norm_eps_of
 from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
 from .token_dpo_config import TokenDPOConfig
 
@@ -237,7 +237,8 @@ class TokenDPOTrainer(DPOTrainer):
         count = 2 if self.args.sparsepo_independent_masks else 1
         masks = []
         for _ in range(count):
-            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout)
+            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout,
+                                init=self.args.sparsepo_mask_init, norm_eps=norm_eps_of(config))  # fmt: skip
             masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
         return masks
 
