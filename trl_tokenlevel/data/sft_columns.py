@@ -23,11 +23,9 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 from trl.trainer.utils import global_then_local_main_first, pad
 
-from .token_columns import check_token_values
+from .token_columns import ROW_ID_COLUMN, check_token_values, column_names
 
 TOKEN_WEIGHTS_COLUMN = "token_weights"
-# Temporary column naming the user's row through TRL's tokenization, for error messages.
-ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 
 _FIX = (
     "Compute one value per loss token with "
@@ -125,8 +123,9 @@ def prepare_token_weights(
         return {TOKEN_WEIGHTS_COLUMN: align_token_weights(example[TOKEN_WEIGHTS_COLUMN], example["labels"])}
 
     with main_first():
+        has_row_ids = ROW_ID_COLUMN in column_names(dataset)
         dataset = dataset.map(align, **map_kwargs, **describe("Aligning token weights in"))
-        if ROW_ID_COLUMN in (dataset.column_names or []):
+        if has_row_ids:
             dataset = dataset.remove_columns(ROW_ID_COLUMN)
 
         if args.max_length is not None and not packing:

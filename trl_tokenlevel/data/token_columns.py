@@ -28,6 +28,9 @@ TOKEN_COLUMN_FAMILIES = {
     "ref_token_logps": ("ref_chosen_token_logps", "ref_rejected_token_logps", 0.0),
 }
 TOKEN_BATCH_KEYS = tuple(TOKEN_COLUMN_FAMILIES)
+# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages. A
+# streamed dataset keeps it up to the collator, which validates its rows lazily.
+ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 # Dataset column -> the completion ids column it must align with.
 TOKEN_COLUMNS = {
     column: ids_column
@@ -91,7 +94,7 @@ def check_token_values(
             )
 
 
-def _check_row(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> None:
+def _check_row(column: str, row: int | str, values: Any, expected_length: int, ids_column: str) -> None:
     check_token_values(
         column, row, values, expected_length,
         length_meaning=f"the tokenized completion {ids_column!r} has {expected_length} tokens",
@@ -102,7 +105,7 @@ def _check_row(column: str, row: int, values: Any, expected_length: int, ids_col
     )  # fmt: skip
 
 
-def _checked_tensor(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
+def _checked_tensor(column: str, row: int | str, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
     """`values` as a float32 tensor; anything `_check_row` would reject raises its message. The common case (a valid
     row, already checked when the dataset was prepared) costs one conversion and one `isfinite`."""
     try:
@@ -114,15 +117,24 @@ def _checked_tensor(column: str, row: int, values: Any, expected_length: int, id
     return tensor
 
 
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """The columns of `dataset`. A streamed dataset whose features are unknown (`IterableDataset.from_generator`, or
+    any `map` over a stream) reports none, so its first row is read (streams restart on every iteration)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset), {}))
+
+
 def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int] | None = None) -> list[str]:
     """Check every per-token column of a tokenized preference dataset; return the names found.
 
     Raises `ValueError` naming the column, the row (`row_ids[i]` if given, i.e. the row of the user's dataset), both
     lengths and the fix, for a length mismatch, a non-list, a non-number or a NaN/inf. An `IterableDataset` is
-    checked lazily by the collator instead (it cannot be scanned up front without consuming it).
+    checked lazily by the collator instead, with the same messages (it cannot be scanned up front without consuming
+    it); only its column names are read here.
     """
     if isinstance(dataset, IterableDataset):
-        return [name for name in TOKEN_COLUMNS if name in (dataset.column_names or [])]
+        return [name for name in TOKEN_COLUMNS if name in column_names(dataset)]
     present = [name for name in TOKEN_COLUMNS if name in dataset.column_names]
     if not present:
         return present
@@ -147,7 +159,8 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     it returns one `(2B, L)` float tensor, `[chosen rows; rejected rows]` like `input_ids`: zeros over the prompt, the
     completion values, the same `max_length`/`truncation_mode` slice as the ids, right-padded with zeros. A family
     given for one side only is filled on the other side with its neutral value (weight 1, reward 0) over the
-    completion tokens. Lengths are checked again here, so streamed datasets fail with the same message.
+    completion tokens. Every row is checked here too (cheaply when valid), so a streamed dataset fails with the same
+    message as an in-memory one, naming the dataset row when the example carries `ROW_ID_COLUMN`.
     """
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,7 +183,8 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
             if values is None:
                 completion = torch.full((completion_length,), neutral, dtype=torch.float32)
             else:
-                completion = _checked_tensor(column, index, values, completion_length, ids_column)
+                row = example.get(ROW_ID_COLUMN, f"{index} of the batch")
+                completion = _checked_tensor(column, row, values, completion_length, ids_column)
             rows.append(torch.cat([torch.zeros(len(example["prompt_ids"])), completion]))
         return rows
 

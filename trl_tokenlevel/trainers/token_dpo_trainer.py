@@ -31,10 +31,12 @@ from trl.trainer.utils import (
 )
 
 from ..data.token_columns import (
+    ROW_ID_COLUMN,
     TOKEN_BATCH_KEYS,
     TOKEN_COLUMN_FAMILIES,
     TOKEN_COLUMNS,
     DataCollatorForTokenPreference,
+    column_names,
     validate_token_columns,
 )
 from ..ops.chunked import (
@@ -58,8 +60,6 @@ from .token_dpo_config import TokenDPOConfig
 
 logger = get_logger(__name__)
 
-# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
-_ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 # Losses that read the backbone's last hidden state of policy and reference during the fused forward.
 _HIDDEN_STATE_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo")
 _SPARSEPO_MASK_FILE = "sparsepo_mask.pt"
@@ -106,6 +106,13 @@ class TokenDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "trl-tokenlevel"]
     _name = "TokenDPO"
     # `_paper` stays DPO's: every method here is a token-level form of the DPO objective.
+
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (stock DPO: every override defers to `DPOTrainer`).
+    token_loss_type = None
+    guidance_model = None
+    aligndistil_teachers = None
+    sparsepo_masks = None
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -336,16 +343,21 @@ class TokenDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.token_loss_type is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        user_columns = list(dataset.column_names or [])
+        user_columns = column_names(dataset)
         has_token_columns = any(name in user_columns for name in TOKEN_COLUMNS)
-        track_rows = isinstance(dataset, Dataset) and has_token_columns
-        if track_rows:
-            dataset = dataset.add_column(_ROW_ID_COLUMN, list(range(len(dataset))))
+        streamed = isinstance(dataset, IterableDataset)
+        if has_token_columns:
+            # Row numbers of the user's dataset, through TRL's tokenization (which may drop rows): checked here for a
+            # map-style dataset, by the collator for a stream (which keeps the column).
+            if streamed:
+                dataset = dataset.map(lambda _, index: {ROW_ID_COLUMN: index}, with_indices=True)
+            else:
+                dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         row_ids = None
-        if track_rows:
-            row_ids = dataset[_ROW_ID_COLUMN]
-            dataset = dataset.remove_columns(_ROW_ID_COLUMN)
+        if has_token_columns and not streamed:
+            row_ids = dataset[ROW_ID_COLUMN]
+            dataset = dataset.remove_columns(ROW_ID_COLUMN)
         present = validate_token_columns(dataset, row_ids)
         self._check_token_columns(present, dataset_name, user_columns)
         return dataset
@@ -354,7 +366,7 @@ class TokenDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         # `remove_unused_columns=True` (the default) keeps only signature columns: add ours so they reach the collator.
         if self.token_loss_type is not None and not self._is_vision_dataset:
-            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS]
+            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS, ROW_ID_COLUMN]
 
     # ------------------------------------------------------------------------------------------------------------
     # Reference log-probs: live (separate model or adapter-disabled PEFT) or precomputed per token

@@ -196,6 +196,22 @@ class TokenGRPOTrainer(GRPOTrainer):
     _name = "TokenGRPO"
     # `_paper` stays GRPO's (DeepSeekMath): every method here reshapes the GRPO objective token by token.
 
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (TRL's tests call them on stand-ins; a subclass may skip our __init__):
+    # token features are then off and every override defers to `GRPOTrainer`.
+    _token_enabled = False
+    token_advantage_fn = None
+    token_reward_model = None
+    token_reward_ref_model = None
+    _hapo_processor = None
+    _expert_batches = None
+    # Per-call state (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
+    _cached_forward = None
+    _pending_selection = None
+    _rollout_capture_request = None
+    _rollout_capture = None
+    _last_rewards_per_func = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -260,13 +276,6 @@ class TokenGRPOTrainer(GRPOTrainer):
                     reward_processing_classes = [reward_processing_classes]
                 reward_processing_classes = [*reward_processing_classes, None]
 
-        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
-        self._cached_forward = None
-        self._pending_selection = None
-        self._rollout_capture_request = None
-        self._rollout_capture = None
-        self._last_rewards_per_func = None
-
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -283,10 +292,6 @@ class TokenGRPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
-        self._hapo_processor = None
-        self.token_reward_model = None
-        self.token_reward_ref_model = None
-        self._expert_batches = None
         if not self._token_enabled:
             return
 
@@ -440,12 +445,12 @@ class TokenGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, **kwargs):  # fmt: skip
         # The training forward of `_compute_loss` was already run by us (to shape the batch from its entropy): hand
         # TRL's loss the same tensors instead of a second forward.
-        if self._cached_forward is not None and compute_entropy:
+        if isinstance(self._cached_forward, tuple) and compute_entropy:
             cached, self._cached_forward = self._cached_forward, None
             return cached
         # Rollout stage: TRL's own old-log-prob forward also yields the entropy (and the hidden states) we need.
         request = self._rollout_capture_request
-        if request is not None and model is self.model and not compute_entropy:
+        if isinstance(request, dict) and model is self.model and not compute_entropy:
             self._rollout_capture_request = None
             with self._maybe_capture_hidden(model, request["hidden"]) as store:
                 logps, entropies, aux = super()._get_per_token_logps_and_entropies(
@@ -832,7 +837,8 @@ class TokenGRPOTrainer(GRPOTrainer):
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         # During our `_compute_loss`, TRL's entropy-mask branch receives the token selection made at shaping time.
-        if self._pending_selection is not None:
+        # (A tensor check, not `is not None`: TRL's tests call this on a `Mock(spec=...)` whose attributes are Mocks.)
+        if isinstance(self._pending_selection, torch.Tensor):
             selected, self._pending_selection = self._pending_selection, None
             return selected.bool() & mask.bool()
         return super().get_high_entropy_mask(entropies, mask, threshold)

@@ -25,6 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import get_config_model_id
 
 from ..data.sft_columns import ROW_ID_COLUMN, TOKEN_WEIGHTS_COLUMN, DataCollatorForTokenSFT, prepare_token_weights
+from ..data.token_columns import column_names
 from ..ops.chunked import backbone_hidden_states, chunked_token_logprobs, lm_head_params
 from ..ops.sft import (
     attention_prompt_mass,
@@ -80,6 +81,14 @@ class TokenSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "trl-tokenlevel"]
     _name = "TokenSFT"
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (stock SFT: every override defers to `SFTTrainer`).
+    token_loss_type = None
+    token_selection = None
+    _token_mode = False
+    otr_generator = None
+    _history_model = None
+    _history_pairs = ()
 
     def __init__(
         self,
@@ -309,15 +318,18 @@ class TokenSFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if self.token_loss_type != "weighted":
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        column_names = dataset.column_names or []
-        if TOKEN_WEIGHTS_COLUMN not in column_names:
+        columns = column_names(dataset)
+        if TOKEN_WEIGHTS_COLUMN not in columns:
             raise ValueError(
                 f"token_loss_type='weighted' needs a {TOKEN_WEIGHTS_COLUMN!r} column (one float per loss token), but "
-                f"the {dataset_name} dataset has columns {column_names}. Build it from "
+                f"the {dataset_name} dataset has columns {columns}. Build it from "
                 "`trl_tokenlevel.data.sft_columns.tokenize_sft_dataset(dataset, tokenizer)['labels']`."
             )
+        # Row numbers of the user's dataset for error messages (a stream's rows are checked lazily, as they come).
         if isinstance(dataset, Dataset):
             dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+        else:
+            dataset = dataset.map(lambda _, index: {ROW_ID_COLUMN: index}, with_indices=True)
         # TRL's preparation up to the labels, with nothing truncated, packed or shuffled yet: the weights are checked
         # against the full tokenization, then truncated/packed together with the ids (`prepare_token_weights`).
         untruncated = _ArgsView(args, max_length=None, shuffle_dataset=False)
