@@ -183,7 +183,7 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
             if values is None:
                 completion = torch.full((completion_length,), neutral, dtype=torch.float32)
             else:
-                row = example.get(ROW_ID_COLUMN, f"{index} of the batch")
+                row = example.get(ROW_ID_COLUMN, index)
                 completion = _checked_tensor(column, row, values, completion_length, ids_column)
             rows.append(torch.cat([torch.zeros(len(example["prompt_ids"])), completion]))
         return rows
