@@ -100,6 +100,14 @@ class TokenDPOConfig(DPOConfig):
             TGDPO online mode from the command line: path or Hub id of the frozen token-reward model (a DPO-trained
             model sharing the policy's tokenizer). Python users can pass `guidance_model=` to the trainer instead.
 
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
+
     > [!NOTE]
     > Token-level losses are defined on the sigmoid DPO objective over summed log-ratios: they require
     > `loss_type="sigmoid"`, `ld_alpha=None`, `f_divergence_type="reverse_kl"` and `use_weighting=False`.
@@ -172,6 +180,12 @@ class TokenDPOConfig(DPOConfig):
     aligndistil_reverse_model_name_or_path: str | None = field(
         default=None, metadata={"help": "AlignDistil reverse-DPO teacher (path or Hub id)."}
     )
+
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()

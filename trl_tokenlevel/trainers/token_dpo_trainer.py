@@ -30,6 +30,7 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
+from ..checks import check_same_hidden_size, check_same_vocabulary, check_tokenizer_fits
 from ..data.token_columns import (
     ROW_ID_COLUMN,
     TOKEN_BATCH_KEYS,
@@ -55,8 +56,9 @@ from ..ops.preference import (
     weighted_dpo_loss,
 )
 from ..signals.masks import SparsePOMask
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
-from .token_dpo_config import TokenDPOConfig
+from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
 
 logger = get_logger(__name__)
 
@@ -150,6 +152,7 @@ class TokenDPOTrainer(DPOTrainer):
         self.aligndistil_teachers = self._load_aligndistil_teachers(args, aligndistil_teachers)
 
         if self.token_loss_type is not None:
+            check_policy(model, processing_class)
             if processing_class is None:
                 processing_class = AutoProcessor.from_pretrained(
                     model if isinstance(model, str) else get_config_model_id(model.config),
@@ -173,6 +176,8 @@ class TokenDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+        if self.token_loss_type is not None and self.ref_model is not None:
+            self._check_reference()
         if self.guidance_model is not None:
             add_fused_lm_head(self.guidance_model)
             self.guidance_model = self._prepare_frozen(self.guidance_model, "guidance_model")
@@ -189,6 +194,8 @@ class TokenDPOTrainer(DPOTrainer):
             self.sparsepo_masks = self._build_sparsepo_masks()
             # `Trainer` zeroes only the model's gradients after each optimizer step; the masks live beside it.
             self.add_callback(_ZeroGradientsAfterStep(self.sparsepo_masks))
+        if nonfinite_guard_enabled(args, self.token_loss_type is not None):
+            self.add_callback(NonFiniteWeightsGuard(self.sparsepo_masks or ()))
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -279,13 +286,25 @@ class TokenDPOTrainer(DPOTrainer):
                 self.accelerator.unwrap_model(mask).load_state_dict(state)
 
     def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
-        policy_width = self.model.get_output_embeddings().weight.shape[0]
-        other_width = other.get_output_embeddings().weight.shape[0]
-        if policy_width != other_width:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_width} tokens but the policy's covers {policy_width}. Token "
-                "rewards need the same tokenizer and vocabulary: use a model fine-tuned from the same base."
-            )
+        check_same_vocabulary(self.model, "model", other, name, "token rewards and teachers score the policy's tokens")
+
+    def _check_reference(self) -> None:
+        """The reference must score the policy's tokens; full-distribution losses compare whole distributions, and
+        SparsePO's mask networks (sized from the policy) read the reference's layers."""
+        check_tokenizer_fits(self.processing_class, self.ref_model, "ref_model")
+        if self.token_loss_type in FULL_DISTRIBUTION_LOSS_TYPES:
+            check_same_vocabulary(self.model, "model", self.ref_model, "ref_model",
+                                  "the per-token KL compares the two next-token distributions")  # fmt: skip
+        if self.token_loss_type == "sparsepo":
+            why = "SparsePO's mask networks are sized from the policy and read the reference's layer outputs"
+            check_same_hidden_size(self.model, "model", self.ref_model, "ref_model", why)
+            layers = [causal_lm_of(m, self.accelerator).config.get_text_config().num_hidden_layers
+                      for m in (self.model, self.ref_model)]  # fmt: skip
+            if layers[0] != layers[1]:
+                raise ValueError(
+                    f"`ref_model` has {layers[1]} layers but `model` has {layers[0]}: {why}. Use a reference of the "
+                    "same architecture (e.g. the policy's initial weights)."
+                )
 
     # Which per-token column family each token loss reads (the others are ignored, with a warning).
     _FAMILY_OF_LOSS = {"weighted": "token_weights", "cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards"}

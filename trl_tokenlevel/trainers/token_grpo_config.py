@@ -154,6 +154,14 @@ class TokenGRPOConfig(GRPOConfig):
             CHORD-φ (`"phi"`), CHORD-μ (`"none"`, plain NLL) or `"is"` (DFT); probability cutoff; token-mean (True) or
             mean of per-sequence token means.
 
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
+
     > [!NOTE]
     > Token options are opt-in and independent: a selection, an advantage method, a token-reward source, RMT and
     > CHORD can be combined. TRL's own `top_entropy_quantile` must stay at 1.0 when `token_selection` is set.
@@ -301,6 +309,12 @@ class TokenGRPOConfig(GRPOConfig):
     )
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
     chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
+
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
 
     @property
     def token_features_enabled(self) -> bool:

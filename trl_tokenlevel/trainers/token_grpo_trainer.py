@@ -39,6 +39,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
+from ..checks import check_same_vocabulary
 from ..generation.processors import AdaptiveTemperatureLogitsProcessor
 from ..ops.advantages import (
     TOKEN_ADVANTAGE_METHODS,
@@ -57,6 +58,7 @@ from ..ops.selection import all_gather_variable_length, high_entropy_token_mask,
 from ..ops.sft import chord_mu, chord_sft_loss
 from ..rewards.grpo_rewards import RMTLengthReward
 from ..signals.preference import token_implicit_rewards
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .hooks import capture_last_hidden_state, causal_lm_of
 from .token_grpo_config import TokenGRPOConfig
 
@@ -255,6 +257,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         self._token_enabled = token_advantage_fn is not None or (
             token_args is not None and token_args.token_features_enabled
         )
+        if self._token_enabled:
+            check_policy(model, processing_class)
 
         # RMT's length reward is one more reward function, appended before TRL sets up the reward bookkeeping.
         if token_args is not None and token_args.rmt_budget_init is not None:
@@ -292,6 +296,8 @@ class TokenGRPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        if nonfinite_guard_enabled(args, self._token_enabled):
+            self.add_callback(NonFiniteWeightsGuard())
         if not self._token_enabled:
             return
 
@@ -326,13 +332,8 @@ class TokenGRPOTrainer(GRPOTrainer):
     def _load_frozen(self, model: PreTrainedModel | str, name: str) -> PreTrainedModel:
         if isinstance(model, str):
             model = create_model_from_path(model, **dict(self.args.model_init_kwargs or {}))
-        policy_vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
-        other_vocab = model.get_output_embeddings().weight.shape[0]
-        if policy_vocab != other_vocab:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_vocab} tokens but the policy's covers {policy_vocab}: token "
-                "rewards need the policy's tokenizer and vocabulary (a model fine-tuned from the same base)."
-            )
+        check_same_vocabulary(self.accelerator.unwrap_model(self.model), "model", model, name,
+                              "token rewards score the policy's tokens")  # fmt: skip
         if self.args.disable_dropout:
             disable_dropout_in_model(model)
         model.requires_grad_(False)

@@ -99,6 +99,14 @@ class TokenSFTConfig(SFTConfig):
         sstoken_select_scope (`str`, *optional*, defaults to `"sequence"`):
             Keep the top ρ of each `"sequence"`'s tokens, or of all the micro-batch's tokens (`"batch"`).
 
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
+
     > [!NOTE]
     > Token-level losses need the fused per-token log-probabilities: they require `loss_type="nll"` (except a token
     > selection alone, which also masks `"dft"`) and `label_smoothing_factor=0`. ssToken selects per padded row, so it
@@ -170,6 +178,12 @@ class TokenSFTConfig(SFTConfig):
         default="sequence",
         metadata={"help": "ssToken top-rho scope: 'sequence' or 'batch'.", "choices": list(SSTOKEN_SCOPES)},
     )
+
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()

@@ -42,6 +42,7 @@ from ..ops.sft import (
     ss_token_scores,
     ss_token_select,
 )
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .token_sft_config import TokenSFTConfig
 
 HISTORY_CHECKPOINT_NAME = "sstoken_history.safetensors"
@@ -123,6 +124,7 @@ class TokenSFTTrainer(SFTTrainer):
         self._history_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
 
         if self._token_mode:
+            check_policy(model, processing_class)
             if compute_loss_func is not None:
                 raise ValueError(
                     "`compute_loss_func` replaces the loss with one computed from full logits, which token-level SFT "
@@ -148,6 +150,8 @@ class TokenSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        if nonfinite_guard_enabled(args, self._token_mode):
+            self.add_callback(NonFiniteWeightsGuard())
         if not self._token_mode:
             return
 
@@ -474,6 +478,15 @@ class TokenSFTTrainer(SFTTrainer):
         Returns `(samples [N, K], raw logits at [samples, gold] [N, K + 1] or None)`.
         """
         args = self.args
+        # A sampler fed NaN/inf logits fails deep in torch ("invalid multinomial distribution") or, for Gumbel-max,
+        # silently draws garbage: name the cause instead.
+        for what, tensor in (("hidden states", rows), ("LM-head weights", head["weight"])):
+            if not bool(torch.isfinite(tensor).all()):
+                raise FloatingPointError(
+                    f"OTR cannot sample at step {self.state.global_step}: the policy's {what} are not finite (NaN/inf), "
+                    "so its logits are not a distribution. The weights diverged in an earlier step: lower the learning "
+                    "rate or set max_grad_norm, and resume from the last checkpoint."
+                )
         if args.otr_sampler == "gumbel":
             # `gumbel_max_sample_chunked` projects `W h + b`: fold the logit scale into the temperature.
             samples = gumbel_max_sample_chunked(
@@ -481,11 +494,20 @@ class TokenSFTTrainer(SFTTrainer):
                 temperature=args.otr_temperature / head["logit_scale"], generator=self.otr_generator,
             )  # fmt: skip
             return samples, None
-        return sample_tokens_tiled(
-            rows, head["weight"], head["bias"], args.otr_num_samples, args.otr_temperature,
-            logit_scale=head["logit_scale"], softcap=head["softcap"], generator=self.otr_generator,
-            extra_indices=gold.unsqueeze(-1),
-        )  # fmt: skip
+        try:
+            return sample_tokens_tiled(
+                rows, head["weight"], head["bias"], args.otr_num_samples, args.otr_temperature,
+                logit_scale=head["logit_scale"], softcap=head["softcap"], generator=self.otr_generator,
+                extra_indices=gold.unsqueeze(-1),
+            )  # fmt: skip
+        except RuntimeError as error:
+            if "multinomial" not in str(error):
+                raise
+            raise FloatingPointError(
+                f"OTR cannot sample at step {self.state.global_step}: the policy's logits overflow to non-finite "
+                f"values at otr_temperature={args.otr_temperature}. Raise otr_temperature, lower the learning rate or "
+                "train in fp32/bf16 instead of fp16."
+            ) from error
 
     def _otr_position_losses(self, mode, log_probs, valid, labels, hidden) -> torch.Tensor:
         """OTR loss `[N]` at the N valid positions, from the hidden states the fused forward produced."""
