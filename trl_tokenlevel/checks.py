@@ -32,16 +32,18 @@ def check_number(
     high_open: bool = False,
     integer: bool = False,
     optional: bool = False,
+    infinite: bool = False,
 ) -> None:
     """Raise `ValueError` unless `value` is a finite number (an integer with `integer=True`) in the given interval.
 
-    `why` completes "valid range ... because ..." (e.g. "it is a probability"). `optional=True` accepts `None`.
+    `why` completes "valid range ... because ..." (e.g. "it is a probability"). `optional=True` accepts `None`;
+    `infinite=True` accepts ±inf (a threshold that is never or always crossed), never NaN.
     """
     if value is None and optional:
         return
     kind = "an integer" if integer else "a number"
     is_number = isinstance(value, Integral if integer else Real) and not isinstance(value, bool)
-    in_range = is_number and math.isfinite(value)
+    in_range = is_number and (math.isfinite(value) or (infinite and not math.isnan(value)))
     if in_range and low is not None:
         in_range = value > low if low_open else value >= low
     if in_range and high is not None:
@@ -49,7 +51,7 @@ def check_number(
     if in_range:
         return
     interval = _interval(low, high, low_open, high_open)
-    none_text = " (or None)" if optional else ""
+    none_text = (" (or None)" if optional else "") + (" (±inf allowed, not NaN)" if infinite else "")
     raise ValueError(
         f"{name}={value!r} is out of range: it must be {kind} {interval}{none_text} because {why}. "
         f"Set {name} to a value {interval}."

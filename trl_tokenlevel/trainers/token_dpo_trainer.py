@@ -281,9 +281,31 @@ class TokenDPOTrainer(DPOTrainer):
             path = os.path.join(resume_from_checkpoint, _SPARSEPO_MASK_FILE)
             if not os.path.exists(path):
                 raise ValueError(f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run.")
+            self._load_sparsepo_masks(path)
+
+    def _load_sparsepo_masks(self, path: str) -> None:
+        """Load the mask networks from `path`, naming the file and the mismatch if it was saved for another setup."""
+        masks = [self.accelerator.unwrap_model(mask) for mask in self.sparsepo_masks]
+        fix = (
+            "Resume with the model and sparsepo_independent_masks setting of the run that wrote it, or delete the "
+            "file to start the masks afresh."
+        )
+        try:
             states = torch.load(path, map_location=self.accelerator.device)
-            for mask, state in zip(self.sparsepo_masks, states, strict=True):
-                self.accelerator.unwrap_model(mask).load_state_dict(state)
+        except Exception as error:  # a truncated or foreign file: torch raises many different types
+            raise ValueError(f"{path} is not a readable SparsePO mask file ({error}). {fix}") from error
+        if not isinstance(states, list) or len(states) != len(masks):
+            count = len(states) if isinstance(states, list) else type(states).__name__
+            raise ValueError(f"{path} holds {count} mask network(s), this run builds {len(masks)}. {fix}")
+        for index, (mask, state) in enumerate(zip(masks, states)):
+            expected = {name: tuple(tensor.shape) for name, tensor in mask.state_dict().items()}
+            found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+            if found != expected:
+                raise ValueError(
+                    f"{path}: mask network {index} has parameter shapes {found}, but this model needs {expected} "
+                    f"(layers x hidden size): the file was saved for another model. {fix}"
+                )
+            mask.load_state_dict(state)
 
     def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
         check_same_vocabulary(self.model, "model", other, name, "token rewards and teachers score the policy's tokens")
@@ -427,7 +449,35 @@ class TokenDPOTrainer(DPOTrainer):
         if not os.path.exists(cache_file):
             self._write_ref_cache(dataset, name, batch_size, fingerprint[0], cache_file)
         self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        return concatenate_datasets([dataset, self._read_ref_cache(cache_file, dataset, name)], axis=1)
+
+    @staticmethod
+    def _read_ref_cache(cache_file: str, dataset: Dataset, name: str) -> Dataset:
+        """The cached per-token reference columns, checked against `dataset` row by row (an interrupted write or a
+        foreign file must not silently misalign the reference)."""
+        fix = f"Delete {cache_file} and run again: the per-token reference log-probs are recomputed."
+        try:
+            cache = Dataset.from_file(cache_file)
+        except Exception as error:  # pyarrow raises several types for a truncated file
+            raise ValueError(f"The per-token reference cache {cache_file} is unreadable ({error}). {fix}") from error
+        if len(cache) != len(dataset) or not {"ref_chosen_token_logps", "ref_rejected_token_logps"} <= set(
+            cache.column_names
+        ):
+            raise ValueError(
+                f"The per-token reference cache {cache_file} has {len(cache)} rows and columns {cache.column_names}, "
+                f"but the {name} dataset has {len(dataset)} rows and needs 'ref_chosen_token_logps' and "
+                f"'ref_rejected_token_logps': it is stale. {fix}"
+            )
+        for side in ("chosen", "rejected"):
+            lengths = [len(ids) for ids in dataset[f"{side}_ids"]]
+            cached = [len(values) for values in cache[f"ref_{side}_token_logps"]]
+            if lengths != cached:
+                row = next(i for i, (a, b) in enumerate(zip(lengths, cached)) if a != b)
+                raise ValueError(
+                    f"The per-token reference cache {cache_file} is stale: row {row} has {cached[row]} reference "
+                    f"log-probs for {lengths[row]} tokens of '{side}_ids'. {fix}"
+                )
+        return cache
 
     def _write_ref_cache(self, dataset, name, batch_size, fingerprint, cache_file) -> None:
         if self.is_deepspeed_enabled and self.ref_model is None:
