@@ -8,6 +8,7 @@ per-sequence truncation, right padding with zeros; `tensor[:, 1:]` then lines up
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +29,10 @@ TOKEN_COLUMN_FAMILIES = {
     "ref_token_logps": ("ref_chosen_token_logps", "ref_rejected_token_logps", 0.0),
 }
 TOKEN_BATCH_KEYS = tuple(TOKEN_COLUMN_FAMILIES)
+WEIGHT_COLUMNS = TOKEN_COLUMN_FAMILIES["token_weights"][:2]
+# Token weights above this magnitude are accepted with a warning (by design: the loss stays finite, but such weights are
+# almost always a unit or normalisation mistake).
+LARGE_WEIGHT = 1e3
 # Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages. A
 # streamed dataset keeps it up to the collator, which validates its rows lazily.
 ROW_ID_COLUMN = "__trl_tokenlevel_row__"
@@ -139,6 +144,7 @@ def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int
     if not present:
         return present
     ids_columns = sorted({TOKEN_COLUMNS[name] for name in present})
+    largest = {}  # weight column -> (|value|, row) of its largest weight
     index = 0
     for batch in dataset.select_columns(present + ids_columns).iter(batch_size=1024):
         size = len(batch[ids_columns[0]])
@@ -146,8 +152,19 @@ def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int
             row = row_ids[index + offset] if row_ids is not None else index + offset
             for name in present:
                 ids_column = TOKEN_COLUMNS[name]
-                _check_row(name, row, batch[name][offset], len(batch[ids_column][offset]), ids_column)
+                values = batch[name][offset]
+                _check_row(name, row, values, len(batch[ids_column][offset]), ids_column)
+                if name in WEIGHT_COLUMNS and values:
+                    largest[name] = max(largest.get(name, (0.0, row)), (max(abs(v) for v in values), row))
         index += size
+    for name, (value, row) in largest.items():
+        if value > LARGE_WEIGHT:
+            warnings.warn(
+                f"Column {name!r}, row {row}: a token weight of magnitude {value:g} (> {LARGE_WEIGHT:g}). Weights "
+                "multiply log-ratios inside a sigmoid, so such values saturate it and make the gradients of the "
+                "other tokens vanish; the run goes on, but check how the weights were computed (e.g. normalise them).",
+                stacklevel=2,
+            )
     return present
 
 
