@@ -66,7 +66,8 @@ class TokenDPOConfig(DPOConfig):
         cdpo_aggregation (`str`, *optional*, defaults to `"sequence"`):
             cDPO aggregation. `"sequence"` (paper): one sigmoid per pair over weighted token sums. `"per_token"`
             (official code): one sigmoid per aligned position, mean over all positions. `"per_token_completion"`:
-            mean over positions where either side is a completion token.
+            mean over positions where either side is a completion token, counted per micro-batch (with gradient
+            accumulation, micro-batch means are averaged; see the cDPO section of the docs).
         tdpo_alpha (`float`, *optional*, defaults to `0.5`):
             TDPO2 weight α of the sequential-KL difference (TDPO1 ignores it).
         sparsepo_independent_masks (`bool`, *optional*, defaults to `False`):
