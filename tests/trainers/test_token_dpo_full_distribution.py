@@ -109,13 +109,13 @@ def test_mapo_resid_mask_matches_hidden_state_reference(tiny_model_path, tiny_to
     trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="mapo",
                                       mapo_hooks="resid")  # fmt: skip
     captured = {}
-    original = trainer._distribution_signals
+    original = trainer._token_masks
 
     def spy(*args, **kwargs):
         captured.update(original(*args, **kwargs))
         return captured
 
-    trainer._distribution_signals = spy
+    trainer._token_masks = spy
     trainer.compute_loss(trainer.model, batch)
     ref = load(tiny_model_path)
     layer_outputs = []
