@@ -17,7 +17,7 @@ FULL_DISTRIBUTION_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo", "aligndist
 TOKEN_LOSS_TYPES = TOKEN_SCALAR_LOSS_TYPES + FULL_DISTRIBUTION_LOSS_TYPES
 TOKEN_KERNELS = ("auto", "trl", "liger", "torch")
 MAPO_HOOK_SETS = ("all", "resid")
-ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast")
+ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
 CDPO_AGGREGATIONS = ("sequence", "per_token", "per_token_completion")
 TREG_REG_FORMS = ("logratio", "logprob")
 TREG_REG_REDUCTIONS = ("sum", "mean")
@@ -92,8 +92,9 @@ class TokenDPOConfig(DPOConfig):
         aligndistil_temperature (`float`, *optional*, defaults to `1.0`):
             AlignDistil τ applied to student and teacher logits.
         aligndistil_mode (`str`, *optional*, defaults to `"aligndistil"`):
-            `"aligndistil"` (adaptive contrastive teacher), or the ablations `"theorem1"` (uses the reference model) and
-            `"theorem1_contrast"`.
+            `"aligndistil"` (adaptive contrastive teacher), or the ablations `"theorem1"` (uses the reference model),
+            `"theorem1_contrast"` (constant ω) and `"theorem1_adaptive"` (adaptive ω, linear interpolation
+            `ω_t·z^d + (1 − ω_t)·z^r` between the two teachers' logits, coefficient β/ω_t).
         aligndistil_len_norm (`bool`, *optional*, defaults to `True`):
             Divide each sequence's loss by its number of completion tokens.
         aligndistil_official_positions (`bool`, *optional*, defaults to `False`):

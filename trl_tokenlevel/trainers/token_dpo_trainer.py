@@ -687,13 +687,16 @@ class TokenDPOTrainer(DPOTrainer):
         if heads[1]["softcap"] is not None or heads[2]["softcap"] is not None:
             raise ValueError("AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported.")
 
-        if args.aligndistil_mode == "aligndistil":
+        if args.aligndistil_mode in ("aligndistil", "theorem1_adaptive"):
             tvd = chunked_total_variation(
                 dpo_hidden, heads[1]["weight"], second_hidden, heads[2]["weight"], bias_a=heads[1]["bias"],
                 bias_b=heads[2]["bias"], logit_scale_a=heads[1]["logit_scale"], logit_scale_b=heads[2]["logit_scale"],
             )  # fmt: skip
             omega = beta2 * tvd + 1e-3
-            first_coef, second_coef, token_coef = 1 + omega, -omega, beta / omega
+            # aligndistil: z^d + ω(z^d − z^r); theorem1_adaptive: ω·z^d + (1 − ω)·z^r.
+            adaptive = args.aligndistil_mode == "theorem1_adaptive"
+            first_coef, second_coef = (omega, 1 - omega) if adaptive else (1 + omega, -omega)
+            token_coef = beta / omega
         else:
             ratio = torch.full((dpo_hidden.shape[0],), beta / beta2, device=dpo_hidden.device)
             first_coef, second_coef = (ratio, 1 - ratio) if args.aligndistil_mode == "theorem1" else (1 + ratio, -ratio)
