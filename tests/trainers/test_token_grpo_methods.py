@@ -57,7 +57,8 @@ METHODS = {
     "d3s": ({"token_advantage": "d3s"}, ["token/d3s/kept_tokens_frac", "token/d3s/sample_keep_ratio"]),
     "tw_grpo": ({"token_advantage": "tw_grpo"}, ["token/tw_weight/max"]),
     "tempo": ({"token_advantage": "tempo"}, ["token/adv_after/max"]),
-    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1},
+    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1,
+             "rmt_ntp_source": "unselected"},
             ["token/rmt_ntp_loss", "rewards/rmt_length/mean", "rmt/budget"]),  # fmt: skip
     "hapo_rollout_stage_ga2": ({"token_advantage": "hapo", "gradient_accumulation_steps": 2, "max_steps": 2},
                                ["token/hapo/eps_high/mean"]),  # fmt: skip
@@ -199,7 +200,8 @@ def test_hapo_processor_drives_rollout_temperature(tiny_model_path, tokenizer, t
          "steps_per_generation=1"),
         ({"token_advantage": "hapo", "loss_type": "cispo"}, "not a clipped loss"),
         ({"token_advantage": "gtpo", "gtpo_entropy_filter": "readme"}, "initial policy"),
-        ({"rmt_ntp_coef": 0.5}, "token_selection"),
+        ({"rmt_ntp_coef": 0.5, "rmt_ntp_source": "unselected"}, "token_selection"),
+        ({"rmt_ntp_source": "documents"}, "rmt_ntp_source"),
         ({"token_advantage": "nope"}, "token_advantage='nope'"),
         ({"token_selection": "entropy_quantile", "entropy_top_ratio": 1.5}, "entropy_top_ratio"),
     ],
@@ -490,3 +492,107 @@ def test_chord_two_processes_equal_one_batch(tiny_model_path, tokenizer, tmp_pat
     params = torch.load(out / "params.pt")
     for name, param in one.model.named_parameters():
         torch.testing.assert_close(param.detach(), params[name], atol=2e-7, rtol=0, msg=f"parameter {name} differs")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMT on a corpus: curriculum-sampled next-token prompts, NTP on the other corpus tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rmt_rows(tiny_model_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+    from trl_tokenlevel.data.rmt import build_rmt_dataset
+
+    documents = [row["prompt"] + row["chosen"] for row in load_tiny_preference_dataset().select(range(4))]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    return documents, model, build_rmt_dataset(documents, tokenizer, model, num_prompts=8, min_context=4,
+                                               curriculum_temperature=1e-4)  # fmt: skip
+
+
+def test_rmt_dataset_targets_follow_the_entropy_curriculum(rmt_rows, tokenizer):
+    """Prompt i of N is the document prefix before a target drawn at progress i/N from the base model's entropies:
+    with a sharp curriculum, the easiest candidate first and the hardest last (the tiny model's entropies differ by
+    ~1e-3 nats, hence τ = 1e-4)."""
+    import torch.nn.functional as F
+
+    from trl_tokenlevel.data.rmt import RMT_INSTRUCTION
+
+    documents, model, rows = rmt_rows
+    assert len(rows) == 8
+    for index, row in enumerate(rows):
+        ids = tokenizer(documents[index % 4], add_special_tokens=False)["input_ids"]
+        position = row["rmt_target_position"]
+        assert row["rmt_document_ids"] == ids and 4 <= position < len(ids)
+        assert row["prompt"] == tokenizer.decode(ids[:position]) + RMT_INSTRUCTION
+        assert row["rmt_target"] == tokenizer.decode(ids[position : position + 1])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)  # entropy[j] predicts token j + 1
+        candidates = entropy[3:]  # positions 4..L-1
+        assert row["rmt_target_entropy"] == pytest.approx(entropy[position - 1].item(), abs=1e-5)
+        if index == 0:
+            assert position - 1 == 3 + int(candidates.argmin())
+        if index == 7:
+            assert position - 1 == 3 + int(candidates.argmax())
+
+
+def test_rmt_next_token_reward():
+    from trl_tokenlevel.rewards.grpo_rewards import RMTNextTokenReward
+
+    reward = RMTNextTokenReward()
+    assert reward(completions=["so <answer> cat</answer>", "<answer>dog</answer>", "cat"],
+                  rmt_target=[" cat", " cat", "cat"]) == [1.0, 0.0, 0.0]  # fmt: skip
+    with pytest.raises(ValueError, match="rmt_target"):
+        reward(completions=["x"])
+
+
+def test_rmt_corpus_ntp_term_matches_full_logits(rmt_rows, tiny_model_path, tokenizer, tmp_path):
+    """`rmt_ntp_source="corpus"`: the loss gains λ·mean(−log π(x_t|x_<t)) over the tokens of the micro-batch's distinct
+    documents other than their targets, here recomputed from the model's full logits."""
+    import torch.nn.functional as F
+
+    _, _, rows = rmt_rows
+    args = grpo_args(tmp_path, rmt_ntp_coef=0.5, shuffle_dataset=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [0.0] * len(
+                               completion_ids), args=args, processing_class=tokenizer, train_dataset=rows)  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        with_ntp = trainer.compute_loss(trainer.model, dict(inputs)).item()
+        trainer.args.rmt_ntp_coef = 0.0
+        without = trainer.compute_loss(trainer.model, dict(inputs)).item()
+    logged = trainer._metrics["train"]["token/rmt_ntp_loss"][-1]
+
+    documents = {(tuple(r), int(p)) for r, p in zip(inputs["tl_rmt_doc_ids"].tolist(), inputs["tl_rmt_target"].tolist())}
+    total, count = 0.0, 0
+    for padded, target in documents:
+        length = int(inputs["tl_rmt_doc_mask"][inputs["tl_rmt_doc_ids"].tolist().index(list(padded))].sum())
+        ids = torch.tensor([padded[:length]])
+        with torch.no_grad():
+            logps = F.log_softmax(trainer.model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        keep = torch.arange(1, length) != target
+        total, count = total + (-logps[keep]).sum().item(), count + int(keep.sum())
+    assert len(documents) == 2  # 4 rollouts = 2 prompts x 2 generations; each document scored once
+    assert logged == pytest.approx(0.5 * total / count, rel=1e-5)
+    assert with_ntp - without == pytest.approx(0.5 * total / count, rel=1e-4)
+
+
+def test_rmt_corpus_training_end_to_end(rmt_rows, tiny_model_path, tokenizer, tmp_path):
+    from trl_tokenlevel.rewards.grpo_rewards import RMTNextTokenReward
+
+    _, _, rows = rmt_rows
+    args = grpo_args(tmp_path, rmt_ntp_coef=0.1, rmt_budget_init=8, rmt_budget_min=2, shuffle_dataset=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=RMTNextTokenReward(), args=args,
+                               processing_class=tokenizer, train_dataset=rows)  # fmt: skip
+    trainer.train()
+    logged = _last_metrics(trainer)
+    assert logged["token/rmt_ntp_loss"] > 0 and "rewards/rmt_next_token/mean" in logged and "rmt/budget" in logged
+    assert_params_changed(trainer, tiny_model_path)
+    with pytest.raises(ValueError, match="rmt_document_ids"):
+        TokenGRPOTrainer(model=tiny_model_path, reward_funcs=RMTNextTokenReward(), args=args,
+                         processing_class=tokenizer, train_dataset=load_tiny_grpo_dataset().select(range(4)))  # fmt: skip

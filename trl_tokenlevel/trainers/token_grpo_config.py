@@ -26,6 +26,7 @@ RMT_EXPONENT_FORMS = ("as_rendered", "scaled")
 CHORD_WEIGHTINGS = ("phi", "none", "is")
 # TRL loss types whose policy term is the PPO clipped surrogate (HAPO's per-token clip ranges plug into it).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+RMT_NTP_SOURCES = ("corpus", "unselected")
 # TRL loss types without a token count in their normaliser (a constant, or a plain sum): dividing by the selected
 # tokens (`entropy_normalize="selected"`) has no meaning for them.
 UNCOUNTED_LOSS_TYPES = ("dr_grpo", "luspo")
@@ -140,9 +141,12 @@ class TokenGRPOConfig(GRPOConfig):
         rmt_length_reward_weight (`float`, defaults to `1.0`), rmt_length_reward_width (`float` or `None`):
             RMT dynamic token budget `max(B_min, B_0·γ^x)` and its triangular length reward, added as one more
             reward function when `rmt_budget_init` is set (no published defaults: [recon] knobs).
-        rmt_ntp_coef (`float`, defaults to `0.0`):
-            RMT dual objective [recon]: `λ·mean(−log π)` over the valid completion tokens that the token selection
-            left out (needs `token_selection`).
+        rmt_ntp_coef (`float`, defaults to `0.0`), rmt_ntp_source (`str`, defaults to `"corpus"`):
+            RMT dual objective [recon]: `λ·mean(−log π)` of next-token prediction. `"corpus"`: on the corpus tokens of
+            the batch's documents other than the RL targets (rows built by `trl_tokenlevel.data.rmt.build_rmt_dataset`,
+            columns `rmt_document_ids`, `rmt_target_position`; one more forward with gradient). `"unselected"`: on the
+            valid completion tokens that the token selection left out (a transposition to rollouts; needs
+            `token_selection`).
         chord (`bool`, defaults to `False`):
             CHORD ([paper](https://huggingface.co/papers/2508.11408)): mix an expert SFT loss into GRPO,
             `(1 − μ)·L_GRPO + μ·L_SFT`, with φ(p) = p(1 − p) token weights. Needs an expert dataset
@@ -292,7 +296,11 @@ class TokenGRPOConfig(GRPOConfig):
     rmt_length_reward_width: float | None = field(
         default=None, metadata={"help": "RMT length reward half-width (None: the budget)."}
     )
-    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT NTP coefficient on unselected tokens."})
+    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT next-token-prediction coefficient."})
+    rmt_ntp_source: str = field(
+        default="corpus",
+        metadata={"help": "RMT NTP tokens: 'corpus' (documents minus targets) or 'unselected' (rollout tokens)."},
+    )
     # --- CHORD ---------------------------------------------------------------------------------------------------
     chord: bool = field(default=False, metadata={"help": "CHORD: mix an expert SFT loss into GRPO."})
     chord_expert_dataset_name: str | None = field(
@@ -318,6 +326,7 @@ class TokenGRPOConfig(GRPOConfig):
             or self.token_advantage is not None
             or self.token_reward_source is not None
             or self.rmt_budget_init is not None
+            or self.rmt_ntp_coef != 0.0
             or self.chord
         )
 
@@ -366,10 +375,13 @@ class TokenGRPOConfig(GRPOConfig):
         if self.tw_vocab_chunk < 1:
             raise ValueError(f"tw_vocab_chunk must be >= 1, got {self.tw_vocab_chunk}.")
         # Method knobs that do nothing without their method: refuse them rather than silently ignore them.
-        if self.rmt_ntp_coef != 0.0 and self.token_selection is None:
+        if self.rmt_ntp_source not in RMT_NTP_SOURCES:
+            raise ValueError(f"rmt_ntp_source={self.rmt_ntp_source!r}; valid values: {', '.join(RMT_NTP_SOURCES)}.")
+        if self.rmt_ntp_coef != 0.0 and self.rmt_ntp_source == "unselected" and self.token_selection is None:
             raise ValueError(
-                "rmt_ntp_coef > 0 trains next-token prediction on the completion tokens that the token selection left "
-                "out; set token_selection (e.g. 'entropy_quantile') or rmt_ntp_coef=0."
+                "rmt_ntp_coef > 0 with rmt_ntp_source='unselected' trains next-token prediction on the completion "
+                "tokens that the token selection left out; set token_selection (e.g. 'entropy_quantile'), "
+                "rmt_ntp_source='corpus' or rmt_ntp_coef=0."
             )
         if self.token_reward_source is None and (
             self.token_reward_model_name_or_path is not None or self.token_reward_ref_model_name_or_path is not None

@@ -325,6 +325,16 @@ class TokenGRPOTrainer(GRPOTrainer):
             self._setup_token_reward_models(token_reward_model, token_reward_ref_model)
         if uses_chord:
             self._setup_chord(expert_dataset)
+        self._rmt_corpus_ntp = args.rmt_ntp_coef != 0.0 and args.rmt_ntp_source == "corpus"
+        if self._rmt_corpus_ntp:
+            columns = set(getattr(train_dataset, "column_names", None) or [])
+            missing = {"rmt_document_ids", "rmt_target_position"} - columns
+            if missing:
+                raise ValueError(
+                    f"rmt_ntp_coef={args.rmt_ntp_coef} with rmt_ntp_source='corpus' trains next-token prediction on the "
+                    f"corpus documents, but train_dataset lacks the columns {sorted(missing)}. Build the prompts with "
+                    "trl_tokenlevel.data.rmt.build_rmt_dataset, or set rmt_ntp_source='unselected'."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -590,6 +600,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = None
         if self.token_reward_model is not None:
             out["tl_token_rewards"] = self._rto_token_rewards(out)
+        if self._rmt_corpus_ntp and all("rmt_document_ids" in row for row in inputs):
+            out.update(self._rmt_corpus_rows(inputs, device))
         if self._shapes_rollout:
             if capture is None:
                 capture = self._rollout_forward(out, self._needs_hidden)
@@ -866,12 +878,49 @@ class TokenGRPOTrainer(GRPOTrainer):
             loss = loss + penalty / accumulation
             self._metrics[mode]["token/band_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         if self.args.rmt_ntp_coef != 0.0:
-            ntp = rmt_ntp_loss(per_token_logps, valid, selected, ntp_coef=self.args.rmt_ntp_coef)
-            loss = loss + ntp / accumulation
-            self._metrics[mode]["token/rmt_ntp_loss"].append(self.accelerator.gather(ntp.detach()).mean().item())
+            if self.args.rmt_ntp_source == "corpus":
+                ntp = self._rmt_corpus_ntp_loss(model, inputs)
+            else:
+                ntp = rmt_ntp_loss(per_token_logps, valid, selected, ntp_coef=self.args.rmt_ntp_coef)
+            if ntp is not None:
+                loss = loss + ntp / accumulation
+                self._metrics[mode]["token/rmt_ntp_loss"].append(self.accelerator.gather(ntp.detach()).mean().item())
         if self._expert_batches is not None and mode == "train":
             loss = self._chord_mix(model, loss, mode)
         return loss
+
+    def _rmt_corpus_rows(self, rows: list[dict], device) -> dict[str, torch.Tensor]:
+        """Each rollout row's corpus document (right-padded ids and mask) and RL target position, as `(B, ·)` tensors
+        that travel with the rows through TRL's shuffle and split."""
+        documents = [list(row["rmt_document_ids"]) for row in rows]
+        width = max(len(ids) for ids in documents)
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, document in enumerate(documents):
+            ids[i, : len(document)] = torch.tensor(document, dtype=torch.long, device=device)
+            mask[i, : len(document)] = 1
+        target = torch.tensor([int(row["rmt_target_position"]) for row in rows], dtype=torch.long, device=device)
+        return {"tl_rmt_doc_ids": ids, "tl_rmt_doc_mask": mask, "tl_rmt_target": target}
+
+    def _rmt_corpus_ntp_loss(self, model, inputs) -> torch.Tensor | None:
+        """RMT's NTP term on the corpus: `λ·mean(−log π(x_t|x_<t))` over the tokens of this micro-batch's distinct
+        documents other than their RL targets (`ops.advantages.rmt_ntp_loss`), scored by TRL's fused head in one more
+        forward with gradient (the unwrapped module, as CHORD's expert rows). None when the rows carry no document."""
+        ids = inputs.get("tl_rmt_doc_ids")
+        if ids is None:
+            return None
+        mask, target = inputs["tl_rmt_doc_mask"], inputs["tl_rmt_target"]
+        # The completions of one prompt share its document and target: score each distinct one once.
+        keys, inverse = torch.unique(torch.cat([ids, target[:, None]], dim=1), dim=0, return_inverse=True)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        first = torch.full((keys.shape[0],), ids.shape[0], device=ids.device).scatter_reduce(0, inverse, rows, "amin")
+        ids, mask, target = ids[first], mask[first], target[first]
+        logps, _, _ = super()._get_per_token_logps_and_entropies(
+            self.accelerator.unwrap_model(model), ids, mask, ids.shape[1] - 1
+        )
+        predicted = torch.arange(1, ids.shape[1], device=ids.device)[None, :]  # logps[:, j] scores token j + 1
+        return rmt_ntp_loss(logps, mask[:, 1:], predicted == target[:, None], ntp_coef=self.args.rmt_ntp_coef)
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         # During our `_compute_loss`, TRL's entropy-mask branch receives the token selection made at shaping time.
