@@ -98,7 +98,13 @@ class TokenDPOConfig(DPOConfig):
         aligndistil_len_norm (`bool`, *optional*, defaults to `True`):
             Divide each sequence's loss by its number of completion tokens.
         aligndistil_official_positions (`bool`, *optional*, defaults to `False`):
-            Reproduce the official code's off-by-one position mask (positions predicting tokens 2..T+1).
+            Reproduce the official code's position masks: off-policy, positions predicting tokens 2..T+1 (off by
+            one); on-policy, the causal shift without the position predicting the first response token.
+        aligndistil_on_policy (`bool`, *optional*, defaults to `False`):
+            On-policy AlignDistil: each step, one policy sample per prompt (temperature 1, no top-k/top-p), scored by
+            the teachers, replaces the chosen response (the official on-policy recipe uses β₂ = 15).
+        aligndistil_max_new_tokens (`int`, *optional*, defaults to `128`):
+            Longest on-policy sample (the official recipe generates up to 1024).
         aligndistil_dpo_model_name_or_path (`str` or `None`), aligndistil_reverse_model_name_or_path (`str` or `None`):
             AlignDistil teachers (a DPO model and a reverse-DPO model, same tokenizer). Python users can pass
             `aligndistil_teachers=(dpo_model, reverse_model)` to the trainer instead.
@@ -174,7 +180,13 @@ class TokenDPOConfig(DPOConfig):
     )
     aligndistil_len_norm: bool = field(default=True, metadata={"help": "AlignDistil per-sequence length norm."})
     aligndistil_official_positions: bool = field(
-        default=False, metadata={"help": "Reproduce the official AlignDistil off-by-one position mask."}
+        default=False, metadata={"help": "Reproduce the official AlignDistil position masks."}
+    )
+    aligndistil_on_policy: bool = field(
+        default=False, metadata={"help": "AlignDistil on a fresh policy sample per prompt (temperature 1)."}
+    )
+    aligndistil_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest on-policy AlignDistil sample, in tokens."}
     )
     aligndistil_dpo_model_name_or_path: str | None = field(
         default=None, metadata={"help": "AlignDistil DPO teacher (path or Hub id)."}

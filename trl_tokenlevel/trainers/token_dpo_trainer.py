@@ -649,6 +649,42 @@ class TokenDPOTrainer(DPOTrainer):
         self._metrics[mode]["seq_kl/margin"].append((seq_kl_chosen - seq_kl_rejected).abs().mean().item())
         return loss
 
+    @torch.no_grad()
+    def _aligndistil_policy_samples(self, model, input_ids, attention_mask, completion_mask):
+        """On-policy AlignDistil: one sample per prompt from the current policy (temperature 1, no top-k/top-p, up to
+        `aligndistil_max_new_tokens`, ending at EOS), laid out as the DPO batch is (prompt then response, right-padded)
+        with its completion mask. The prompt is every attended token before the chosen response."""
+        prompt_part = attention_mask.bool() & ~completion_mask.bool()
+        prompt_rows = [ids[keep].tolist() for ids, keep in zip(input_ids, prompt_part)]
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos_id = tokenizer.eos_token_id
+        width = max(len(row) for row in prompt_rows)
+        prompts = torch.full((len(prompt_rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        prompt_mask = torch.zeros_like(prompts)
+        for i, row in enumerate(prompt_rows):  # left padding for generation
+            prompts[i, width - len(row) :] = torch.tensor(row, dtype=input_ids.dtype, device=input_ids.device)
+            prompt_mask[i, width - len(row) :] = 1
+        policy = self.accelerator.unwrap_model(model)
+        sampled = policy.generate(
+            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=self.args.aligndistil_max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+        )[:, width:]  # fmt: skip
+        responses = []
+        for row in sampled.tolist():
+            end = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:end])
+        total = max(len(p) + len(r) for p, r in zip(prompt_rows, responses))
+        new_ids = torch.full((len(prompt_rows), total), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_attention = torch.zeros_like(new_ids)
+        new_completion = torch.zeros_like(new_ids)
+        for i, (prompt, response) in enumerate(zip(prompt_rows, responses)):
+            row = torch.tensor(prompt + response, dtype=input_ids.dtype, device=input_ids.device)
+            new_ids[i, : len(row)] = row
+            new_attention[i, : len(row)] = 1
+            new_completion[i, len(prompt) : len(row)] = 1
+        return new_ids, new_attention, new_completion
+
     def _aligndistil_loss(self, model, inputs, return_outputs):
         r"""AlignDistil, off-policy: reverse KL from the policy to a per-token extrapolated teacher on chosen responses.
 
@@ -661,14 +697,25 @@ class TokenDPOTrainer(DPOTrainer):
         batch_size = inputs["input_ids"].shape[0] // 2  # chosen rows only: the student never sees rejected responses
         input_ids, attention_mask = inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size]
         completion_mask = inputs["completion_mask"][:batch_size]
+        if self.args.aligndistil_on_policy:
+            input_ids, attention_mask, completion_mask = self._aligndistil_policy_samples(
+                model, input_ids, attention_mask, completion_mask
+            )
         seq_len = completion_mask.size(1) - 1
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         policy_lm = causal_lm_of(model, self.accelerator)
         with capture_last_hidden_state(policy_lm) as capture:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Default: the standard causal shift. The official code masks unshifted positions (tokens 2..T+1).
-        positions = completion_mask[:, :-1] if self.args.aligndistil_official_positions else completion_mask[:, 1:]
+        # Default: the standard causal shift. The official off-policy code masks unshifted positions (tokens 2..T+1);
+        # its on-policy code shifts but skips the position predicting the first response token.
+        positions = completion_mask[:, 1:]
+        if self.args.aligndistil_official_positions:
+            if self.args.aligndistil_on_policy:
+                first = (completion_mask.cumsum(dim=1) == 1) & completion_mask.bool()
+                positions = positions * ~first[:, 1:]
+            else:
+                positions = completion_mask[:, :-1]
         valid = positions.bool()
         student = capture["hidden"][:, :-1][:, -seq_len:][valid]
 
