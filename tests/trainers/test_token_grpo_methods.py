@@ -470,6 +470,7 @@ def test_chord_window_deals_the_step_rows(tiny_model_path, tokenizer, tmp_path):
     assert {normalizer for _, normalizer in shares} == {float(sum(len(c) for _, c in rows))}
 
 
+@pytest.mark.slow  # ~45 s: two torchrun processes each import TRL and train
 def test_chord_two_processes_equal_one_batch(tiny_model_path, tokenizer, tmp_path):
     """2 CPU processes (torchrun, gloo) with 2 rollouts each equal one process with 4: the ranks draw the same expert
     rows, train their share, and the SFT sum is divided by the step's global count (times the world size, which DDP's
