@@ -847,7 +847,8 @@ class TokenDPOTrainer(DPOTrainer):
         return new_ids, new_attention, new_completion
 
     def _aligndistil_loss(self, model, inputs, return_outputs):
-        r"""AlignDistil, off-policy: reverse KL from the policy to a per-token extrapolated teacher on chosen responses.
+        r"""AlignDistil: reverse KL from the policy to a per-token extrapolated teacher on the chosen responses
+        (off-policy) or on one policy sample per prompt (`aligndistil_on_policy`, `_aligndistil_policy_samples`).
 
         The teacher logits are a linear combination of two heads, `z* = a_t·z^1 + b_t·z^2` (aligndistil:
         `a = 1+ω_t, b = −ω_t` on DPO / reverse-DPO logits), which equals one projection of the concatenated hidden
