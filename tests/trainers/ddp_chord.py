@@ -10,7 +10,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from tests.trainers.test_token_grpo_methods import chord_layout_args, chord_expert_rows  # noqa: E402
+from tests.trainers.test_token_grpo_methods import chord_expert_rows, chord_layout_args  # noqa: E402
 from tests.trainers.test_token_grpo_parity import id_reward  # noqa: E402
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset  # noqa: E402
 from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer  # noqa: E402

@@ -30,7 +30,7 @@ Everything public is re-exported here, so ``from trl_tokenlevel.ops.advantages i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

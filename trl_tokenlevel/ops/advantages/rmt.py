@@ -7,7 +7,6 @@ curriculum over target positions, and the next-token-prediction term ``λ_NTP·m
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -49,7 +48,7 @@ def rmt_length_reward(
     budget: float,
     *,
     length_reward_peak: float = 1.0,
-    length_reward_width: Optional[float] = None,
+    length_reward_width: float | None = None,
 ) -> torch.Tensor:
     """RMT length reward [recon]: triangular, ``peak·max(0, 1 − |ℓ − B|/width)``, peaking at the budget B.
 
@@ -110,7 +109,7 @@ def rmt_sample_targets(
     total_steps: int,
     *,
     num_targets: int = 1,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     **curriculum_knobs,
 ) -> torch.Tensor:
     """RMT curriculum sampling of target positions: ``num_targets`` per row, (B, T) bool (spec §9 (b), [recon]).
