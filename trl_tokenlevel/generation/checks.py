@@ -52,7 +52,8 @@ def check_ead_args(threshold, window, min_dwell) -> None:
     check_number("threshold", threshold, "it is compared with a mean entropy in bits (inf never switches to the "
                  "large model; NaN would compare false everywhere)", infinite=True)  # fmt: skip
     check_number("window", window, "it is the number of recent entropies averaged", low=1, integer=True)
-    check_number("min_dwell", min_dwell, "it is a number of tokens", low=0, integer=True)
+    check_number("min_dwell", min_dwell, "it is the number of tokens generated between two switches", low=1,
+                 integer=True)  # fmt: skip
 
 
 def check_cascade_args(threshold, rule, alpha, target_deferral_rate=None) -> None:
