@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from datasets import Dataset
 
 from trl_tokenlevel.generation import (
     AdaptiveTemperatureLogitsProcessor,
@@ -16,6 +17,7 @@ from trl_tokenlevel.generation import (
     RouterTrainingConfig,
     TokenRouter,
     TokenRouterConfig,
+    build_routing_dataset,
     calibrate_cascade,
     calibrate_router,
     cascade_generate,
@@ -58,6 +60,8 @@ CALL_CASES = {
     "cascade_alpha": ("cascade", {"threshold": -1.0, "alpha": 1.5}, "alpha=1.5"),
     "calibrate_cascade_rate": ("calibrate", {"target_deferral_rate": 2.0}, "target_deferral_rate=2.0"),
     "cached_top_p": ("cached", {"top_p": 1.5}, "top_p=1.5"),
+    "label_top_k_zero": ("label", {"top_k": 0}, "top_k=0"),
+    "label_batch_size_zero": ("label", {"batch_size": 0}, "batch_size=0"),
 }
 
 
@@ -70,6 +74,10 @@ def _call(kind, small, large, ids, mask, **kwargs):
         return cascade_generate(small, large, ids, mask, max_new_tokens=2, **kwargs)
     if kind == "calibrate":
         return calibrate_cascade(small, ids, mask, max_new_tokens=2, **kwargs)
+    if kind == "label":
+        dataset = Dataset.from_list([{"prompt": "1 plus 1?", "completion": " 2"}])
+        return build_routing_dataset(small, large, None, dataset, completion_column="completion",
+                                     reward_fn=lambda *_: 0.0, **kwargs)  # fmt: skip
     return cached_generate(small, ids, mask, max_new_tokens=2, **kwargs)
 
 
