@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ..signals.masks import SPARSEPO_MASK_INITS
 from ..checks import check_choice, check_number
 
 # Token-scalar losses: each needs only gathered per-token log-probs plus a per-token weight or reward.
@@ -76,6 +77,10 @@ class TokenDPOConfig(DPOConfig):
             SparsePO L1 penalties λ_u, λ_d on the masks (halved for a common mask, as in the official code).
         sparsepo_mask_dropout (`float`, *optional*, defaults to `0.01`):
             Dropout inside the SparsePO mask network.
+        sparsepo_mask_init (`str`, *optional*, defaults to `"official"`):
+            SparsePO mask initialisation: `"official"` (the official `simple_all` module's PyTorch `Linear` defaults,
+            U(±1/√H) layer weights and biases, U(±1/√L) mixer, LayerNorm ε of the model) or `"mean_mixer"` (N(0, 1/H)
+            weights, zero biases, mixer 1/L: the initial mask is the mean of the per-layer ReLU scores).
         sparsepo_mask_weight_decay (`float`, *optional*, defaults to `0.01`):
             Weight decay of the mask parameters (own optimizer group, same learning rate).
         mapo_hooks (`str`, *optional*, defaults to `"all"`):
@@ -157,6 +162,10 @@ class TokenDPOConfig(DPOConfig):
     sparsepo_l1_reward: float = field(default=0.0, metadata={"help": "SparsePO L1 penalty on the reward mask."})
     sparsepo_l1_kl: float = field(default=0.0, metadata={"help": "SparsePO L1 penalty on the KL mask."})
     sparsepo_mask_dropout: float = field(default=0.01, metadata={"help": "Dropout inside the SparsePO mask network."})
+    sparsepo_mask_init: str = field(
+        default="official",
+        metadata={"help": "SparsePO mask initialisation.", "choices": list(SPARSEPO_MASK_INITS)},
+    )
     sparsepo_mask_weight_decay: float = field(
         default=0.01, metadata={"help": "Weight decay of the SparsePO mask parameters."}
     )
@@ -194,6 +203,7 @@ class TokenDPOConfig(DPOConfig):
         for name, value, choices in (
             ("token_kernel", self.token_kernel, TOKEN_KERNELS),
             ("mapo_hooks", self.mapo_hooks, MAPO_HOOK_SETS),
+            ("sparsepo_mask_init", self.sparsepo_mask_init, SPARSEPO_MASK_INITS),
             ("aligndistil_mode", self.aligndistil_mode, ALIGNDISTIL_MODES),
             ("cdpo_aggregation", self.cdpo_aggregation, CDPO_AGGREGATIONS),
             ("treg_reg_form", self.treg_reg_form, TREG_REG_FORMS),

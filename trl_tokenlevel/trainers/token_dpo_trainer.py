@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from accelerate.logging import get_logger
@@ -46,6 +47,7 @@ from ..ops.chunked import (
     chunked_total_variation,
     lm_head_params,
 )
+from ..ops.fused import fused_token_statistics
 from ..ops.preference import (
     cdpo_loss,
     mapo_zn_rescale,
@@ -55,15 +57,23 @@ from ..ops.preference import (
     treg_loss,
     weighted_dpo_loss,
 )
-from ..signals.masks import SparsePOMask
+from ..signals.masks import SparsePOMask, norm_eps_of
 from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
-from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
+from .hooks import (
+    add_backbone_forward,
+    capture_last_hidden_state,
+    causal_lm_of,
+    record_activation_means,
+    record_layer_outputs,
+)
 from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
 
 logger = get_logger(__name__)
 
 # Losses that read the backbone's last hidden state of policy and reference during the fused forward.
 _HIDDEN_STATE_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo")
+# Losses that can run the fused full-distribution pass (`ops.fused`) instead of TRL's log-prob head + a chunked KL.
+_FUSED_LOSS_TYPES = (*_HIDDEN_STATE_LOSS_TYPES, "aligndistil")
 _SPARSEPO_MASK_FILE = "sparsepo_mask.pt"
 # Bumped whenever the layout of the per-token reference cache changes, so a stale cache is never reused.
 _REF_CACHE_VERSION = "trl_tokenlevel/per_token_ref_logps/v1"
@@ -189,6 +199,13 @@ class TokenDPOTrainer(DPOTrainer):
             if args.aligndistil_mode != "theorem1":
                 # Only chosen responses against the two teachers: the reference model is not used, so free it.
                 self.ref_model = None
+        # The fused full-distribution pass: policy and reference run their backbones only, and one tiled pass over
+        # both LM heads yields the log-probs, the KL and the metrics' statistics.
+        self.fused_distribution = self._uses_fused_distribution()
+        if self.fused_distribution:
+            for frozen_or_policy in (self.model, self.ref_model):
+                if frozen_or_policy is not None:
+                    add_backbone_forward(causal_lm_of(frozen_or_policy, self.accelerator))
         self.sparsepo_masks = None
         if self.token_loss_type == "sparsepo":
             self.sparsepo_masks = self._build_sparsepo_masks()
@@ -237,6 +254,18 @@ class TokenDPOTrainer(DPOTrainer):
             for t in teachers
         )
 
+    def _uses_fused_distribution(self) -> bool:
+        """Whether the full-distribution loss runs the fused pass (`token_kernel` "torch", or "auto" off CUDA/XPU).
+
+        "auto" keeps TRL's Triton log-prob head + TRL's Triton divergence on CUDA/XPU until a Triton backend of the
+        fused pass exists (`ops.fused._BACKENDS`) or the GPU suite shows the torch tiling ahead. MoE load-balancing
+        losses need TRL's head forward (it adds the router loss), so they keep the two-pass path.
+        """
+        if self.token_loss_type not in _FUSED_LOSS_TYPES or self.aux_loss_enabled:
+            return False
+        kernel = self.args.token_kernel
+        return kernel == "torch" or (kernel == "auto" and self.accelerator.device.type not in ("cuda", "xpu"))
+
     def _prepare_frozen(self, model: PreTrainedModel, name: str) -> PreTrainedModel:
         """Check the vocabulary, freeze, drop dropout and place a frozen auxiliary model like TRL's reference."""
         self._check_same_vocabulary(model, name)
@@ -251,7 +280,8 @@ class TokenDPOTrainer(DPOTrainer):
         count = 2 if self.args.sparsepo_independent_masks else 1
         masks = []
         for _ in range(count):
-            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout)
+            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout,
+                                init=self.args.sparsepo_mask_init, norm_eps=norm_eps_of(config))  # fmt: skip
             masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
         return masks
 
@@ -413,8 +443,9 @@ class TokenDPOTrainer(DPOTrainer):
     # Reference log-probs: live (separate model or adapter-disabled PEFT) or precomputed per token
     # ------------------------------------------------------------------------------------------------------------
 
-    def _reference_forward(self, model, model_kwargs, labels):
-        """Per-token reference log-probs `(2B, L-1)` from `model` under no_grad (adapter disabled for PEFT)."""
+    def _reference_forward(self, model, model_kwargs, labels, backbone_only=False):
+        """Per-token reference log-probs `(2B, L-1)` from `model` under no_grad (adapter disabled for PEFT); with
+        `backbone_only`, the backbone's last hidden state `(2B, L, H)` instead (the fused pass scores it)."""
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -426,6 +457,9 @@ class TokenDPOTrainer(DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             adapter_context,
         ):
+            if backbone_only:
+                with self.accelerator.autocast():
+                    return model(**kwargs, backbone_only=True).last_hidden_state
             return model(**kwargs, labels=labels, fused_lm_head=True).log_probs
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -556,25 +590,31 @@ class TokenDPOTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        # Full-distribution losses read the backbone's last hidden state during this same forward (no second pass).
-        policy_lm = causal_lm_of(model, self.accelerator)
-        reads_hidden = self.token_loss_type in _HIDDEN_STATE_LOSS_TYPES
-        with capture_last_hidden_state(policy_lm) if reads_hidden else contextlib.nullcontext({}) as policy_capture:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-        if "ref_token_logps" in inputs:
-            ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
-            ref_capture = {}
-        else:
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            with self._reference_capture(ref_model) as ref_capture:
-                ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
         valid = shift_mask.bool()
+        if self.fused_distribution:
+            outputs, ref_per_token_logps, distribution = self._fused_distribution_forward(
+                model, model_kwargs, labels, valid, seq_len
+            )
+            per_token_logps = outputs.log_probs
+        else:
+            # Full-distribution losses read the backbone's last hidden state during this same forward.
+            policy_lm = causal_lm_of(model, self.accelerator)
+            reads_hidden = self.token_loss_type in _HIDDEN_STATE_LOSS_TYPES
+            with capture_last_hidden_state(policy_lm) if reads_hidden else contextlib.nullcontext({}) as policy_capture:
+                outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+            per_token_logps = outputs.log_probs[:, -seq_len:]
+            if "ref_token_logps" in inputs:
+                ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
+                ref_capture = {}
+            else:
+                ref_model = self.ref_model if self.ref_model is not None else self.model
+                with self._reference_capture(ref_model) as ref_capture:
+                    ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
+            distribution = None
+            if reads_hidden:
+                distribution = self._distribution_signals(policy_lm, policy_capture, ref_capture, valid, seq_len)
         per_token_logratios = torch.where(valid, per_token_logps - ref_per_token_logps, 0.0)
-        distribution = None
-        if reads_hidden:
-            distribution = self._distribution_signals(policy_lm, policy_capture, ref_capture, valid, seq_len)
 
         per_pair_loss = self._token_level_loss(
             mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask,
@@ -619,21 +659,62 @@ class TokenDPOTrainer(DPOTrainer):
                 capture["layers"] = stack.enter_context(record_layer_outputs(ref_lm))
             yield capture
 
+    def _fused_distribution_forward(self, model, model_kwargs, labels, valid, seq_len):
+        """Policy and reference backbones only, then ONE tiled pass over both LM heads (`ops.fused`).
+
+        Returns `(outputs, ref_per_token_logps, distribution)`: `outputs` carries the per-token `log_probs` (with
+        gradient), `entropy`, `mean_logits` and `is_top1` `(2B, L-1)` that TRL's fused head would return (0 outside
+        completions), `ref_per_token_logps` the reference's log-probs, and `distribution` the KL(π_ref‖π_θ) plus the
+        SparsePO/MaPO token masks.
+        """
+        with self.accelerator.autocast():
+            policy_hidden = model(**model_kwargs, backbone_only=True).last_hidden_state
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        with self._reference_capture(ref_model) as ref_capture:
+            ref_hidden = self._reference_forward(ref_model, model_kwargs, labels, backbone_only=True)
+        policy_head = lm_head_params(causal_lm_of(model, self.accelerator))
+        ref_head = lm_head_params(ref_capture["lm"])
+
+        def rows(states):  # (2B, L, ...) -> (N, ...): the positions that predict a completion token
+            return states[:, :-1][:, -seq_len:][valid]
+
+        stats = fused_token_statistics(
+            rows(policy_hidden), policy_head["weight"], policy_head["bias"], labels[:, 1:][:, -seq_len:][valid],
+            rows(ref_hidden), ref_head["weight"], ref_head["bias"], direction="forward",
+            logit_scale=policy_head["logit_scale"], softcap=policy_head["softcap"],
+            teacher_logit_scale=ref_head["logit_scale"], teacher_softcap=ref_head["softcap"],
+        )  # fmt: skip
+
+        def per_token(values):  # masked_scatter keeps an all-masked batch connected to the graph (a zero loss)
+            return values.new_zeros(valid.shape).masked_scatter(valid, values)
+
+        outputs = SimpleNamespace(
+            log_probs=per_token(stats.log_probs), entropy=per_token(stats.entropy),
+            mean_logits=per_token(stats.mean_logits), is_top1=per_token(stats.is_top1),
+        )  # fmt: skip
+        distribution = {"kl": per_token(stats.kl), **self._token_masks(ref_capture, valid, seq_len)}
+        return outputs, per_token(stats.ref_log_probs), distribution
+
     def _distribution_signals(self, policy_lm, policy_capture, ref_capture, valid, seq_len) -> dict:
         """Per-token KL(π_ref‖π_θ) `(2B, L-1)` from hidden states in tiles, plus the SparsePO/MaPO token masks."""
-
-        def at_predicting_positions(states):  # (2B, L, ...) -> (2B, L-1, ...), the positions that predict y_t
-            return states[:, :-1][:, -seq_len:]
-
         policy_head, ref_head = lm_head_params(policy_lm), lm_head_params(ref_capture["lm"])
         kl = chunked_token_kl(
-            at_predicting_positions(policy_capture["hidden"])[valid], policy_head["weight"], policy_head["bias"],
-            at_predicting_positions(ref_capture["hidden"]["hidden"])[valid], ref_head["weight"], ref_head["bias"],
+            policy_capture["hidden"][:, :-1][:, -seq_len:][valid], policy_head["weight"], policy_head["bias"],
+            ref_capture["hidden"]["hidden"][:, :-1][:, -seq_len:][valid], ref_head["weight"], ref_head["bias"],
             direction="forward", student_logit_scale=policy_head["logit_scale"],
             teacher_logit_scale=ref_head["logit_scale"], student_softcap=policy_head["softcap"],
             teacher_softcap=ref_head["softcap"], backend=self.args.token_kernel,
         )  # fmt: skip
-        signals = {"kl": torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)}
+        kl = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
+        return {"kl": kl, **self._token_masks(ref_capture, valid, seq_len)}
+
+    def _token_masks(self, ref_capture, valid, seq_len) -> dict:
+        """SparsePO's learned or MaPO's activation-based token masks `(2B, L-1)` from the reference's activations."""
+
+        def at_predicting_positions(states):  # (2B, L, ...) -> (2B, L-1, ...), the positions that predict y_t
+            return states[:, :-1][:, -seq_len:]
+
+        signals = {}
         if self.token_loss_type == "mapo":
             per_type = []
             for means in ref_capture["activations"].values():
@@ -735,7 +816,10 @@ class TokenDPOTrainer(DPOTrainer):
         The teacher logits are a linear combination of two heads, `z* = a_t·z^1 + b_t·z^2` (aligndistil:
         `a = 1+ω_t, b = −ω_t` on DPO / reverse-DPO logits), which equals one projection of the concatenated hidden
         states `[a·h¹ ; b·h² ; a ; b]` with the concatenated head `[W¹, W², bias¹, bias²]`: the chunked reverse-KL
-        kernel then never builds logits. ω_t itself comes from a chunked total-variation pass.
+        kernel then never builds logits. ω_t itself comes from a chunked total-variation pass. With the fused pass the
+        policy runs its backbone only, and one tiled pass over the policy and teacher heads yields the KL and the
+        logged log-probs/entropy (over the KL's positions and the completion tokens, which differ by one position in
+        the official mode).
         """
         mode = "train" if self.model.training else "eval"
         batch_size = inputs["input_ids"].shape[0] // 2  # chosen rows only: the student never sees rejected responses
@@ -745,12 +829,20 @@ class TokenDPOTrainer(DPOTrainer):
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         policy_lm = causal_lm_of(model, self.accelerator)
-        with capture_last_hidden_state(policy_lm) as capture:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         # Default: the standard causal shift. The official code masks unshifted positions (tokens 2..T+1).
         positions = completion_mask[:, :-1] if self.args.aligndistil_official_positions else completion_mask[:, 1:]
-        valid = positions.bool()
-        student = capture["hidden"][:, :-1][:, -seq_len:][valid]
+        valid, shift_mask = positions.bool(), completion_mask[:, 1:]
+        if self.fused_distribution:
+            with self.accelerator.autocast():
+                policy_hidden = model(**model_kwargs, backbone_only=True).last_hidden_state
+            # Score the KL's positions and the completion tokens (for the logged log-probs) in the same pass.
+            valid = valid | shift_mask.bool()
+        else:
+            with capture_last_hidden_state(policy_lm) as capture:
+                outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            policy_hidden = capture["hidden"]
+        in_loss = positions.bool()[valid]  # rows of `valid` that are KL positions
+        student = policy_hidden[:, :-1][:, -seq_len:][valid]
 
         dpo_teacher, second = self.aligndistil_teachers[0], self.aligndistil_teachers[1]
         args, beta, beta2 = self.args, self.beta, self.args.aligndistil_beta2
@@ -758,9 +850,13 @@ class TokenDPOTrainer(DPOTrainer):
             dpo_hidden = backbone_hidden_states(dpo_teacher, input_ids, attention_mask)[:, :-1][valid]
             if args.aligndistil_mode == "theorem1":
                 second = self.ref_model if self.ref_model is not None else model
-                with capture_last_hidden_state(causal_lm_of(second, self.accelerator)) as ref_capture:
-                    self._reference_forward(second, model_kwargs, labels)
-                second_hidden = ref_capture["hidden"][:, :-1][:, -seq_len:][valid]
+                if self.fused_distribution:
+                    second_hidden = self._reference_forward(second, model_kwargs, labels, backbone_only=True)
+                else:
+                    with capture_last_hidden_state(causal_lm_of(second, self.accelerator)) as ref_capture:
+                        self._reference_forward(second, model_kwargs, labels)
+                    second_hidden = ref_capture["hidden"]
+                second_hidden = second_hidden[:, :-1][:, -seq_len:][valid]
             else:
                 second_hidden = backbone_hidden_states(second, input_ids, attention_mask)[:, :-1][valid]
         heads = [lm_head_params(causal_lm_of(m, self.accelerator)) for m in (policy_lm, dpo_teacher, second)]
@@ -786,26 +882,41 @@ class TokenDPOTrainer(DPOTrainer):
             if head["bias"] is not None:  # a bias becomes one more input feature with constant value `coef`
                 teacher_hidden.append(coef[:, None])
                 teacher_weight.append(head["bias"][:, None].to(teacher_weight[0].dtype))
-        kl = chunked_token_kl(
-            student, heads[0]["weight"], heads[0]["bias"],
-            torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None,
-            direction="reverse", temperature=args.aligndistil_temperature,
-            student_logit_scale=heads[0]["logit_scale"], student_softcap=heads[0]["softcap"],
-            backend=args.token_kernel,
-        )  # fmt: skip
-        token_loss = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, token_coef * kl)
+        teacher = (torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None)
+        if self.fused_distribution:
+            stats = fused_token_statistics(
+                student, heads[0]["weight"], heads[0]["bias"], input_ids[:, 1:][:, -seq_len:][valid], *teacher,
+                direction="reverse", temperature=args.aligndistil_temperature, logit_scale=heads[0]["logit_scale"],
+                softcap=heads[0]["softcap"],
+            )  # fmt: skip
+            kl = stats.kl
+
+            def completion_tokens(values):  # (N,) over `valid` -> (B, L-1), 0 outside the completion tokens
+                values = values.new_zeros(valid.shape).masked_scatter(valid, values)
+                return torch.where(shift_mask.bool(), values, 0)
+
+            outputs = SimpleNamespace(log_probs=completion_tokens(stats.log_probs), entropy=completion_tokens(stats.entropy))
+        else:
+            kl = chunked_token_kl(
+                student, heads[0]["weight"], heads[0]["bias"], *teacher, direction="reverse",
+                temperature=args.aligndistil_temperature, student_logit_scale=heads[0]["logit_scale"],
+                student_softcap=heads[0]["softcap"], backend=args.token_kernel,
+            )  # fmt: skip
+        token_loss = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(
+            valid, torch.where(in_loss, token_coef * kl, 0.0)
+        )
         per_sequence = token_loss.sum(dim=1)
         if args.aligndistil_len_norm:
-            per_sequence = per_sequence / valid.sum(dim=1).clamp(min=1)
+            per_sequence = per_sequence / positions.sum(dim=1).clamp(min=1)
         loss = per_sequence.mean()
 
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        count = gather(valid.sum()).sum().clamp(min=1)
+        kl, omega = kl[in_loss], omega[in_loss]
+        count = gather(in_loss.sum()).sum().clamp(min=1)
         metrics["aligndistil/kl_mean"].append((gather(kl.detach().sum()).sum() / count).item())
         metrics["aligndistil/omega_mean"].append((gather(omega.sum()).sum() / count).item())
         metrics["aligndistil/omega_max"].append(gather(omega.max() if omega.numel() else omega.new_zeros(())).max().item())
-        shift_mask = completion_mask[:, 1:]
         entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()).sum()
         metrics["entropy"].append((entropy_sum / gather(shift_mask.sum()).sum().clamp(min=1)).item())
         metrics["logps/chosen"].append(gather(outputs.log_probs[:, -seq_len:].detach().sum(dim=1)).mean().item())

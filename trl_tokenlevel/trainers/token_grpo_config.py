@@ -51,7 +51,8 @@ class TokenGRPOConfig(GRPOConfig):
             every valid token, and the completion (attention) mask is never touched.
         token_advantage (`str` or `None`, *optional*, defaults to `None`):
             Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
-            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
+            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` (Simoni et al.,
+            [paper](https://huggingface.co/papers/2508.03772); not the entropy-weighted GTPO of arXiv 2508.04349),
             `"d3s"` ([paper](https://huggingface.co/papers/2509.22115)), `"tw_grpo"`
             ([paper](https://huggingface.co/papers/2505.24718)) or `"tempo"` ([paper](https://huggingface.co/papers/2509.18314)).
             Python users can pass a callable `token_advantage_fn=` to the trainer instead.
@@ -100,6 +101,11 @@ class TokenGRPOConfig(GRPOConfig):
             during rollouts (a `LogitsProcessor`; transformers generation only).
         hapo_repo_sign_compat (`bool`, defaults to `False`), hapo_fallback_include_padding (`bool`, defaults to `False`):
             Reproduce the official code's sign of ĥ and its TLGA fallback test on padded tensors.
+        hapo_dual_clip (`float` or `None`, defaults to `10.0`):
+            HAPO's PPO dual clip c (official `clip_ratio_c`): a token with A < 0 contributes at most `c·|A|` and stops
+            pushing once its ratio exceeds c. `None` turns it off (TRL's plain clipped surrogate). Needs a clipped
+            `loss_type`, token-level importance sampling, `c > 1 + ε_high·(1 + hapo_clip_alpha)` and `delta=None`
+            (the trainer applies it through TRL's `delta` cap, the same function under these conditions).
         gtpo_conflict_weight (`float`, defaults to `2.0`), gtpo_entropy_threshold (`float`, defaults to `0.7`),
         gtpo_entropy_scale (`float`, defaults to `0.1`), gtpo_divide_by_n_conflict (`bool`, defaults to `False`),
         gtpo_n_conflict_count (`str`, defaults to `"union"`):
@@ -232,6 +238,9 @@ class TokenGRPOConfig(GRPOConfig):
     hapo_repo_sign_compat: bool = field(default=False, metadata={"help": "Reproduce the official HAPO sign bug."})
     hapo_fallback_include_padding: bool = field(
         default=False, metadata={"help": "Reproduce the official TLGA fallback test on padded tensors."}
+    )
+    hapo_dual_clip: float | None = field(
+        default=10.0, metadata={"help": "HAPO PPO dual-clip c for negative advantages (official 10; None: off)."}
     )
     # --- GTPO ----------------------------------------------------------------------------------------------------
     gtpo_conflict_weight: float = field(default=2.0, metadata={"help": "GTPO weight W of conflict tokens."})
@@ -399,6 +408,8 @@ class TokenGRPOConfig(GRPOConfig):
                 )
             if self.hapo_adaptive_clip and self.importance_sampling_level != "token":
                 raise ValueError("hapo_adaptive_clip=True needs importance_sampling_level='token' (per-token ratios).")
+            if self.hapo_dual_clip is not None:
+                self._check_hapo_dual_clip()
             if self.hapo_adaptive_temperature and (self.use_vllm or self.use_transformers_continuous_batching):
                 raise ValueError(
                     "hapo_adaptive_temperature=True needs transformers `generate` (a LogitsProcessor); vLLM and "
@@ -410,6 +421,28 @@ class TokenGRPOConfig(GRPOConfig):
                 f"micro-step to hold whole prompt groups, i.e. steps_per_generation=1 (got {self.steps_per_generation}; "
                 "it defaults to gradient_accumulation_steps). Set steps_per_generation=1, or "
                 "token_shaping_stage='rollout' (or 'auto')."
+            )
+
+    def _check_hapo_dual_clip(self) -> None:
+        fix = "or set hapo_dual_clip=None"
+        if self.loss_type not in CLIPPED_LOSS_TYPES or self.importance_sampling_level != "token":
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} caps the per-token PPO surrogate: it needs a clipped loss_type "
+                f"{CLIPPED_LOSS_TYPES} and importance_sampling_level='token', got loss_type={self.loss_type!r} and "
+                f"importance_sampling_level={self.importance_sampling_level!r}; change them {fix}."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} and delta={self.delta} both cap the unclipped ratio (the trainer "
+                f"applies the dual clip through TRL's `delta`): set delta=None {fix}."
+            )
+        epsilon_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+        widest = 1 + epsilon_high * (1 + (self.hapo_clip_alpha if self.hapo_adaptive_clip else 0.0))
+        if not self.hapo_dual_clip > widest:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} must exceed the widest upper clip bound 1 + ε_high·(1 + α) = "
+                f"{widest:g} (epsilon_high={epsilon_high}, hapo_clip_alpha={self.hapo_clip_alpha}): the dual clip "
+                f"caps ratios beyond the clip range (official c = 10); raise it {fix}."
             )
 
     def _check_ranges(self) -> None:

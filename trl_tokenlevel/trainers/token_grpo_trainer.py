@@ -797,10 +797,14 @@ class TokenGRPOTrainer(GRPOTrainer):
         if self._stage == "loss":
             self._shape_token_batch(inputs, per_token_logps, entropies, hidden, inputs.get("old_per_token_logps"))
         eps_low, eps_high = inputs.pop("tl_eps_low", None), inputs.pop("tl_eps_high", None)
-        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile
+        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta
         if eps_low is not None:
             # HAPO: TRL's clamp and clip metrics read these attributes; tensors make them per token.
             self.epsilon_low, self.epsilon_high = eps_low, eps_high
+        if self.args.token_advantage == "hapo" and self.args.hapo_dual_clip is not None:
+            # HAPO's dual clip c: TRL's `delta` caps the unclipped ratio at c, which is exactly the dual clip for
+            # c > 1 + ε_high' (config-checked; proof and reference in `ops.advantages.hapo_dual_clip_loss`).
+            self.args.delta = self.args.hapo_dual_clip
         selected = inputs.get("tl_selected")
         if selected is not None:
             # Token selection rides TRL's `top_entropy_quantile` path: any value < 1 makes TRL ask
@@ -816,7 +820,7 @@ class TokenGRPOTrainer(GRPOTrainer):
         finally:
             self._cached_forward = None
             self._pending_selection = None
-            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile = saved
+            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta = saved
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         valid = inputs.get("tl_valid")  # the valid tokens the selection chose from
