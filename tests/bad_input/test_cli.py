@@ -3,6 +3,8 @@ model is built or anything is written."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from trl_tokenlevel.cli import main
@@ -27,11 +29,16 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_cli_value(case, tmp_path):
+def test_cli_value(case, tmp_path, capsys):
     argv, exception, names, fix = CASES[case]
     out = output_dir_with_checkpoint(tmp_path)
-    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
-    assert_refused(lambda: main([*argv, "--output_dir", out]), exception, out, names, fix)
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in [*argv, "--output_dir", out]]
+    # With --debug the exception itself propagates (its type is checked) ...
+    assert_refused(lambda: main([*argv, "--debug"]), exception, out, names, fix)
+    # ... without it the user sees one line naming the same field and fix, and exit status 1.
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert all(name in error for name in names) and re.search(fix, error), error
 
 
 @pytest.mark.parametrize("argv,flag", [(["dpo", "--token_loss_type", "tdpo9"], "--token_loss_type"),

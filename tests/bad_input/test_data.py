@@ -114,7 +114,9 @@ def test_dpo_huge_weights_warn_and_train(pairs, tiny_model_path, tiny_tokenizer,
     weights = [[1.0] * len(ids) for ids in tokenized["rejected_ids"]]
     weights[1][0] = 1e6
     with pytest.warns(UserWarning, match=r"'rejected_token_weights', row 1: a token weight of magnitude 1e\+06"):
-        trainer = _dpo(tiny_model_path, tiny_tokenizer, str(tmp_path), dataset.add_column("rejected_token_weights", weights))
+        trainer = _dpo(
+            tiny_model_path, tiny_tokenizer, str(tmp_path), dataset.add_column("rejected_token_weights", weights)
+        )
     trainer.train()
     assert_finite_loss(trainer)
 

@@ -18,10 +18,10 @@ from trl_tokenlevel.generation import (
     TokenRouter,
     TokenRouterConfig,
     build_routing_dataset,
+    cached_generate,
     calibrate_cascade,
     calibrate_router,
     cascade_generate,
-    cached_generate,
     ead_generate,
     routed_generate,
     train_router,
@@ -67,7 +67,9 @@ CALL_CASES = {
 
 def _call(kind, small, large, ids, mask, **kwargs):
     if kind == "routed":
-        return routed_generate(small, large, _always, ids, mask, max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
+        return routed_generate(
+            small, large, _always, ids, mask, max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs
+        )
     if kind == "ead":
         return ead_generate(small, large, ids, mask, max_new_tokens=2, **kwargs)
     if kind == "cascade":

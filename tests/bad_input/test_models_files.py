@@ -64,12 +64,16 @@ def test_sparsepo_reference_with_other_hidden_size(models, weighted_pairs, tiny_
                  tiny_model_path, token_loss_type="sparsepo", ref_model=models["other_hidden"])  # fmt: skip
 
 
-def test_guidance_model_with_other_vocabulary(models, tiny_preference_dataset, tiny_model_path, tiny_tokenizer, tmp_path):
+def test_guidance_model_with_other_vocabulary(
+    models, tiny_preference_dataset, tiny_model_path, tiny_tokenizer, tmp_path
+):
     _dpo_refused(tmp_path, tiny_tokenizer, tiny_preference_dataset.select(range(4)), ["`guidance_model`", f"{models['vocab'] + 64} tokens"],
                  tiny_model_path, token_loss_type="tgdpo", guidance_model=models["other_vocab"])  # fmt: skip
 
 
-def test_aligndistil_teacher_with_other_vocabulary(models, tiny_preference_dataset, tiny_model_path, tiny_tokenizer, tmp_path):
+def test_aligndistil_teacher_with_other_vocabulary(
+    models, tiny_preference_dataset, tiny_model_path, tiny_tokenizer, tmp_path
+):
     teachers = (load(tiny_model_path), models["other_vocab"])
     _dpo_refused(tmp_path, tiny_tokenizer, tiny_preference_dataset.select(range(4)), ["`reverse-DPO teacher`", f"{models['vocab'] + 64} tokens"],
                  tiny_model_path, token_loss_type="aligndistil", aligndistil_teachers=teachers)  # fmt: skip
@@ -131,8 +135,9 @@ def dataset_on_disk(weighted_pairs, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other_rows"])
-def test_stale_per_token_reference_cache(damage, dataset_on_disk, tiny_model_path, tiny_tokenizer, tmp_path,
-                                         monkeypatch):
+def test_stale_per_token_reference_cache(
+    damage, dataset_on_disk, tiny_model_path, tiny_tokenizer, tmp_path, monkeypatch
+):
     """The cache is keyed by the prepared dataset's fingerprint and the reference's hash; a file under that name that
     is truncated (interrupted write) or holds other rows must not be used."""
     dataset, _ = dataset_on_disk

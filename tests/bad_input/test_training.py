@@ -97,7 +97,9 @@ def test_otr_names_nonfinite_logits(tiny_model_path, tiny_tokenizer, tmp_path):
     before = snapshot(tmp_path)
     with pytest.raises(FloatingPointError, match=r"OTR cannot sample at step 0: .* not finite") as info:
         trainer.train()
-    assert "multinomial" not in str(info.value) and "Lower the learning rate" in str(info.value).replace("lower", "Lower")
+    assert "multinomial" not in str(info.value) and "Lower the learning rate" in str(info.value).replace(
+        "lower", "Lower"
+    )
     assert trainer.state.global_step == 0 and snapshot(tmp_path) == before
 
 
@@ -120,7 +122,9 @@ OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize("cls,parent,method,call_args", OVERRIDES, ids=[f"{c.__name__}.{m}" for c, _, m, _ in OVERRIDES])
+@pytest.mark.parametrize(
+    "cls,parent,method,call_args", OVERRIDES, ids=[f"{c.__name__}.{m}" for c, _, m, _ in OVERRIDES]
+)
 def test_override_defers_on_an_object_with_only_trl_attributes(cls, parent, method, call_args, monkeypatch):
     calls = []
     monkeypatch.setattr(parent, method, lambda self, *args, **kwargs: calls.append(args) or "parent")

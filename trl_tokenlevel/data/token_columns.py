@@ -214,6 +214,8 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     def _truncate_and_pad(self, rows: list[list[float]]) -> torch.Tensor:
         if self.max_length is not None:
             # The same slice the parent applied to the ids (it has already validated `truncation_mode`).
-            keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            keep = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             rows = [row[keep] for row in rows]
         return pad(rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)

@@ -151,11 +151,15 @@ def load_router_state(router, state: dict, weights_file: str) -> None:
     router.load_state_dict(state)
 
 
-def check_labelling_args(small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size,
-                         continuation_max_new_tokens, margin) -> None:
+def check_labelling_args(
+    small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size, continuation_max_new_tokens, margin
+) -> None:
     """`build_routing_dataset`'s models and numbers."""
     check_model_pair(small_model, large_model, tokenizer)
-    for name, value in (("max_new_tokens", max_new_tokens), ("continuation_max_new_tokens", continuation_max_new_tokens)):
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("continuation_max_new_tokens", continuation_max_new_tokens),
+    ):
         check_number(name, value, "it is a number of tokens", low=0, integer=True)
     check_number("top_k", top_k, "it is the number of sorted top logits stored per token", low=1, integer=True)
     check_number("batch_size", batch_size, "it is a number of examples", low=1, integer=True)

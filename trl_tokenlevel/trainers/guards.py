@@ -11,6 +11,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checks import check_tokenizer_fits, lm_head_shape
 
+
 def nonfinite_guard_enabled(args, token_mode: bool) -> bool:
     """`args.stop_on_nonfinite`, with None resolved to `token_mode` (plain TRL configs have no such field)."""
     setting = getattr(args, "stop_on_nonfinite", None)
@@ -51,8 +52,10 @@ class NonFiniteWeightsGuard(TrainerCallback):
             return
         bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
         last = _last_checkpoint(args.output_dir)
-        kept = f"The last checkpoint, {last}, was written before this step and is untouched." if last else (
-            "No checkpoint was written."
+        kept = (
+            f"The last checkpoint, {last}, was written before this step and is untouched."
+            if last
+            else ("No checkpoint was written.")
         )
         raise FloatingPointError(
             f"Optimizer step {state.global_step} left non-finite (NaN/inf) weights in {len(bad)} parameter(s), first "
