@@ -179,28 +179,28 @@ class TokenGRPOConfig(GRPOConfig):
         metadata={
             "help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
             "choices": [None, *TOKEN_SELECTIONS],
-        },  # fmt: skip
+        },
     )
     token_advantage: str | None = field(
         default=None,
         metadata={
             "help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
             "choices": [None, *TOKEN_ADVANTAGES],
-        },  # fmt: skip
+        },
     )
     token_fn_output: str = field(
         default="advantages",
         metadata={
             "help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
             "choices": list(TOKEN_FN_OUTPUTS),
-        },  # fmt: skip
+        },
     )
     token_shaping_stage: str = field(
         default="auto",
         metadata={
             "help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
             "choices": list(TOKEN_SHAPING_STAGES),
-        },  # fmt: skip
+        },
     )
     # --- selection -----------------------------------------------------------------------------------------------
     entropy_top_ratio: float = field(default=0.2, metadata={"help": "rho: fraction of highest-entropy tokens kept."})
@@ -216,7 +216,7 @@ class TokenGRPOConfig(GRPOConfig):
         metadata={
             "help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
             "choices": list(ENTROPY_NORMALIZATIONS),
-        },  # fmt: skip
+        },
     )
     entropy_scope: str = field(
         default="global",
@@ -242,7 +242,7 @@ class TokenGRPOConfig(GRPOConfig):
         metadata={
             "help": "UCAS response confidence: 'sum' or 'mean'.",
             "choices": list(UCAS_CONFIDENCE_AGGREGATIONS),
-        },  # fmt: skip
+        },
     )
     ucas_norm_adv_by_std: bool = field(default=True, metadata={"help": "UCAS: divide group z-scores by the std."})
     # --- HAPO ----------------------------------------------------------------------------------------------------
