@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from ..signals.masks import SPARSEPO_MASK_INITS
 from ..checks import check_choice, check_number
+from ..signals.masks import SPARSEPO_MASK_INITS
 
 # Token-scalar losses: each needs only gathered per-token log-probs plus a per-token weight or reward.
 TOKEN_SCALAR_LOSS_TYPES = ("weighted", "tgdpo", "treg", "cdpo")
@@ -176,9 +176,7 @@ class TokenDPOConfig(DPOConfig):
     sparsepo_mask_weight_decay: float = field(
         default=0.01, metadata={"help": "Weight decay of the SparsePO mask parameters."}
     )
-    mapo_hooks: str = field(
-        default="all", metadata={"help": "MaPO activation hooks.", "choices": list(MAPO_HOOK_SETS)}
-    )
+    mapo_hooks: str = field(default="all", metadata={"help": "MaPO activation hooks.", "choices": list(MAPO_HOOK_SETS)})
     mapo_degenerate_fill: float = field(
         default=1.0, metadata={"help": "MaPO mask for constant-activation or one-token completions."}
     )

@@ -125,6 +125,7 @@ class TokenDPOTrainer(DPOTrainer):
     guidance_model = None
     aligndistil_teachers = None
     sparsepo_masks = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,

@@ -180,38 +180,54 @@ class TokenGRPOConfig(GRPOConfig):
     # --- method selection ---------------------------------------------------------------------------------------
     token_selection: str | None = field(
         default=None,
-        metadata={"help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
-                  "choices": [None, *TOKEN_SELECTIONS]},  # fmt: skip
+        metadata={
+            "help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
+            "choices": [None, *TOKEN_SELECTIONS],
+        },
     )
     token_advantage: str | None = field(
         default=None,
-        metadata={"help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
-                  "choices": [None, *TOKEN_ADVANTAGES]},  # fmt: skip
+        metadata={
+            "help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
+            "choices": [None, *TOKEN_ADVANTAGES],
+        },
     )
     token_fn_output: str = field(
         default="advantages",
-        metadata={"help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
-                  "choices": list(TOKEN_FN_OUTPUTS)},  # fmt: skip
+        metadata={
+            "help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
+            "choices": list(TOKEN_FN_OUTPUTS),
+        },
     )
     token_shaping_stage: str = field(
         default="auto",
-        metadata={"help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
-                  "choices": list(TOKEN_SHAPING_STAGES)},  # fmt: skip
+        metadata={
+            "help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
+            "choices": list(TOKEN_SHAPING_STAGES),
+        },
     )
     # --- selection -----------------------------------------------------------------------------------------------
     entropy_top_ratio: float = field(default=0.2, metadata={"help": "rho: fraction of highest-entropy tokens kept."})
     entropy_selection: str = field(
         default="quantile",
-        metadata={"help": "'quantile' (paper, ties kept) or 'topk' (official code).", "choices": list(ENTROPY_SELECTIONS)},
+        metadata={
+            "help": "'quantile' (paper, ties kept) or 'topk' (official code).",
+            "choices": list(ENTROPY_SELECTIONS),
+        },
     )
     entropy_normalize: str = field(
         default="all",
-        metadata={"help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
-                  "choices": list(ENTROPY_NORMALIZATIONS)},  # fmt: skip
+        metadata={
+            "help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
+            "choices": list(ENTROPY_NORMALIZATIONS),
+        },
     )
     entropy_scope: str = field(
         default="global",
-        metadata={"help": "'global' threshold over all ranks, or 'local' (this rank).", "choices": list(ENTROPY_SCOPES)},
+        metadata={
+            "help": "'global' threshold over all ranks, or 'local' (this rank).",
+            "choices": list(ENTROPY_SCOPES),
+        },
     )
     band_coef: float = field(default=0.1, metadata={"help": "SPINE band coefficient lambda_band."})
     band_low: float = field(default=0.2, metadata={"help": "SPINE band lower entropy H_low (nats)."})
@@ -226,8 +242,11 @@ class TokenGRPOConfig(GRPOConfig):
     ucas_beta_neg: float = field(default=0.35, metadata={"help": "UCAS beta- (non-positive advantages)."})
     ucas_kappa: float = field(default=0.05, metadata={"help": "UCAS kappa, weight of the logit-certainty penalty."})
     ucas_confidence_agg: str = field(
-        default="sum", metadata={"help": "UCAS response confidence: 'sum' or 'mean'.",
-                                 "choices": list(UCAS_CONFIDENCE_AGGREGATIONS)},  # fmt: skip
+        default="sum",
+        metadata={
+            "help": "UCAS response confidence: 'sum' or 'mean'.",
+            "choices": list(UCAS_CONFIDENCE_AGGREGATIONS),
+        },
     )
     ucas_norm_adv_by_std: bool = field(default=True, metadata={"help": "UCAS: divide group z-scores by the std."})
     # --- HAPO ----------------------------------------------------------------------------------------------------
@@ -322,7 +341,8 @@ class TokenGRPOConfig(GRPOConfig):
     chord_mu_peak: float = field(default=0.5, metadata={"help": "CHORD mu peak."})
     chord_mu_valley: float = field(default=0.02, metadata={"help": "CHORD mu floor."})
     chord_weighting: str = field(
-        default="phi", metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)}
+        default="phi",
+        metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)},
     )
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
     chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
@@ -511,6 +531,8 @@ class TokenGRPOConfig(GRPOConfig):
                     "μ decays from its peak down to its floor")  # fmt: skip
         check_number("hapo_temperature_tau", self.hapo_temperature_tau, "the sampling temperature T·(1 + τ·ĥ) with "
                      "ĥ in [-1, 1] must stay positive", low=0.0, high=1.0, high_open=True)  # fmt: skip
+        check_number("hapo_dual_clip", self.hapo_dual_clip, "a ratio cap c <= 1 would cut inside PPO's clip range",
+                     low=1.0, low_open=True, optional=True)  # fmt: skip
         check_number("tw_alpha", self.tw_alpha, "it is the largest TW-GRPO position weight (weights run from 1 to "
                      "α; 1 is uniform GRPO, below 1 the most divergent tokens would weigh least)", low=1.0)  # fmt: skip
         check_number("tw_vocab_chunk", self.tw_vocab_chunk, "it is a tile width in tokens", low=1, integer=True)
