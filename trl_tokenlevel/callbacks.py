@@ -126,7 +126,7 @@ class TokenHeatmapCallback(TrainerCallback):
                 callback._wandb.log({"token_heatmaps": callback._wandb.Html(page), "train/global_step": step})
             elif isinstance(callback, TrackioCallback) and getattr(callback, "_initialized", False):
                 trackio = callback._trackio
-                if hasattr(trackio, "Markdown"):  # trackio >= 0.5 logs Markdown reports
+                if hasattr(trackio, "Markdown"):  # releases without Markdown reports get the HTML file only
                     trackio.log({"token_heatmaps": trackio.Markdown(markdown)}, step=step)
 
 
