@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "backbone_hidden_states",
+    "backbone_of",
     "chunked_contrastive_logprobs",
     "chunked_token_kl",
     "chunked_token_logprobs",
@@ -726,23 +727,26 @@ def lm_head_params(model) -> dict:
 
 
 def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Last hidden state `[B, L, H]` of the model's backbone, without running the LM head.
+    """Last hidden state `[B, L, H]` of the model's backbone (`backbone_of`), without running the LM head.
 
-    Runs `model.base_model` (the module named by `base_model_prefix`, as TRL's fused head does); for a vision-language
-    model under transformers < 5, the language backbone `model.model`. A PEFT-wrapped model is unwrapped with
-    `get_base_model()` first, so its adapters stay active. Feed `[:, :-1]` of the result, flattened and masked, to
-    the chunked ops with `lm_head_params(model)`.
+    Feed `[:, :-1]` of the result, flattened and masked, to the chunked ops with `lm_head_params(model)`.
     """
+    outputs = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state
+
+
+def backbone_of(model):
+    """The module TRL's fused head runs as the backbone: `model.base_model` (the module named by
+    `base_model_prefix`), or `model.model` for a vision-language model under transformers < 5. A PEFT-wrapped model is
+    unwrapped with `get_base_model()` first, so its adapters stay active."""
     model = _unwrap_peft(model)
-    backbone = model.base_model
     if model.config.get_text_config() is not model.config:
         import transformers
         from packaging.version import Version
 
         if Version(transformers.__version__) < Version("5.0.0"):
-            backbone = model.model
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return outputs.last_hidden_state
+            return model.model
+    return model.base_model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
