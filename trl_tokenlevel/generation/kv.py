@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from trl_tokenlevel.generation.checks import check_generation_args
 from trl_tokenlevel.ops.decoding import next_token_entropy
 
 
@@ -402,6 +403,7 @@ def cached_generate(
     """Plain single-model decoding with the same output as routed generation (the small-only / large-only baselines;
     `is_large` sets `large_mask`). Greedy by default; equals `model.generate` for the same settings. `prompt_cache`:
     the model's `PromptCache` of these `input_ids` (the prompt is then not encoded again)."""
+    check_generation_args(model, None, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = prepare_inputs([model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([model], tokenizer, eos_token_id, pad_token_id)
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)

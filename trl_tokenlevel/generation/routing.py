@@ -29,6 +29,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from trl_tokenlevel.checks import check_number
+from trl_tokenlevel.generation.checks import (
+    check_generation_args,
+    check_labelling_args,
+    check_router_config,
+    check_router_training,
+    check_routing,
+    load_router_state,
+    read_router_folder,
+)
 from trl_tokenlevel.generation.kv import (
     DecodingBuffer,
     IncrementalDecoder,
@@ -90,6 +100,7 @@ class TokenRouterConfig:
     threshold: float = 0.5
 
     def __post_init__(self):
+        check_router_config(self)
         self.top_k = min(self.top_k, self.vocab_size)
 
     def num_parameters(self) -> int:
@@ -142,14 +153,9 @@ class TokenRouter(nn.Module):
     def __init__(self, config: TokenRouterConfig, embedding_weight: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        if embedding_weight is None:
-            embedding_weight = torch.zeros(config.vocab_size, config.embedding_dim)
-        if tuple(embedding_weight.shape) != (config.vocab_size, config.embedding_dim):
-            raise ValueError(
-                f"The embedding table has shape {tuple(embedding_weight.shape)}, the router config expects "
-                f"{(config.vocab_size, config.embedding_dim)}: pass the small model the router was built for."
-            )
-        self.register_buffer("token_embedding", embedding_weight.detach(), persistent=False)
+        self.register_buffer("token_embedding", torch.zeros(0), persistent=False)
+        self.attach_embedding(torch.zeros(config.vocab_size, config.embedding_dim) if embedding_weight is None
+                              else embedding_weight)  # fmt: skip
         self.topk_proj = nn.Linear(config.top_k, config.hidden_size)
         self.input_proj = nn.Linear(2 * config.hidden_size + config.embedding_dim, config.width)
         self.blocks = nn.ModuleList(
@@ -171,6 +177,15 @@ class TokenRouter(nn.Module):
             config_kwargs["width"] = scaled_width(hidden, small_parameters, vocab_size=embedding.shape[0], **extra)
         config = TokenRouterConfig(**shape, **config_kwargs)
         return cls(config, embedding).to(embedding.device)
+
+    def attach_embedding(self, weight: torch.Tensor) -> None:
+        """Read proposed-token embeddings from `weight` (the small model's input-embedding table, shared, frozen)."""
+        if tuple(weight.shape) != (self.config.vocab_size, self.config.embedding_dim):
+            raise ValueError(
+                f"The embedding table has shape {tuple(weight.shape)}, the router config expects "
+                f"{(self.config.vocab_size, self.config.embedding_dim)}: pass the small model the router was built for."
+            )
+        self.token_embedding = weight.detach()
 
     def num_parameters(self) -> int:
         """The router's own (trainable) parameters; the shared embedding table is not counted."""
@@ -219,24 +234,17 @@ class TokenRouter(nn.Module):
     def from_pretrained(cls, path: str, small_model=None, device: torch.device | str | None = None) -> TokenRouter:
         """Load a saved router; `small_model` provides the token-embedding table (routers saved by earlier versions
         carry a copy as `embedding.weight`, used when present)."""
-        from safetensors.torch import load_file
-
-        config_file = os.path.join(path, ROUTER_CONFIG_NAME)
-        if not os.path.exists(config_file):
-            raise FileNotFoundError(f"No {ROUTER_CONFIG_NAME} in {path!r}: save the router with `save_pretrained`.")
-        with open(config_file) as handle:
-            config = TokenRouterConfig(**json.load(handle))
-        state = load_file(os.path.join(path, ROUTER_WEIGHTS_NAME))
+        config, state = read_router_folder(path, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME, TokenRouterConfig)
         embedding = state.pop("embedding.weight", None)
+        router = cls(TokenRouterConfig(**config), embedding)
+        load_router_state(router, state, os.path.join(path, ROUTER_WEIGHTS_NAME))
         if embedding is None:
             if small_model is None:
                 raise ValueError(
                     f"The router in {path!r} reads the small model's token embeddings: pass "
                     "`TokenRouter.from_pretrained(path, small_model=...)`."
                 )
-            embedding = small_model.get_input_embeddings().weight
-        router = cls(config, embedding)
-        router.load_state_dict(state)
+            router.attach_embedding(small_model.get_input_embeddings().weight)
         return router.to(device or "cpu").eval()
 
 
@@ -312,6 +320,8 @@ def routed_generate(
         `TokenRoutingOutput`: completions, `large_mask` (which model produced each token), `large_token_fraction`,
         the router probabilities of every proposal, decoded `texts` when a tokenizer is given, and call counters.
     """
+    check_generation_args(small_model, large_model, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_routing(router, small_model, threshold)
     input_ids, attention_mask = prepare_inputs([small_model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([small_model, large_model], tokenizer, eos_token_id, pad_token_id)
     if threshold is None:
@@ -524,6 +534,8 @@ def build_routing_dataset(
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    check_labelling_args(small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size,
+                         continuation_max_new_tokens, margin)  # fmt: skip
     if prompt_column not in dataset.column_names:
         raise ValueError(f"Column {prompt_column!r} not found; the dataset has {dataset.column_names}.")
     if completion_column is not None and completion_column not in dataset.column_names:
@@ -715,6 +727,8 @@ def routing_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float)
 def calibrate_router(router: TokenRouter, data, target_recall: float = 0.95, default_threshold: float = 0.5) -> float:
     """Set `router.threshold` to the largest θ whose routing reaches `target_recall` on `data`'s routing-worthy tokens
     (`ops.decoding.r2r_calibrate_threshold`; `default_threshold` if `data` has none) and return it."""
+    check_number("target_recall", target_recall, "it is a recall", low=0.0, high=1.0)
+    check_number("default_threshold", default_threshold, "it is a probability threshold", low=0.0, high=1.0)
     data = _as_tensors(data)
     threshold = r2r_calibrate_threshold(router_probabilities(router, data), data["labels"], target_recall,
                                         default_threshold)  # fmt: skip
@@ -736,6 +750,7 @@ def train_router(
     from tqdm.auto import tqdm
 
     config = config or RouterTrainingConfig()
+    check_router_training(config)
     generator = torch.Generator().manual_seed(config.seed)
     train = _as_tensors(train_data)
     if eval_data is not None:
