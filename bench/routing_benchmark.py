@@ -1,15 +1,15 @@
 """Honest small/large token-routing benchmark: held-out prompts, one budget for every method, compute counted.
 
 Pair. Large: the demo model (SmolLM2-135M-Instruct, `trl_tokenlevel.models`), used as is. Small: a Llama with the SAME
-tokenizer, 2 layers and width 64 (about 40x fewer parameters, mostly its tied embedding table, initialised from the
-large model's embeddings projected on their top principal components), trained here for a few hundred steps on the
-task's train split. Task: copy a list of digits (`tasks.make_problems("copy")`), one solved example then the question,
-plain text (no chat template, so prompts are short):
+tokenizer, 2 layers and width 64 (41x fewer parameters, mostly its tied embedding table), trained here on the task's
+train split until it answers 20% of 16 calibration prompts (about 40 steps): clearly weaker than the large model on
+purpose. Task: copy 4 digits (`tasks.make_problems("copy")`), one solved example then the question, plain text (no
+chat template, so prompts are short):
 
-    Repeat: 7 2 9 4 1            <- the fixed solved example (train split)
-    Answer: 7 2 9 4 1
-    Repeat: 3 1 4 1 5            <- the question
-    Answer:                      -> " 3 1 4 1 5\n"  (the newline ends the answer; verifier: exact match)
+    Repeat: 4 7 3 2              <- the fixed solved example (train split)
+    Answer: 4 7 3 2
+    Repeat: 4 6 9 4              <- the question
+    Answer:                      -> " 4 6 9 4\n"  (the newline ends the answer; verifier: exact match)
 
 Splits (hash-disjoint, `tasks.split_of`): the small model trains on train-split problems; router labels come from
 other train-split problems (never seen in training); calibration from the valid split; test prompts from the test
@@ -44,7 +44,7 @@ the random baseline; the two language models are trained/loaded once. Reported: 
 accuracy, achieved large-token share and FLOPs per method and target share, and the paired per-seed accuracy
 difference R2R − confidence at each share.
 
-    python bench/routing_benchmark.py                    # full run (~30 min on 2 busy CPU cores)
+    python bench/routing_benchmark.py                    # full run (5-20 min on 2 busy CPU cores, one thread)
     python bench/routing_benchmark.py --quick            # smoke run (numbers meaningless)
     python bench/routing_benchmark.py --plot-only bench/results/routing_benchmark.json
     python bench/routing_benchmark.py --device cuda      # GPU: same numbers, wall times meaningful per device
@@ -788,9 +788,9 @@ def parse_args(argv=None):
                         help="Save the trained small model here, or load it from here if a previous run saved it.")
     parser.add_argument("--small-eval-every", type=int, default=1)
     parser.add_argument("--train-small-only", action="store_true", help="Train (and save) the small model, then stop.")
-    parser.add_argument("--label-prompts", type=int, default=16)
+    parser.add_argument("--label-prompts", type=int, default=48)
     parser.add_argument("--calibration-prompts", type=int, default=32)
-    parser.add_argument("--test-prompts", type=int, default=8, help="Per seed (disjoint across seeds).")
+    parser.add_argument("--test-prompts", type=int, default=24, help="Per seed (disjoint across seeds).")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--shares", type=float, nargs="*", default=[0.05, 0.1, 0.15, 0.2, 0.3])
     parser.add_argument("--router-lr", type=float, default=1e-3)
