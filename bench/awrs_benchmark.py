@@ -35,8 +35,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-from transformers import LogitsProcessor
+import torch  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
 
 PREFIX = '{"sum": '
 COMPLETE = re.compile(r'\{"sum": \d{1,4}\}')

@@ -69,7 +69,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
+import torch  # noqa: E402
 
 METHODS = ("r2r", "confidence", "ead", "random", "cascade")
 
@@ -97,7 +97,7 @@ def load_problems(args):
     from trl_tokenlevel.data.builtin.tasks import make_problems, shots_for
 
     shot = shots_for("copy", 1, length=args.copy_length)[0]
-    kw = dict(length=args.copy_length)
+    kw = {"length": args.copy_length}
     train = make_problems("copy", args.small_train_problems + args.label_prompts, split="train", seed=1, **kw)
     train = [p for p in train if p.key != shot.key]
     small_train, label = train[: args.small_train_problems], train[args.small_train_problems :][: args.label_prompts]
@@ -119,27 +119,20 @@ def answer_tokenizer(tokenizer):
     return tok
 
 
-def build_small_model(large, tokenizer, hidden: int, layers: int, seed: int, init: str = "random"):
-    """A narrow Llama with the large model's vocabulary (tied embeddings). `init="pca"` starts the embedding as the
-    large embedding table projected on its top `hidden` principal components; `"random"` keeps the standard init."""
+def build_small_model(tokenizer, vocab_size: int, hidden: int, layers: int, seed: int):
+    """A narrow Llama over the large model's vocabulary (tied embeddings, standard init), except that attention starts
+    as a pass-through of the token identities (value and output projections = identity): every head's output is then
+    an average of the attended tokens' embeddings, so the gradient can sharpen attention onto the digit to copy from
+    the first step. With random projections the model sat on a plateau (constant digits) for 300+ steps."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    table = large.get_input_embeddings().weight.detach().float()
-    centred = table - table.mean(dim=0)
     torch.manual_seed(seed)
-    _, _, components = torch.pca_lowrank(centred, q=hidden, center=False)
-    projected = centred @ components
-    config = LlamaConfig(vocab_size=table.shape[0], hidden_size=hidden, intermediate_size=4 * hidden,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                          tie_word_embeddings=True, max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None)  # fmt: skip
     small = LlamaForCausalLM(config)
-    if init == "pca":
-        small.get_input_embeddings().weight.data.copy_(projected * (0.02 / projected.std()))
-    # Attention starts as a pass-through of the token identities (value and output projections = identity): every
-    # head's output is then an average of the attended tokens' embeddings, so the gradient can sharpen attention onto
-    # the digit to copy from the first step (with random projections a long plateau comes first).
     for layer in small.model.layers:
         layer.self_attn.v_proj.weight.data.copy_(torch.eye(hidden))
         layer.self_attn.o_proj.weight.data.copy_(torch.eye(hidden))
@@ -153,12 +146,26 @@ def small_accuracy(model, tokenizer, problems, shot) -> float:
 
     model.eval()
     ids, mask = encode(tokenizer, problems, shot, next(model.parameters()).device)
-    out = cached_generate(model, ids, mask, tokenizer=tokenizer, max_new_tokens=len(answer_tokens(tokenizer, problems[0])))
+    out = cached_generate(
+        model, ids, mask, tokenizer=tokenizer, max_new_tokens=len(answer_tokens(tokenizer, problems[0]))
+    )
     return sum(is_correct(p, t) for p, t in zip(problems, out.texts)) / len(problems)
 
 
-def train_small(small, tokenizer, problems, shot, steps: int, batch: int, lr: float, seed: int, log,
-                eval_problems=None, eval_every: int = 5, target_accuracy: float | None = None) -> tuple[float, dict]:
+def train_small(
+    small,
+    tokenizer,
+    problems,
+    shot,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log,
+    eval_problems=None,
+    eval_every: int = 5,
+    target_accuracy: float | None = None,
+) -> tuple[float, dict]:
     """Next-token loss on the answer tokens only (the LM head is applied to those positions: the 49k-wide head is the
     small model's main cost); AdamW, 5 warm-up steps then a constant learning rate.
 
@@ -193,7 +200,9 @@ def train_small(small, tokenizer, problems, shot, steps: int, batch: int, lr: fl
         if eval_problems and (step + 1) % eval_every == 0:
             accuracy = small_accuracy(small, tokenizer, eval_problems, shot)
             small.train()
-            log(f"    small step {step + 1}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} calibration prompts")
+            log(
+                f"    small step {step + 1}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} calibration prompts"
+            )
             info.update(steps=step + 1, eval_accuracy=accuracy)
             if target_accuracy is not None and accuracy >= target_accuracy:
                 break
@@ -214,8 +223,8 @@ def prepare_small_model(args, large, tokenizer, small_train, eval_problems, shot
                              "use another --small-model folder.")  # fmt: skip
         log(f"small model loaded from {folder} (trained in {info['train_s']:.0f}s, {info['training']})")
         return LlamaForCausalLM.from_pretrained(folder).to(device).eval(), info["train_s"], info["training"]
-    small = build_small_model(large, tokenizer, args.small_hidden, args.small_layers, args.seed, args.small_init)
-    small = small.to(device)
+    vocab_size = large.get_input_embeddings().weight.shape[0]
+    small = build_small_model(tokenizer, vocab_size, args.small_hidden, args.small_layers, args.seed).to(device)
     log(f"small {num_parameters(small):,} parameters ({num_parameters(large) / num_parameters(small):.1f}x fewer than "
         f"large); training {args.small_steps} steps on {len(small_train)} train-split problems")  # fmt: skip
     seconds, training = train_small(small, tokenizer, small_train, shot, args.small_steps, args.small_batch,
@@ -229,7 +238,7 @@ def prepare_small_model(args, large, tokenizer, small_train, eval_problems, shot
 
 
 def small_model_args(args) -> dict:
-    keys = ("copy_length", "small_hidden", "small_layers", "small_steps", "small_batch", "small_lr", "small_init",
+    keys = ("copy_length", "small_hidden", "small_layers", "small_steps", "small_batch", "small_lr",
             "small_target_accuracy", "small_eval_every",
             "small_train_problems", "seed")  # fmt: skip
     return {key: getattr(args, key) for key in keys}
@@ -539,16 +548,31 @@ def run_benchmark(args) -> dict:
         log(f"share {share:.2f}: " + ", ".join(f"{m} acc {summary[m]:.3f} @ {shares[m]:.3f}" for m in METHODS))
     timings["total_s"] = time.perf_counter() - start_all
     return {
-        "task": {"name": "copy", "copy_length": args.copy_length, "answer_tokens": max_new - 1,
-                 "prompt_tokens": int(prompt_lengths.max()), "small_train_problems": len(small_train),
-                 "label_prompts": len(label_problems), "calibration_prompts": len(calibration_problems),
-                 "test_prompts_per_seed": args.test_prompts},
-        "models": {"small": {"parameters": cost["small"], "hidden": args.small_hidden, "layers": args.small_layers,
-                             "train_steps": small_training["steps"],
-                             "calibration_accuracy_at_stop": small_training["eval_accuracy"]},
-                   "large": {"parameters": cost["large"], "name": "SmolLM2-135M-Instruct (demo model)"},
-                   "router": {"parameters": runs[0]["router"]["parameters"], "width": runs[0]["router"]["width"],
-                              "share_of_small": runs[0]["router"]["parameters"] / cost["small"]}},
+        "task": {
+            "name": "copy",
+            "copy_length": args.copy_length,
+            "answer_tokens": max_new - 1,
+            "prompt_tokens": int(prompt_lengths.max()),
+            "small_train_problems": len(small_train),
+            "label_prompts": len(label_problems),
+            "calibration_prompts": len(calibration_problems),
+            "test_prompts_per_seed": args.test_prompts,
+        },
+        "models": {
+            "small": {
+                "parameters": cost["small"],
+                "hidden": args.small_hidden,
+                "layers": args.small_layers,
+                "train_steps": small_training["steps"],
+                "calibration_accuracy_at_stop": small_training["eval_accuracy"],
+            },
+            "large": {"parameters": cost["large"], "name": "SmolLM2-135M-Instruct (demo model)"},
+            "router": {
+                "parameters": runs[0]["router"]["parameters"],
+                "width": runs[0]["router"]["width"],
+                "share_of_small": runs[0]["router"]["parameters"] / cost["small"],
+            },
+        },
         "label_stats": label_stats,
         "cascade_rule": cascade_rule_name,
         "args": vars(args),
@@ -578,9 +602,11 @@ def summarise(results: dict) -> dict:
             "wall_s": mean_ci([r["wall_s"] for r in rows]),
         }
 
-    lines = [{"method": "small", "target_share": 0.0, **stats([r["small"] for r in runs])},
-             {"method": "large", "target_share": 1.0, **stats([r["large"] for r in runs])},
-             {"method": "r2r (recall 0.95 θ)", "target_share": None, **stats([r["r2r_recall95"] for r in runs])}]
+    lines = [
+        {"method": "small", "target_share": 0.0, **stats([r["small"] for r in runs])},
+        {"method": "large", "target_share": 1.0, **stats([r["large"] for r in runs])},
+        {"method": "r2r (recall 0.95 θ)", "target_share": None, **stats([r["r2r_recall95"] for r in runs])},
+    ]
     comparisons = []
     for share in results["args"]["shares"]:
         key = str(share)
@@ -632,35 +658,62 @@ def markdown(results: dict) -> str:
         out.append(f"| {line['method']} | {target} | {_fmt(line['large_share'])} | {_fmt(line['accuracy'])} | "
                    f"{_fmt(line['flops_per_prompt'], 2, 1e-9)} | {_fmt(line['flops_vs_large'])} | "
                    f"{line['router_flops_per_prompt']['mean'] * 1e-9:.4f} | {line['wall_s']['mean']:.1f} |")  # fmt: skip
-    out += ["", "R2R − confidence rule, paired per seed (same test prompts, same target share):", "",
-            "| target share | accuracy difference | verdict (does R2R beat the confidence rule?) |", "|---:|---:|---|"]
+    out += [
+        "",
+        "R2R − confidence rule, paired per seed (same test prompts, same target share):",
+        "",
+        "| target share | accuracy difference | verdict (does R2R beat the confidence rule?) |",
+        "|---:|---:|---|",
+    ]
     for c in summary["r2r_vs_confidence"]:
         out.append(f"| {c['target_share']:.2f} | {_fmt(c['r2r_minus_confidence_accuracy'])} | "
                    f"{c['verdict_r2r_beats_confidence']} |")  # fmt: skip
     return "\n".join(out)
+
+
 # 5x7 glyphs, one string of 7 five-pixel rows per character ('#' = ink).
 _GLYPHS = {
-    "0": ".###.#...##..###.#.###..##...#.###.", "1": "..#...##....#....#....#....#...###.",
-    "2": ".###.#...#....#...#...#...#...#####", "3": "####.....#...#....#.....##...#.###.",
-    "4": "...#...##..#.#.#..#.#####...#....#.", "5": "######....####.....#....##...#.###.",
-    "6": "..##..#...#....####.#...##...#.###.", "7": "#####....#...#...#...#....#....#...",
-    "8": ".###.#...##...#.###.#...##...#.###.", "9": ".###.#...##...#.####....#...#..##..",
-    "A": ".###.#...##...#######...##...##...#", "B": "####.#...##...#####.#...##...#####.",
-    "C": ".###.#...##....#....#....#...#.###.", "D": "###..#..#.#...##...##...##..#.###..",
-    "E": "######....#....####.#....#....#####", "F": "######....#....####.#....#....#....",
-    "G": ".###.#...##....#.####...##...#.####", "H": "#...##...##...#######...##...##...#",
-    "I": ".###...#....#....#....#....#...###.", "K": "#...##..#.#.#..##...#.#..#..#.#...#",
-    "L": "#....#....#....#....#....#....#####", "M": "#...###.###.#.##.#.##...##...##...#",
-    "N": "#...###..##.#.##..###...##...##...#", "O": ".###.#...##...##...##...##...#.###.",
-    "P": "####.#...##...#####.#....#....#....", "Q": ".###.#...##...##...##.#.##..#..##.#",
-    "R": "####.#...##...#####.#.#..#..#.#...#", "S": ".####.....#.....###.....#....#####.",
-    "T": "#####..#....#....#....#....#....#..", "U": "#...##...##...##...##...##...#.###.",
+    "0": ".###.#...##..###.#.###..##...#.###.",
+    "1": "..#...##....#....#....#....#...###.",
+    "2": ".###.#...#....#...#...#...#...#####",
+    "3": "####.....#...#....#.....##...#.###.",
+    "4": "...#...##..#.#.#..#.#####...#....#.",
+    "5": "######....####.....#....##...#.###.",
+    "6": "..##..#...#....####.#...##...#.###.",
+    "7": "#####....#...#...#...#....#....#...",
+    "8": ".###.#...##...#.###.#...##...#.###.",
+    "9": ".###.#...##...#.####....#...#..##..",
+    "A": ".###.#...##...#######...##...##...#",
+    "B": "####.#...##...#####.#...##...#####.",
+    "C": ".###.#...##....#....#....#...#.###.",
+    "D": "###..#..#.#...##...##...##..#.###..",
+    "E": "######....#....####.#....#....#####",
+    "F": "######....#....####.#....#....#....",
+    "G": ".###.#...##....#.####...##...#.####",
+    "H": "#...##...##...#######...##...##...#",
+    "I": ".###...#....#....#....#....#...###.",
+    "K": "#...##..#.#.#..##...#.#..#..#.#...#",
+    "L": "#....#....#....#....#....#....#####",
+    "M": "#...###.###.#.##.#.##...##...##...#",
+    "N": "#...###..##.#.##..###...##...##...#",
+    "O": ".###.#...##...##...##...##...#.###.",
+    "P": "####.#...##...#####.#....#....#....",
+    "Q": ".###.#...##...##...##.#.##..#..##.#",
+    "R": "####.#...##...#####.#.#..#..#.#...#",
+    "S": ".####.....#.....###.....#....#####.",
+    "T": "#####..#....#....#....#....#....#..",
+    "U": "#...##...##...##...##...##...#.###.",
     "V": "#...##...##...##...##...#.#.#...#..",
     ":": ".......#..............#............",
-    "W": "#...##...##...##.#.##.#.##.#..#.#..", "Y": "#...##...#.#.#...#....#....#....#..",
-    "=": "..........#####.....#####..........", ".": "..............................##...",
-    "-": "................###................", " ": "." * 35, "%": "##...##..#...#...#...#...#..##...##",
-    "/": "....#....#...#...#...#...#....#....", "<": "...#...#...#...#.....#.....#.....#.",
+    "W": "#...##...##...##.#.##.#.##.#..#.#..",
+    "Y": "#...##...#.#.#...#....#....#....#..",
+    "=": "..........#####.....#####..........",
+    ".": "..............................##...",
+    "-": "................###................",
+    " ": "." * 35,
+    "%": "##...##..#...#...#...#...#..##...##",
+    "/": "....#....#...#...#...#...#....#....",
+    "<": "...#...#...#...#.....#.....#.....#.",
 }
 _COLORS = {"small": (214, 39, 40), "large": (31, 119, 180), "r2r": (44, 160, 44), "ead w=1": (255, 127, 14),
            "ead w=5": (188, 189, 34), "cascade": (148, 103, 189)}  # fmt: skip
@@ -722,8 +775,13 @@ _COLORS = {"small": (214, 39, 40), "large": (31, 119, 180), "r2r": (44, 160, 44)
 def _panel(canvas, lines, x_key, x_max, left, top, width, height, title, x_label):
     low = max(0.0, math.floor(min(g["accuracy"]["mean"] for g in lines) * 10) / 10 - 0.1)
     high = min(1.0, math.ceil(max(g["accuracy"]["mean"] for g in lines) * 10) / 10 + 0.05)
-    x_of = lambda v: round(left + v / x_max * width)
-    y_of = lambda a: round(top + height - (a - low) / (high - low) * height)
+
+    def x_of(value):
+        return round(left + value / x_max * width)
+
+    def y_of(accuracy):
+        return round(top + height - (accuracy - low) / (high - low) * height)
+
     grid = (225, 225, 225)
     for i in range(6):
         v = x_max * i / 5
@@ -778,14 +836,20 @@ def parse_args(argv=None):
     parser.add_argument("--small-hidden", type=int, default=64)
     parser.add_argument("--small-layers", type=int, default=2)
     parser.add_argument("--small-steps", type=int, default=300, help="At most this many training steps.")
-    parser.add_argument("--small-target-accuracy", type=float, default=0.2,
-                        help="Stop training once greedy accuracy on 16 calibration prompts reaches this (None: never).")
+    parser.add_argument(
+        "--small-target-accuracy",
+        type=float,
+        default=0.2,
+        help="Stop training once greedy accuracy on 16 calibration prompts reaches this (None: never).",
+    )
     parser.add_argument("--small-batch", type=int, default=16)
     parser.add_argument("--small-lr", type=float, default=3e-3)
-    parser.add_argument("--small-init", choices=["random", "pca"], default="random")
     parser.add_argument("--small-train-problems", type=int, default=2000)
-    parser.add_argument("--small-model", metavar="DIR",
-                        help="Save the trained small model here, or load it from here if a previous run saved it.")
+    parser.add_argument(
+        "--small-model",
+        metavar="DIR",
+        help="Save the trained small model here, or load it from here if a previous run saved it.",
+    )
     parser.add_argument("--small-eval-every", type=int, default=1)
     parser.add_argument("--train-small-only", action="store_true", help="Train (and save) the small model, then stop.")
     parser.add_argument("--label-prompts", type=int, default=48)

@@ -7,7 +7,6 @@ import torch
 from datasets import Dataset
 
 from tests.generation.conftest import tiny_llama
-
 from trl_tokenlevel.generation.routing import (
     ContinuationJudge,
     JudgeRequest,
@@ -15,11 +14,11 @@ from trl_tokenlevel.generation.routing import (
     TokenRouter,
     TokenRouterConfig,
     build_routing_dataset,
-    scaled_width,
     calibrate_router,
     router_probabilities,
     routing_metrics,
     routing_tensors,
+    scaled_width,
     train_router,
 )
 from trl_tokenlevel.ops.decoding import r2r_calibrate_threshold

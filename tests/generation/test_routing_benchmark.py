@@ -97,11 +97,19 @@ def synthetic_results(seeds=3):
         })  # fmt: skip
     return {
         "task": {"copy_length": 4, "answer_tokens": 9, "prompt_tokens": 30, "test_prompts_per_seed": 10},
-        "models": {"small": {"parameters": 100, "hidden": 8, "layers": 2, "train_steps": 5},
-                   "large": {"parameters": 4000, "name": "large"},
-                   "router": {"parameters": 4, "width": 8, "share_of_small": 0.04}},  # fmt: skip
-        "label_stats": {"prompts": 4, "tokens": 36, "mismatches": 6, "harmful_mismatches": 2,
-                        "harmless_mismatches": 4, "large_reference_accuracy": 0.75},  # fmt: skip
+        "models": {
+            "small": {"parameters": 100, "hidden": 8, "layers": 2, "train_steps": 5},
+            "large": {"parameters": 4000, "name": "large"},
+            "router": {"parameters": 4, "width": 8, "share_of_small": 0.04},
+        },  # fmt: skip
+        "label_stats": {
+            "prompts": 4,
+            "tokens": 36,
+            "mismatches": 6,
+            "harmful_mismatches": 2,
+            "harmless_mismatches": 4,
+            "large_reference_accuracy": 0.75,
+        },  # fmt: skip
         "cascade_rule": "post-hoc (learned)",
         "args": {"shares": shares},
         "runs": runs,
