@@ -333,7 +333,7 @@ class ComponentTimer:
     times of all wrapped callables with the same name add up. It is also a `TrainerCallback`: each optimizer step's
     totals are recorded at the step's end, so `per_step(skip)` excludes the warm-up steps. The clock is process CPU
     time (all threads) on CPU, and wall time after `cuda.synchronize()` on CUDA (which adds synchronizations: use it
-    on CUDA only where step times are not the measurement). Nested wrapped calls are counted once, by the outermost.
+    on CUDA only where step times are not the measurement). A nested call of the same component counts once.
     """
 
     def __init__(self, cuda: bool = False):

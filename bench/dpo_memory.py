@@ -35,7 +35,7 @@ Ratios are to stock DPO: ratio of pooled medians, with the min-max of the per-ro
 Targets (issue 13): CPU, TDPO2 and SparsePO <= 1.3x CPU time and <= 1.1x peak memory; CUDA, <= 1.10x step time and
 <= 1.05x peak memory (AlignDistil <= 1.25x / 1.2x).
 
-    python bench/dpo_memory.py                          # CPU: 256 x 4 layers, vocab 32000, 2 pairs x 256 tokens
+    python bench/dpo_memory.py                          # CPU: 256 x 4 layers, vocab 16384, 2 pairs x 128 tokens
     python bench/dpo_memory.py --sweep 1x256,2x512      # batch x sequence sweep
     python bench/dpo_memory.py --device cuda            # Qwen2.5-0.5B shape, 4 pairs x 1024 tokens, bf16, grad ckpt
 """
@@ -101,12 +101,12 @@ TARGETS = {
     },
 }
 
-# Shape presets. CPU: a few minutes on 2 cores, with a vocabulary large enough that the LM head dominates as in real
-# models (Qwen2.5-0.5B: vocab 151936 x hidden 896). CUDA: Qwen2.5-0.5B's shape (random weights) at 4 pairs x 1024
+# Shape presets. CPU: small enough for a loaded 2-core machine, with a vocabulary large enough that the LM head
+# dominates as in real models (Qwen2.5-0.5B: vocab 151936 x hidden 896). CUDA: Qwen2.5-0.5B's shape (random weights) at 4 pairs x 1024
 # tokens, bf16, gradient checkpointing.
 PRESETS = {
-    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=32000, tokenizer_vocab=8192,
-                seq_len=256, batch=2, warmup=1, steps=3, rounds=3, dtype="float32", gradient_checkpointing=False,
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=16384, tokenizer_vocab=8192,
+                seq_len=128, batch=2, warmup=1, steps=3, rounds=3, dtype="float32", gradient_checkpointing=False,
                 threads=1),
     "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
                  seq_len=1024, batch=4, warmup=2, steps=6, rounds=3, dtype="bfloat16", gradient_checkpointing=True,
@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS,
                               "preference pairs per step (2x sequences; AlignDistil: chosen only)",
                               "JSON path (default bench/results/dpo_memory_<device>.json)")  # fmt: skip
-    run.add_argument("--breakdown", type=int, default=1,
+    run.add_argument("--breakdown", type=int, default=0,
                      help="after training, time compute_loss/backward and their parts this many times per run (0: off)")
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 

@@ -74,7 +74,7 @@ DEFAULT_CONFIGS = ["stock", "weighted", "tgdpo", "cdpo"]
 # step. CUDA: the shape of Qwen2.5-0.5B (random weights) at 1024 tokens in bf16 with gradient checkpointing.
 PRESETS = {
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192, tokenizer_vocab=8192,
-                seq_len=256, batch=2, warmup=1, steps=4, rounds=3, dtype="float32", gradient_checkpointing=False,
+                seq_len=128, batch=2, warmup=1, steps=4, rounds=3, dtype="float32", gradient_checkpointing=False,
                 threads=1),
     "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
                  seq_len=1024, batch=4, warmup=2, steps=6, rounds=3, dtype="bfloat16", gradient_checkpointing=True,
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS, "preference pairs per step (2x sequences)",
                               "JSON path (default bench/results/dpo_token_overhead_<device>.json)")  # fmt: skip
     run.add_argument("--collate-repeats", type=int, default=3, help="passes over the data for the collation timing")
-    run.add_argument("--breakdown", type=int, default=2,
+    run.add_argument("--breakdown", type=int, default=1,
                      help="after training, time compute_loss/backward and the token trainer's parts this many\n"
                           "times per run (0: off)")
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)

@@ -82,7 +82,7 @@ DEFAULT_CONFIGS = list(CONFIGS)
 
 PRESETS = {
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192, tokenizer_vocab=8192,
-                prompt_len=64, completion_len=96, batch=8, num_generations=4, warmup=1, steps=4, rounds=3,
+                prompt_len=32, completion_len=64, batch=8, num_generations=4, warmup=1, steps=3, rounds=3,
                 threads=1, dtype="float32"),
     "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
                  prompt_len=128, completion_len=512, batch=16, num_generations=4, warmup=2, steps=5, rounds=3,

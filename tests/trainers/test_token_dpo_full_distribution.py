@@ -300,3 +300,29 @@ def test_fused_tdpo2_two_process_ddp_matches_single_process(tiny_model_path, tmp
     assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5)
     assert ddp["param_norm"] == pytest.approx(single["param_norm"], abs=1e-5)
     assert ddp["param_sum"] == pytest.approx(single["param_sum"], abs=1e-4)
+
+
+def test_fused_pass_with_lora_reference_matches_two_pass(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """PEFT: the reference is the policy with its adapter disabled; the backbone-only forward keeps that working."""
+    from peft import LoraConfig
+
+    results = []
+    for kernel in ("trl", "torch"):
+        torch.manual_seed(0)
+        args = TokenDPOConfig(**base_args(tmp_path / kernel, beta=0.5, token_loss_type="tdpo2", token_kernel=kernel))
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)  # fmt: skip
+        trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
+                                  peft_config=peft_config)  # fmt: skip
+        assert trainer.ref_model is None and trainer.fused_distribution == (kernel == "torch")
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        assert trainer._metrics["train"]["seq_kl/chosen"][-1] > 1e-6  # the adapter moved the policy off the reference
+        results.append((loss.detach(), _grads(trainer.model)))
+    (two_pass, two_pass_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, two_pass, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == two_pass_grads.keys() and fused_grads
+    for name, grad in two_pass_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=2e-5, rtol=1e-4, msg=name)

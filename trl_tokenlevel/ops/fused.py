@@ -203,9 +203,11 @@ class _FusedFunction(torch.autograd.Function):
                             one_hot = torch.arange(v0, v1, device=device) == y.unsqueeze(-1)
                             grad_z += g_lp[r0:r1] * (one_hot.to(dtype) - p)
                         if g_kl is not None:
-                            log_p_tau = z / temperature - lse_tau[r0:r1].unsqueeze(-1) if temperature != 1.0 else (
-                                z - rows_lse)  # fmt: skip
-                            p_tau = torch.exp(log_p_tau) if temperature != 1.0 else p
+                            if temperature == 1.0:
+                                log_p_tau, p_tau = z - rows_lse, p
+                            else:
+                                log_p_tau = z / temperature - lse_tau[r0:r1].unsqueeze(-1)
+                                p_tau = torch.exp(log_p_tau)
                             log_p_t = teacher.tile(h_t, v0, v1)[0] - t_lse[r0:r1].unsqueeze(-1)
                             if reverse:
                                 gap = log_p_tau - log_p_t - kl[r0:r1].unsqueeze(-1)
