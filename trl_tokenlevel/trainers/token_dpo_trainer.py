@@ -31,11 +31,14 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
+from ..checks import check_same_hidden_size, check_same_vocabulary, check_tokenizer_fits
 from ..data.token_columns import (
+    ROW_ID_COLUMN,
     TOKEN_BATCH_KEYS,
     TOKEN_COLUMN_FAMILIES,
     TOKEN_COLUMNS,
     DataCollatorForTokenPreference,
+    column_names,
     validate_token_columns,
 )
 from ..ops.chunked import (
@@ -54,7 +57,8 @@ from ..ops.preference import (
     treg_loss,
     weighted_dpo_loss,
 )
-from ..signals.masks import SparsePOMask
+from ..signals.masks import SparsePOMask, norm_eps_of
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .hooks import (
     add_backbone_forward,
     capture_last_hidden_state,
@@ -62,12 +66,10 @@ from .hooks import (
     record_activation_means,
     record_layer_outputs,
 )
-from .token_dpo_config import TokenDPOConfig
+from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
 
 logger = get_logger(__name__)
 
-# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
-_ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 # Losses that read the backbone's last hidden state of policy and reference during the fused forward.
 _HIDDEN_STATE_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo")
 # Losses that can run the fused full-distribution pass (`ops.fused`) instead of TRL's log-prob head + a chunked KL.
@@ -116,6 +118,13 @@ class TokenDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "trl-tokenlevel"]
     _name = "TokenDPO"
     # `_paper` stays DPO's: every method here is a token-level form of the DPO objective.
+
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (stock DPO: every override defers to `DPOTrainer`).
+    token_loss_type = None
+    guidance_model = None
+    aligndistil_teachers = None
+    sparsepo_masks = None
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -153,6 +162,7 @@ class TokenDPOTrainer(DPOTrainer):
         self.aligndistil_teachers = self._load_aligndistil_teachers(args, aligndistil_teachers)
 
         if self.token_loss_type is not None:
+            check_policy(model, processing_class)
             if processing_class is None:
                 processing_class = AutoProcessor.from_pretrained(
                     model if isinstance(model, str) else get_config_model_id(model.config),
@@ -176,6 +186,8 @@ class TokenDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+        if self.token_loss_type is not None and self.ref_model is not None:
+            self._check_reference()
         if self.guidance_model is not None:
             add_fused_lm_head(self.guidance_model)
             self.guidance_model = self._prepare_frozen(self.guidance_model, "guidance_model")
@@ -199,6 +211,8 @@ class TokenDPOTrainer(DPOTrainer):
             self.sparsepo_masks = self._build_sparsepo_masks()
             # `Trainer` zeroes only the model's gradients after each optimizer step; the masks live beside it.
             self.add_callback(_ZeroGradientsAfterStep(self.sparsepo_masks))
+        if nonfinite_guard_enabled(args, self.token_loss_type is not None):
+            self.add_callback(NonFiniteWeightsGuard(self.sparsepo_masks or ()))
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -266,7 +280,8 @@ class TokenDPOTrainer(DPOTrainer):
         count = 2 if self.args.sparsepo_independent_masks else 1
         masks = []
         for _ in range(count):
-            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout)
+            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout,
+                                init=self.args.sparsepo_mask_init, norm_eps=norm_eps_of(config))  # fmt: skip
             masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
         return masks
 
@@ -296,18 +311,52 @@ class TokenDPOTrainer(DPOTrainer):
             path = os.path.join(resume_from_checkpoint, _SPARSEPO_MASK_FILE)
             if not os.path.exists(path):
                 raise ValueError(f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run.")
+            self._load_sparsepo_masks(path)
+
+    def _load_sparsepo_masks(self, path: str) -> None:
+        """Load the mask networks from `path`, naming the file and the mismatch if it was saved for another setup."""
+        masks = [self.accelerator.unwrap_model(mask) for mask in self.sparsepo_masks]
+        fix = (
+            "Resume with the model and sparsepo_independent_masks setting of the run that wrote it, or delete the "
+            "file to start the masks afresh."
+        )
+        try:
             states = torch.load(path, map_location=self.accelerator.device)
-            for mask, state in zip(self.sparsepo_masks, states, strict=True):
-                self.accelerator.unwrap_model(mask).load_state_dict(state)
+        except Exception as error:  # a truncated or foreign file: torch raises many different types
+            raise ValueError(f"{path} is not a readable SparsePO mask file ({error}). {fix}") from error
+        if not isinstance(states, list) or len(states) != len(masks):
+            count = len(states) if isinstance(states, list) else type(states).__name__
+            raise ValueError(f"{path} holds {count} mask network(s), this run builds {len(masks)}. {fix}")
+        for index, (mask, state) in enumerate(zip(masks, states)):
+            expected = {name: tuple(tensor.shape) for name, tensor in mask.state_dict().items()}
+            found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+            if found != expected:
+                raise ValueError(
+                    f"{path}: mask network {index} has parameter shapes {found}, but this model needs {expected} "
+                    f"(layers x hidden size): the file was saved for another model. {fix}"
+                )
+            mask.load_state_dict(state)
 
     def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
-        policy_width = self.model.get_output_embeddings().weight.shape[0]
-        other_width = other.get_output_embeddings().weight.shape[0]
-        if policy_width != other_width:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_width} tokens but the policy's covers {policy_width}. Token "
-                "rewards need the same tokenizer and vocabulary: use a model fine-tuned from the same base."
-            )
+        check_same_vocabulary(self.model, "model", other, name, "token rewards and teachers score the policy's tokens")
+
+    def _check_reference(self) -> None:
+        """The reference must score the policy's tokens; full-distribution losses compare whole distributions, and
+        SparsePO's mask networks (sized from the policy) read the reference's layers."""
+        check_tokenizer_fits(self.processing_class, self.ref_model, "ref_model")
+        if self.token_loss_type in FULL_DISTRIBUTION_LOSS_TYPES:
+            check_same_vocabulary(self.model, "model", self.ref_model, "ref_model",
+                                  "the per-token KL compares the two next-token distributions")  # fmt: skip
+        if self.token_loss_type == "sparsepo":
+            why = "SparsePO's mask networks are sized from the policy and read the reference's layer outputs"
+            check_same_hidden_size(self.model, "model", self.ref_model, "ref_model", why)
+            layers = [causal_lm_of(m, self.accelerator).config.get_text_config().num_hidden_layers
+                      for m in (self.model, self.ref_model)]  # fmt: skip
+            if layers[0] != layers[1]:
+                raise ValueError(
+                    f"`ref_model` has {layers[1]} layers but `model` has {layers[0]}: {why}. Use a reference of the "
+                    "same architecture (e.g. the policy's initial weights)."
+                )
 
     # Which per-token column family each token loss reads (the others are ignored, with a warning).
     _FAMILY_OF_LOSS = {"weighted": "token_weights", "cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards"}
@@ -365,16 +414,21 @@ class TokenDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.token_loss_type is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        user_columns = list(dataset.column_names or [])
+        user_columns = column_names(dataset)
         has_token_columns = any(name in user_columns for name in TOKEN_COLUMNS)
-        track_rows = isinstance(dataset, Dataset) and has_token_columns
-        if track_rows:
-            dataset = dataset.add_column(_ROW_ID_COLUMN, list(range(len(dataset))))
+        streamed = isinstance(dataset, IterableDataset)
+        if has_token_columns:
+            # Row numbers of the user's dataset, through TRL's tokenization (which may drop rows): checked here for a
+            # map-style dataset, by the collator for a stream (which keeps the column).
+            if streamed:
+                dataset = dataset.map(lambda _, index: {ROW_ID_COLUMN: index}, with_indices=True)
+            else:
+                dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         row_ids = None
-        if track_rows:
-            row_ids = dataset[_ROW_ID_COLUMN]
-            dataset = dataset.remove_columns(_ROW_ID_COLUMN)
+        if has_token_columns and not streamed:
+            row_ids = dataset[ROW_ID_COLUMN]
+            dataset = dataset.remove_columns(ROW_ID_COLUMN)
         present = validate_token_columns(dataset, row_ids)
         self._check_token_columns(present, dataset_name, user_columns)
         return dataset
@@ -383,7 +437,7 @@ class TokenDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         # `remove_unused_columns=True` (the default) keeps only signature columns: add ours so they reach the collator.
         if self.token_loss_type is not None and not self._is_vision_dataset:
-            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS]
+            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS, ROW_ID_COLUMN]
 
     # ------------------------------------------------------------------------------------------------------------
     # Reference log-probs: live (separate model or adapter-disabled PEFT) or precomputed per token
@@ -429,7 +483,35 @@ class TokenDPOTrainer(DPOTrainer):
         if not os.path.exists(cache_file):
             self._write_ref_cache(dataset, name, batch_size, fingerprint[0], cache_file)
         self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        return concatenate_datasets([dataset, self._read_ref_cache(cache_file, dataset, name)], axis=1)
+
+    @staticmethod
+    def _read_ref_cache(cache_file: str, dataset: Dataset, name: str) -> Dataset:
+        """The cached per-token reference columns, checked against `dataset` row by row (an interrupted write or a
+        foreign file must not silently misalign the reference)."""
+        fix = f"Delete {cache_file} and run again: the per-token reference log-probs are recomputed."
+        try:
+            cache = Dataset.from_file(cache_file)
+        except Exception as error:  # pyarrow raises several types for a truncated file
+            raise ValueError(f"The per-token reference cache {cache_file} is unreadable ({error}). {fix}") from error
+        if len(cache) != len(dataset) or not {"ref_chosen_token_logps", "ref_rejected_token_logps"} <= set(
+            cache.column_names
+        ):
+            raise ValueError(
+                f"The per-token reference cache {cache_file} has {len(cache)} rows and columns {cache.column_names}, "
+                f"but the {name} dataset has {len(dataset)} rows and needs 'ref_chosen_token_logps' and "
+                f"'ref_rejected_token_logps': it is stale. {fix}"
+            )
+        for side in ("chosen", "rejected"):
+            lengths = [len(ids) for ids in dataset[f"{side}_ids"]]
+            cached = [len(values) for values in cache[f"ref_{side}_token_logps"]]
+            if lengths != cached:
+                row = next(i for i, (a, b) in enumerate(zip(lengths, cached)) if a != b)
+                raise ValueError(
+                    f"The per-token reference cache {cache_file} is stale: row {row} has {cached[row]} reference "
+                    f"log-probs for {lengths[row]} tokens of '{side}_ids'. {fix}"
+                )
+        return cache
 
     def _write_ref_cache(self, dataset, name, batch_size, fingerprint, cache_file) -> None:
         if self.is_deepspeed_enabled and self.ref_model is None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+from ..checks import check_choice, check_number, check_order
 
 TOKEN_SELECTIONS = ("entropy_quantile", "entropy_band")
 TOKEN_ADVANTAGES = ("ucas", "hapo", "gtpo", "d3s", "tw_grpo", "tempo")
@@ -50,7 +51,8 @@ class TokenGRPOConfig(GRPOConfig):
             every valid token, and the completion (attention) mask is never touched.
         token_advantage (`str` or `None`, *optional*, defaults to `None`):
             Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
-            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
+            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` (Simoni et al.,
+            [paper](https://huggingface.co/papers/2508.03772); not the entropy-weighted GTPO of arXiv 2508.04349),
             `"d3s"` ([paper](https://huggingface.co/papers/2509.22115)), `"tw_grpo"`
             ([paper](https://huggingface.co/papers/2505.24718)) or `"tempo"` ([paper](https://huggingface.co/papers/2509.18314)).
             Python users can pass a callable `token_advantage_fn=` to the trainer instead.
@@ -99,6 +101,11 @@ class TokenGRPOConfig(GRPOConfig):
             during rollouts (a `LogitsProcessor`; transformers generation only).
         hapo_repo_sign_compat (`bool`, defaults to `False`), hapo_fallback_include_padding (`bool`, defaults to `False`):
             Reproduce the official code's sign of ĥ and its TLGA fallback test on padded tensors.
+        hapo_dual_clip (`float` or `None`, defaults to `10.0`):
+            HAPO's PPO dual clip c (official `clip_ratio_c`): a token with A < 0 contributes at most `c·|A|` and stops
+            pushing once its ratio exceeds c. `None` turns it off (TRL's plain clipped surrogate). Needs a clipped
+            `loss_type`, token-level importance sampling, `c > 1 + ε_high·(1 + hapo_clip_alpha)` and `delta=None`
+            (the trainer applies it through TRL's `delta` cap, the same function under these conditions).
         gtpo_conflict_weight (`float`, defaults to `2.0`), gtpo_entropy_threshold (`float`, defaults to `0.7`),
         gtpo_entropy_scale (`float`, defaults to `0.1`), gtpo_divide_by_n_conflict (`bool`, defaults to `False`),
         gtpo_n_conflict_count (`str`, defaults to `"union"`):
@@ -152,6 +159,14 @@ class TokenGRPOConfig(GRPOConfig):
         chord_token_level_loss (`bool`, defaults to `True`):
             CHORD-φ (`"phi"`), CHORD-μ (`"none"`, plain NLL) or `"is"` (DFT); probability cutoff; token-mean (True) or
             mean of per-sequence token means.
+
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
 
     > [!NOTE]
     > Token options are opt-in and independent: a selection, an advantage method, a token-reward source, RMT and
@@ -223,6 +238,9 @@ class TokenGRPOConfig(GRPOConfig):
     hapo_repo_sign_compat: bool = field(default=False, metadata={"help": "Reproduce the official HAPO sign bug."})
     hapo_fallback_include_padding: bool = field(
         default=False, metadata={"help": "Reproduce the official TLGA fallback test on padded tensors."}
+    )
+    hapo_dual_clip: float | None = field(
+        default=10.0, metadata={"help": "HAPO PPO dual-clip c for negative advantages (official 10; None: off)."}
     )
     # --- GTPO ----------------------------------------------------------------------------------------------------
     gtpo_conflict_weight: float = field(default=2.0, metadata={"help": "GTPO weight W of conflict tokens."})
@@ -301,6 +319,12 @@ class TokenGRPOConfig(GRPOConfig):
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
     chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
 
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
+
     @property
     def token_features_enabled(self) -> bool:
         """True when any token-level option is set (False: the trainer is stock GRPO)."""
@@ -330,8 +354,7 @@ class TokenGRPOConfig(GRPOConfig):
             ("rmt_exponent_form", self.rmt_exponent_form, RMT_EXPONENT_FORMS),
             ("chord_weighting", self.chord_weighting, CHORD_WEIGHTINGS),
         ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(repr, choices))}.")
+            check_choice(name, value, choices)
         if self.gtpo_entropy_filter not in GTPO_ENTROPY_FILTERS:
             raise ValueError(
                 f"gtpo_entropy_filter={self.gtpo_entropy_filter!r}: only the official rule is available in the "
@@ -339,23 +362,7 @@ class TokenGRPOConfig(GRPOConfig):
                 "does not compute; call `trl_tokenlevel.ops.advantages.gtpo_token_advantages` with "
                 "`initial_mean_entropy` from a `token_advantage_fn` instead."
             )
-        for name in ("entropy_top_ratio", "d3s_sample_keep_ratio_start", "d3s_sample_keep_ratio_end",
-                     "d3s_token_keep_ratio_start", "d3s_token_keep_ratio_end", "band_quantile_low",
-                     "band_quantile_high"):  # fmt: skip
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
-        for name in ("band_coef", "band_low", "band_high", "ucas_beta_pos", "ucas_beta_neg", "ucas_kappa",
-                     "hapo_adv_beta", "hapo_clip_alpha", "gtpo_conflict_weight", "gtpo_entropy_scale", "tw_alpha",
-                     "tempo_lambda", "token_reward_scale", "token_reward_coef", "rmt_ntp_coef"):  # fmt: skip
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
-        if self.d3s_sample_keep_ratio_start <= 0:
-            raise ValueError("d3s_sample_keep_ratio_start must be > 0: D³S must keep at least one rollout per group.")
-        if not 0.0 <= self.hapo_temperature_tau < 1.0:
-            raise ValueError(f"hapo_temperature_tau must be in [0, 1), got {self.hapo_temperature_tau}.")
-        if self.tw_vocab_chunk < 1:
-            raise ValueError(f"tw_vocab_chunk must be >= 1, got {self.tw_vocab_chunk}.")
+        self._check_ranges()
         # Method knobs that do nothing without their method: refuse them rather than silently ignore them.
         if self.rmt_ntp_coef != 0.0 and self.token_selection is None:
             raise ValueError(
@@ -390,10 +397,8 @@ class TokenGRPOConfig(GRPOConfig):
                     "Use loss_type='dapo' (or 'grpo'/'bnpo'/'cispo'/'vespo'/'sapo') with it."
                 )
         if self.rmt_budget_init is not None:
-            if self.rmt_budget_min < 1 or self.rmt_budget_init < self.rmt_budget_min:
-                raise ValueError("Need 1 <= rmt_budget_min <= rmt_budget_init.")
-            if not 0.0 < self.rmt_gamma < 1.0:
-                raise ValueError(f"rmt_gamma must be in (0, 1), got {self.rmt_gamma}.")
+            check_order("rmt_budget_min", self.rmt_budget_min, "rmt_budget_init", self.rmt_budget_init,
+                        "the budget decays from B_0 down to B_min")  # fmt: skip
         if self.token_advantage == "hapo":
             if self.hapo_adaptive_clip and self.loss_type not in CLIPPED_LOSS_TYPES:
                 raise ValueError(
@@ -403,18 +408,13 @@ class TokenGRPOConfig(GRPOConfig):
                 )
             if self.hapo_adaptive_clip and self.importance_sampling_level != "token":
                 raise ValueError("hapo_adaptive_clip=True needs importance_sampling_level='token' (per-token ratios).")
+            if self.hapo_dual_clip is not None:
+                self._check_hapo_dual_clip()
             if self.hapo_adaptive_temperature and (self.use_vllm or self.use_transformers_continuous_batching):
                 raise ValueError(
                     "hapo_adaptive_temperature=True needs transformers `generate` (a LogitsProcessor); vLLM and "
                     "continuous batching have no Python processor hook. Set hapo_adaptive_temperature=False."
                 )
-        if self.chord:
-            if not 0.0 < self.chord_expert_data_ratio < 1.0:
-                raise ValueError(f"chord_expert_data_ratio must be in (0, 1), got {self.chord_expert_data_ratio}.")
-            if not 0.0 < self.chord_cutoff_prob <= 1.0:
-                raise ValueError(f"chord_cutoff_prob must be in (0, 1], got {self.chord_cutoff_prob}.")
-            if self.chord_mu_warmup_steps < 0 or self.chord_mu_decay_steps < 0:
-                raise ValueError("chord_mu_warmup_steps and chord_mu_decay_steps must be >= 0.")
         if self.token_shaping_stage == "loss" and self.steps_per_generation != 1:
             raise ValueError(
                 f"token_shaping_stage='loss' shapes each micro-step from the training forward, which needs every "
@@ -422,6 +422,101 @@ class TokenGRPOConfig(GRPOConfig):
                 "it defaults to gradient_accumulation_steps). Set steps_per_generation=1, or "
                 "token_shaping_stage='rollout' (or 'auto')."
             )
+
+    def _check_hapo_dual_clip(self) -> None:
+        fix = "or set hapo_dual_clip=None"
+        if self.loss_type not in CLIPPED_LOSS_TYPES or self.importance_sampling_level != "token":
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} caps the per-token PPO surrogate: it needs a clipped loss_type "
+                f"{CLIPPED_LOSS_TYPES} and importance_sampling_level='token', got loss_type={self.loss_type!r} and "
+                f"importance_sampling_level={self.importance_sampling_level!r}; change them {fix}."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} and delta={self.delta} both cap the unclipped ratio (the trainer "
+                f"applies the dual clip through TRL's `delta`): set delta=None {fix}."
+            )
+        epsilon_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+        widest = 1 + epsilon_high * (1 + (self.hapo_clip_alpha if self.hapo_adaptive_clip else 0.0))
+        if not self.hapo_dual_clip > widest:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} must exceed the widest upper clip bound 1 + ε_high·(1 + α) = "
+                f"{widest:g} (epsilon_high={epsilon_high}, hapo_clip_alpha={self.hapo_clip_alpha}): the dual clip "
+                f"caps ratios beyond the clip range (official c = 10); raise it {fix}."
+            )
+
+    def _check_ranges(self) -> None:
+        """Range of every numeric token-level knob (field, value, valid range and why in each message).
+
+        Checked whatever the method: a bad knob is a mistake even while its method is off (all defaults pass).
+        """
+        fractions = {
+            "entropy_top_ratio": "it is the fraction of valid tokens that carry the update (0 would train on none)",
+            "d3s_sample_keep_ratio_start": "it is the fraction of each group's rollouts kept (0 would keep none)",
+            "d3s_sample_keep_ratio_end": "it is the fraction of each group's rollouts kept (0 would keep none)",
+            "d3s_token_keep_ratio_start": "it is the fraction of tokens kept (0 would keep none)",
+            "d3s_token_keep_ratio_end": "it is the fraction of tokens kept (0 would keep none)",
+            "chord_cutoff_prob": "it is a probability cutoff (1 is off; 0 would clamp every log-probability to -inf)",
+        }
+        for name, why in fractions.items():
+            check_number(name, getattr(self, name), why, low=0.0, high=1.0, low_open=True)
+        quantiles = {
+            "band_quantile_low": "it is a quantile of the forking tokens' entropies",
+            "band_quantile_high": "it is a quantile of the forking tokens' entropies",
+            "hapo_entropy_pivot": "it is the quantile q of the log-entropies that HAPO pivots on",
+            "chord_mu_peak": "μ mixes (1 − μ)·GRPO + μ·SFT",
+            "chord_mu_valley": "μ mixes (1 − μ)·GRPO + μ·SFT",
+        }
+        for name, why in quantiles.items():
+            check_number(name, getattr(self, name), why, low=0.0, high=1.0)
+        non_negative = {
+            "band_coef": "it weights the SPINE band penalty (a negative weight pushes entropies out of the band)",
+            "band_low": "it is an entropy in nats (entropies are >= 0)",
+            "band_high": "it is an entropy in nats (entropies are >= 0)",
+            "ucas_beta_pos": "it sets the strength of UCAS's confidence modulation (a negative value reverses it)",
+            "ucas_beta_neg": "it sets the strength of UCAS's confidence modulation (a negative value reverses it)",
+            "ucas_kappa": "it weights UCAS's logit-certainty penalty (a negative weight rewards over-confidence)",
+            "hapo_adv_beta": "it sets how strongly HAPO redistributes the advantage over tokens",
+            "hapo_clip_alpha": "it widens HAPO's clip ranges (a negative value narrows them below PPO's)",
+            "gtpo_conflict_weight": "it multiplies the advantage of conflict tokens (a negative one flips their sign)",
+            "gtpo_entropy_threshold": "it is a mean entropy in nats (entropies are >= 0)",
+            "gtpo_entropy_scale": "it scales GTPO's entropy shaping",
+            "tempo_lambda": "it weights TEMPO's branch-point TD term",
+            "token_reward_scale": "it is RTO's β₁ on the DPO log-ratio (a negative value reverses the token rewards)",
+            "token_reward_clip": "it is the clip of |token reward| (0: no clip)",
+            "token_reward_coef": "it weights the token-reward return-to-go (a negative one reverses the rewards)",
+            "rmt_length_reward_weight": "it weights RMT's length reward",
+            "rmt_ntp_coef": "it weights the NTP loss on unselected tokens (a negative weight is unlikelihood "
+            "training, unbounded below)",
+        }
+        for name, why in non_negative.items():
+            check_number(name, getattr(self, name), why, low=0.0)
+        check_order("band_low", self.band_low, "band_high", self.band_high,
+                    "the SPINE band [H_low, H_high] would be empty")  # fmt: skip
+        check_order("band_quantile_low", self.band_quantile_low, "band_quantile_high", self.band_quantile_high,
+                    "the SPINE band's quantile range would be empty")  # fmt: skip
+        check_order("chord_mu_valley", self.chord_mu_valley, "chord_mu_peak", self.chord_mu_peak,
+                    "μ decays from its peak down to its floor")  # fmt: skip
+        check_number("hapo_temperature_tau", self.hapo_temperature_tau, "the sampling temperature T·(1 + τ·ĥ) with "
+                     "ĥ in [-1, 1] must stay positive", low=0.0, high=1.0, high_open=True)  # fmt: skip
+        check_number("tw_alpha", self.tw_alpha, "it is the largest TW-GRPO position weight (weights run from 1 to "
+                     "α; 1 is uniform GRPO, below 1 the most divergent tokens would weigh least)", low=1.0)  # fmt: skip
+        check_number("tw_vocab_chunk", self.tw_vocab_chunk, "it is a tile width in tokens", low=1, integer=True)
+        check_number("d3s_schedule_steps", self.d3s_schedule_steps, "it is a number of optimizer steps", low=1,
+                     integer=True, optional=True)  # fmt: skip
+        check_number("rmt_budget_init", self.rmt_budget_init, "it is a token budget", low=1, integer=True,
+                     optional=True)  # fmt: skip
+        check_number("rmt_budget_min", self.rmt_budget_min, "it is a token budget", low=1, integer=True)
+        check_number("rmt_gamma", self.rmt_gamma, "the budget decays geometrically as B_0·γ^x",
+                     low=0.0, high=1.0, low_open=True, high_open=True)  # fmt: skip
+        check_number("rmt_k", self.rmt_k, "it is the exponent of the budget schedule", low=0.0, low_open=True)
+        check_number("rmt_length_reward_width", self.rmt_length_reward_width, "it is the half-width of the "
+                     "triangular length reward, in tokens", low=0.0, low_open=True, optional=True)  # fmt: skip
+        check_number("chord_expert_data_ratio", self.chord_expert_data_ratio, "it is the share of expert rows "
+                     "beside the rollouts (1 would leave no rollouts)", low=0.0, high=1.0, low_open=True,
+                     high_open=True)  # fmt: skip
+        for name in ("chord_mu_warmup_steps", "chord_mu_decay_steps"):
+            check_number(name, getattr(self, name), "it is a number of optimizer steps", low=0, integer=True)
 
     @property
     def resolved_token_shaping_stage(self) -> str:

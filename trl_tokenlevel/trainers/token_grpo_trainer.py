@@ -39,6 +39,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
+from ..checks import check_same_vocabulary
 from ..generation.processors import AdaptiveTemperatureLogitsProcessor
 from ..ops.advantages import (
     TOKEN_ADVANTAGE_METHODS,
@@ -57,6 +58,7 @@ from ..ops.selection import all_gather_variable_length, high_entropy_token_mask,
 from ..ops.sft import chord_mu, chord_sft_loss
 from ..rewards.grpo_rewards import RMTLengthReward
 from ..signals.preference import token_implicit_rewards
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .hooks import capture_last_hidden_state, causal_lm_of
 from .token_grpo_config import TokenGRPOConfig
 
@@ -196,6 +198,22 @@ class TokenGRPOTrainer(GRPOTrainer):
     _name = "TokenGRPO"
     # `_paper` stays GRPO's (DeepSeekMath): every method here reshapes the GRPO objective token by token.
 
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (TRL's tests call them on stand-ins; a subclass may skip our __init__):
+    # token features are then off and every override defers to `GRPOTrainer`.
+    _token_enabled = False
+    token_advantage_fn = None
+    token_reward_model = None
+    token_reward_ref_model = None
+    _hapo_processor = None
+    _expert_batches = None
+    # Per-call state (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
+    _cached_forward = None
+    _pending_selection = None
+    _rollout_capture_request = None
+    _rollout_capture = None
+    _last_rewards_per_func = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -239,6 +257,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         self._token_enabled = token_advantage_fn is not None or (
             token_args is not None and token_args.token_features_enabled
         )
+        if self._token_enabled:
+            check_policy(model, processing_class)
 
         # RMT's length reward is one more reward function, appended before TRL sets up the reward bookkeeping.
         if token_args is not None and token_args.rmt_budget_init is not None:
@@ -260,13 +280,6 @@ class TokenGRPOTrainer(GRPOTrainer):
                     reward_processing_classes = [reward_processing_classes]
                 reward_processing_classes = [*reward_processing_classes, None]
 
-        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
-        self._cached_forward = None
-        self._pending_selection = None
-        self._rollout_capture_request = None
-        self._rollout_capture = None
-        self._last_rewards_per_func = None
-
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -283,10 +296,8 @@ class TokenGRPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
-        self._hapo_processor = None
-        self.token_reward_model = None
-        self.token_reward_ref_model = None
-        self._expert_batches = None
+        if nonfinite_guard_enabled(args, self._token_enabled):
+            self.add_callback(NonFiniteWeightsGuard())
         if not self._token_enabled:
             return
 
@@ -321,13 +332,8 @@ class TokenGRPOTrainer(GRPOTrainer):
     def _load_frozen(self, model: PreTrainedModel | str, name: str) -> PreTrainedModel:
         if isinstance(model, str):
             model = create_model_from_path(model, **dict(self.args.model_init_kwargs or {}))
-        policy_vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
-        other_vocab = model.get_output_embeddings().weight.shape[0]
-        if policy_vocab != other_vocab:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_vocab} tokens but the policy's covers {policy_vocab}: token "
-                "rewards need the policy's tokenizer and vocabulary (a model fine-tuned from the same base)."
-            )
+        check_same_vocabulary(self.accelerator.unwrap_model(self.model), "model", model, name,
+                              "token rewards score the policy's tokens")  # fmt: skip
         if self.args.disable_dropout:
             disable_dropout_in_model(model)
         model.requires_grad_(False)
@@ -440,12 +446,12 @@ class TokenGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, **kwargs):  # fmt: skip
         # The training forward of `_compute_loss` was already run by us (to shape the batch from its entropy): hand
         # TRL's loss the same tensors instead of a second forward.
-        if self._cached_forward is not None and compute_entropy:
+        if isinstance(self._cached_forward, tuple) and compute_entropy:
             cached, self._cached_forward = self._cached_forward, None
             return cached
         # Rollout stage: TRL's own old-log-prob forward also yields the entropy (and the hidden states) we need.
         request = self._rollout_capture_request
-        if request is not None and model is self.model and not compute_entropy:
+        if isinstance(request, dict) and model is self.model and not compute_entropy:
             self._rollout_capture_request = None
             with self._maybe_capture_hidden(model, request["hidden"]) as store:
                 logps, entropies, aux = super()._get_per_token_logps_and_entropies(
@@ -791,10 +797,14 @@ class TokenGRPOTrainer(GRPOTrainer):
         if self._stage == "loss":
             self._shape_token_batch(inputs, per_token_logps, entropies, hidden, inputs.get("old_per_token_logps"))
         eps_low, eps_high = inputs.pop("tl_eps_low", None), inputs.pop("tl_eps_high", None)
-        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile
+        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta
         if eps_low is not None:
             # HAPO: TRL's clamp and clip metrics read these attributes; tensors make them per token.
             self.epsilon_low, self.epsilon_high = eps_low, eps_high
+        if self.args.token_advantage == "hapo" and self.args.hapo_dual_clip is not None:
+            # HAPO's dual clip c: TRL's `delta` caps the unclipped ratio at c, which is exactly the dual clip for
+            # c > 1 + ε_high' (config-checked; proof and reference in `ops.advantages.hapo_dual_clip_loss`).
+            self.args.delta = self.args.hapo_dual_clip
         selected = inputs.get("tl_selected")
         if selected is not None:
             # Token selection rides TRL's `top_entropy_quantile` path: any value < 1 makes TRL ask
@@ -810,7 +820,7 @@ class TokenGRPOTrainer(GRPOTrainer):
         finally:
             self._cached_forward = None
             self._pending_selection = None
-            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile = saved
+            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta = saved
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         valid = inputs.get("tl_valid")  # the valid tokens the selection chose from
@@ -832,7 +842,8 @@ class TokenGRPOTrainer(GRPOTrainer):
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         # During our `_compute_loss`, TRL's entropy-mask branch receives the token selection made at shaping time.
-        if self._pending_selection is not None:
+        # (A tensor check, not `is not None`: TRL's tests call this on a `Mock(spec=...)` whose attributes are Mocks.)
+        if isinstance(self._pending_selection, torch.Tensor):
             selected, self._pending_selection = self._pending_selection, None
             return selected.bool() & mask.bool()
         return super().get_high_entropy_mask(entropies, mask, threshold)
