@@ -483,7 +483,8 @@ def parse_sweep(spec: str | None, default: tuple[int, int]) -> list[tuple[int, i
         try:
             batch, length = (int(part) for part in item.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"--sweep expects BATCHxLENGTH items separated by commas (e.g. 2x256,4x512), got {item!r}")
+            message = f"--sweep expects BATCHxLENGTH items separated by commas (e.g. 2x256,4x512), got {item!r}"
+            raise SystemExit(message) from None
         shapes.append((batch, length))
     return shapes
 

@@ -41,15 +41,25 @@ def make_parser(doc: str, configs: dict, default_configs: list[str], batch_help:
     run.add_argument("--steps", type=int, help="measured optimizer steps per run")
     run.add_argument("--warmup", type=int, help="unmeasured optimizer steps before them")
     run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order (>= 3)")
-    run.add_argument("--sweep", help="batch x sequence shapes to run one after the other, e.g. 1x256,2x512 (each\n"
-                                     "overrides --batch/--seq-len; default: the single preset shape)")
-    run.add_argument("--components", action=argparse.BooleanOptionalAction, default=None,
-                     help="in-loop component timings (loss forward, backward, LM-head/KL kernels) in every\n"
-                          "measured step; default on for CPU, off for CUDA (they synchronize the device)")
+    run.add_argument(
+        "--sweep",
+        help="batch x sequence shapes to run one after the other, e.g. 1x256,2x512 (each\n"
+        "overrides --batch/--seq-len; default: the single preset shape)",
+    )
+    run.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (loss forward, backward, LM-head/KL kernels) in every\n"
+        "measured step; default on for CPU, off for CUDA (they synchronize the device)",
+    )
     run.add_argument("--configs", default=",".join(default_configs), help=f"comma-separated subset of {list(configs)}")
-    run.add_argument("--threads", type=int,
-                     help="OMP/MKL/torch threads in every run (CPU default 1: on a small shared machine two OpenMP\n"
-                          "threads slow down erratically whenever another process takes a core)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="OMP/MKL/torch threads in every run (CPU default 1: on a small shared machine two OpenMP\n"
+        "threads slow down erratically whenever another process takes a core)",
+    )
     run.add_argument("--logging-steps", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--worker-timeout", type=float, default=3600)
@@ -174,7 +184,12 @@ def prepare_worker(p: dict) -> None:
 
 # In-loop component names -> table labels. "head" is every LM-head pass over the vocabulary, forward and backward:
 # TRL's fused log-prob kernel (policy and reference), TRL's chunked divergence, our chunked KL / TVD and the fused pass.
-COMPONENT_LABELS = {"fwd_bwd": "loss fwd+bwd", "head": "LM-head/KL kernels", "loss_fwd": "loss fwd", "backward": "backward"}
+COMPONENT_LABELS = {
+    "fwd_bwd": "loss fwd+bwd",
+    "head": "LM-head/KL kernels",
+    "loss_fwd": "loss fwd",
+    "backward": "backward",
+}
 
 
 def wrap_dpo_components(timer: ComponentTimer, trainer) -> None:

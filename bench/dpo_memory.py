@@ -118,8 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS,
                               "preference pairs per step (2x sequences; AlignDistil: chosen only)",
                               "JSON path (default bench/results/dpo_memory_<device>.json)")  # fmt: skip
-    run.add_argument("--breakdown", type=int, default=0,
-                     help="after training, time compute_loss/backward and their parts this many times per run (0: off)")
+    run.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        help="after training, time compute_loss/backward and their parts this many times per run (0: off)",
+    )
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 
 
@@ -235,7 +239,8 @@ def print_tables(args, shape_result: dict) -> str:
     per_config = shape_result["configs"]
     shape = shape_result["shape"]
     table = f"batch {shape['batch']} x {shape['seq_len']} tokens:\n" + main_table(
-        per_config, args.device == "cuda", TARGETS[args.device])
+        per_config, args.device == "cuda", TARGETS[args.device]
+    )
     clock = "CUDA-synced wall" if args.device == "cuda" else "CPU time"
     parts = [key for key in BREAKDOWN_LABELS if any(key in e.get("breakdown", {}) for e in per_config.values())]
     if parts:
@@ -294,8 +299,12 @@ def main(argv=None) -> int:
             ),
             "targets": TARGETS[args.device],
             "machine": machine,
-            "settings": {**settings, "model": "Qwen2ForCausalLM (random)", "attn_implementation": "sdpa",
-                         "optimizer": "adamw_torch"},  # fmt: skip
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "attn_implementation": "sdpa",
+                "optimizer": "adamw_torch",
+            },  # fmt: skip
             "wall_s": time.time() - started,
             "tables": tables,
             "shapes": shapes,
@@ -443,7 +452,7 @@ def breakdown(trainer, p: dict, cuda: bool) -> dict:
             mem_reset()
             saved: dict[int, int] = {}
 
-            def pack(tensor):
+            def pack(tensor, saved=saved):
                 if tensor.device.type != "meta":
                     storage = tensor.untyped_storage()
                     saved[storage.data_ptr()] = storage.nbytes()

@@ -86,9 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS, "preference pairs per step (2x sequences)",
                               "JSON path (default bench/results/dpo_token_overhead_<device>.json)")  # fmt: skip
     run.add_argument("--collate-repeats", type=int, default=3, help="passes over the data for the collation timing")
-    run.add_argument("--breakdown", type=int, default=1,
-                     help="after training, time compute_loss/backward and the token trainer's parts this many\n"
-                          "times per run (0: off)")
+    run.add_argument(
+        "--breakdown",
+        type=int,
+        default=1,
+        help="after training, time compute_loss/backward and the token trainer's parts this many\n"
+        "times per run (0: off)",
+    )
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 
 
@@ -135,7 +139,8 @@ BREAKDOWN_LABELS = {"fetch_ms": "fetch ms", "collate_ms": "collate ms", "loss_fo
 def print_tables(args, shape_result: dict) -> str:
     per_config, shape = shape_result["configs"], shape_result["shape"]
     table = f"batch {shape['batch']} x {shape['seq_len']} tokens:\n" + main_table(
-        per_config, args.device == "cuda", targets(args))
+        per_config, args.device == "cuda", targets(args)
+    )
     clock = "CUDA-synced wall" if args.device == "cuda" else "CPU time"
     rows = [[name, *(f"{e['breakdown'][key]:.2f}" if key in e.get("breakdown", {}) else "-" for key in BREAKDOWN_LABELS)]
             for name, e in per_config.items()]  # fmt: skip
@@ -190,8 +195,12 @@ def main(argv=None) -> int:
             ),
             "targets": targets(args),
             "machine": machine,
-            "settings": {**settings, "model": "Qwen2ForCausalLM (random)", "attn_implementation": "sdpa",
-                         "optimizer": "adamw_torch"},  # fmt: skip
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "attn_implementation": "sdpa",
+                "optimizer": "adamw_torch",
+            },  # fmt: skip
             "wall_s": time.time() - started,
             "tables": tables,
             "shapes": shapes,

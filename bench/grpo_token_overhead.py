@@ -91,7 +91,9 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     shape = parser.add_argument_group("shape (defaults: PRESETS[--device])")
     shape.add_argument("--dtype", choices=["float32", "bfloat16"])
@@ -103,8 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--warmup", type=int, help="unmeasured optimizer steps before them")
     run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order (>= 3)")
     run.add_argument("--sweep", help="batch x completion-length shapes, e.g. 8x64,8x128 (default: the preset's)")
-    run.add_argument("--components", action=argparse.BooleanOptionalAction, default=None,
-                     help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)")
+    run.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)",
+    )
     run.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     run.add_argument("--threads", type=int, help="OMP/torch threads in every run (default 1)")
     run.add_argument("--seed", type=int, default=0)
@@ -227,7 +233,9 @@ def main(argv=None) -> int:
     out = args.out or RESULTS_DIR / f"grpo_token_overhead_{args.device}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo_token_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device")}
+    settings = {
+        key: getattr(args, key) for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device")
+    }
     print(f"grpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
@@ -277,8 +285,13 @@ def main(argv=None) -> int:
             ),
             "target_ratio": TARGET_RATIO,
             "machine": machine,
-            "settings": {**settings, "model": "Qwen2ForCausalLM (random)", "loss_type": "dapo", "beta": 0.0,
-                         "logging_steps": 1},  # fmt: skip
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "loss_type": "dapo",
+                "beta": 0.0,
+                "logging_steps": 1,
+            },  # fmt: skip
             "wall_s": time.time() - started,
             "tables": [shape["table"] for shape in shapes],
             "shapes": shapes,

@@ -96,6 +96,7 @@ def legacy_table(report: dict) -> str:
     """Results of the harness before issue 13 (pooled medians, MB = MiB, no in-loop components)."""
     lines = ["| config | step time x stock | CPU time x stock | peak memory x stock | peak over construction x stock |",
              "|---|---|---|---|---|"]  # fmt: skip
+
     def cell(value):
         return "-" if value is None else f"{value:.2f}x"
 

@@ -140,10 +140,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs per configuration (alternating order, >= 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: stable on shared CPUs)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--sweep", help="batch x (prompt + completion) shapes, e.g. 2x128,4x256 (prompt keeps the "
-                                        "preset's share); default: the preset's shape")
-    parser.add_argument("--components", action=argparse.BooleanOptionalAction, default=None,
-                        help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)")
+    parser.add_argument(
+        "--sweep",
+        help="batch x (prompt + completion) shapes, e.g. 2x128,4x256 (prompt keeps the "
+        "preset's share); default: the preset's shape",
+    )
+    parser.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)",
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/sft_token_overhead_<device>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -200,9 +207,14 @@ def main() -> int:
             "(CPU: VmHWM of the worker, reset after construction; CUDA: max allocated and reserved)."
         ),
         "machine": machine,
-        "settings": {**{k: v for k, v in vars(cli).items() if k not in ("worker", "out")}, "preset_values": base,
-                     "components": components, "config_overrides": {n: CONFIGS[n] for n in configs},
-                     "attn_implementation": "eager", "model": "Qwen2ForCausalLM (random)"},  # fmt: skip
+        "settings": {
+            **{k: v for k, v in vars(cli).items() if k not in ("worker", "out")},
+            "preset_values": base,
+            "components": components,
+            "config_overrides": {n: CONFIGS[n] for n in configs},
+            "attn_implementation": "eager",
+            "model": "Qwen2ForCausalLM (random)",
+        },  # fmt: skip
         "targets": TARGETS,
         "wall_s": time.time() - started,
         "tables": [shape["table"] for shape in shapes],

@@ -263,7 +263,10 @@ def test_fused_pass_replaces_trl_logprob_head(case, tiny_model_path, tiny_tokeni
 
     config = dict(FUSED_CASES[case])
     if config["token_loss_type"] == "aligndistil":
-        config["aligndistil_teachers"] = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+        config["aligndistil_teachers"] = (
+            build_tiny_model(tiny_tokenizer, seed=11),
+            build_tiny_model(tiny_tokenizer, seed=12),
+        )
     trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_kernel="torch", **config)
 
     def forbidden(*args, **kwargs):

@@ -57,7 +57,6 @@ from .chunked import (
     _spans,
 )
 
-
 __all__ = ["FusedTokenStatistics", "fused_token_statistics"]
 
 # Where a Triton (or other) implementation of the same pass would be registered.
