@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -136,8 +135,12 @@ def render(results_dir: Path) -> str:
             out.append("")
             if "shapes" not in report:
                 machine = report.get("machine", {})
-                out.append(f"Legacy harness (before the fused pass; pooled medians, {statistics.median(len(v) for v in report.get('runs', {}).values() or [[0]])} round(s)): "  # noqa: E501
-                           f"{machine.get('gpu') or machine.get('cpu_model')}, {machine.get('date')}.")  # fmt: skip
+                rounds = min((len(runs) for runs in report.get("runs", {}).values()), default=0)
+                device_name = machine.get("gpu") or machine.get("cpu_model")
+                out.append(
+                    f"Legacy harness (before issue 13: pooled medians, {rounds} round(s), CPU memory from ru_maxrss): "
+                    f"{device_name}, {machine.get('date')}."
+                )
                 out += ["", legacy_table(report), ""]
                 continue
             out += [_provenance(report), ""]
