@@ -212,6 +212,7 @@ def test_full_distribution_refuses_precompute(tmp_path):
 FUSED_CASES = {
     "tdpo1": dict(token_loss_type="tdpo1"),
     "tdpo2": dict(token_loss_type="tdpo2", tdpo_alpha=0.7),
+    "tdpo2_checkpointing": dict(token_loss_type="tdpo2", gradient_checkpointing=True),
     "sparsepo": dict(token_loss_type="sparsepo", sparsepo_independent_masks=True, sparsepo_mask_dropout=0.0),
     "mapo": dict(token_loss_type="mapo", mapo_hooks="all"),
     "aligndistil": dict(token_loss_type="aligndistil", aligndistil_temperature=0.8),
