@@ -79,10 +79,18 @@ def main() -> None:
             for layout in ({}, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}):
                 args = grpo_args(f"{tmp}/{name}_{scale:g}_{len(runs)}", max_steps=cli.steps, optim="sgd",
                                  learning_rate=0.1, **overrides, **layout)  # fmt: skip
-                runs.append(dict(train(trainer_module.TokenGRPOTrainer, args, path, tokenizer).model.named_parameters()))
+                runs.append(
+                    dict(train(trainer_module.TokenGRPOTrainer, args, path, tokenizer).model.named_parameters())
+                )
             gap = max((runs[0][n] - runs[1][n]).abs().max().item() for n in runs[0])
             moved = max((runs[0][n] - initial[n]).abs().max().item() for n in runs[0])
-            row = {"head_scale": scale, "method": name, "steps": cli.steps, "max_param_gap": gap, "max_param_move": moved}
+            row = {
+                "head_scale": scale,
+                "method": name,
+                "steps": cli.steps,
+                "max_param_gap": gap,
+                "max_param_move": moved,
+            }
             if entropy_log:
                 row["hapo_entropy_stats_first_step"] = entropy_log[0]
             results.append(row)

@@ -126,7 +126,12 @@ def test_sft_sstoken_panels_show_the_kept_mask(tiny_model_path, tiny_tokenizer, 
     callback = TokenHeatmapCallback(trainer, dataset.select(range(8, 10)), every_n_steps=1)
     trainer.add_callback(callback)
     trainer.train()
+    first = open(callback.written[0]).read()
+    # The history model starts as a copy of the policy (the two log-probs come from different kernels: 1e-4 apart).
+    assert all(abs(float(v)) < 1e-4 for v in re.findall(r"title='REL = (-?[\d.]+)'", first))
     panels = {panel.value_name: panel for panel in callback.panels_fn(trainer, callback.examples)}
+    # After two steps the policy has moved away from its EMA history model.
+    assert any(abs(v) > 1e-4 for row in panels["REL"].rows for v in row.values)
     for row in panels["kept"].rows:
         assert set(row.values) <= {0.0, 1.0}
         assert sum(row.values) == math.ceil(0.5 * len(row.values))  # ssToken keeps ceil(ρ·N) per response
@@ -219,6 +224,8 @@ def test_legend_matches_the_value_range():
         ("small model", (255, 255, 255)),
         ("large model", (64, 255, 64)),
     ]
+    zeros = [TokenRow("r", ["a", "b"], [0.0, 0.0])]
+    assert ColorScale(zeros).kind == "sequential" and ColorScale(zeros, binary=True).kind == "binary"
     entropy = [TokenRow("r", ["a", "b"], [0.5, 2.0])]
     assert [text for text, _ in ColorScale(entropy).legend()] == ["0", "2"]
     rewards = [TokenRow("r", ["a", "b"], [-0.5, 0.25])]

@@ -126,7 +126,7 @@ class TokenHeatmapCallback(TrainerCallback):
                 callback._wandb.log({"token_heatmaps": callback._wandb.Html(page), "train/global_step": step})
             elif isinstance(callback, TrackioCallback) and getattr(callback, "_initialized", False):
                 trackio = callback._trackio
-                if hasattr(trackio, "Markdown"):  # trackio >= 0.5 logs Markdown reports
+                if hasattr(trackio, "Markdown"):  # releases without Markdown reports get the HTML file only
                     trackio.log({"token_heatmaps": trackio.Markdown(markdown)}, step=step)
 
 
@@ -252,7 +252,9 @@ def sft_panels(trainer, examples: list[dict]) -> list[HeatmapPanel]:
             weights[i][valid[i]] = torch.tensor(row["token_weights"], dtype=weights.dtype, device=weights.device)
         signals.append(("Token weight (token_weights column)", "weight", weights))
     if sstoken and trainer.history_model is not None:
-        history_log_probs, _, _ = _label_statistics(trainer.history_model, input_ids, attention_mask, labels)
+        # The trainer's own history forward: the copied model's forward is not meant to be called directly.
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        history_log_probs = trainer._history_log_probs(batch, labels[:, 1:], valid).float()
         rel = retrospective_excess_loss(log_probs, history_log_probs) * valid
         if wants_attention:
             layer = outputs.attentions[args.sstoken_attention_layer].float()

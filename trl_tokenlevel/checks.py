@@ -63,18 +63,14 @@ def check_choice(name: str, value, choices, why: str = "") -> None:
     if value in tuple(choices):
         return
     because = f" ({why})" if why else ""
-    raise ValueError(
-        f"{name}={value!r} is not supported{because}. Valid values: {', '.join(map(repr, choices))}."
-    )
+    raise ValueError(f"{name}={value!r} is not supported{because}. Valid values: {', '.join(map(repr, choices))}.")
 
 
 def check_order(low_name: str, low, high_name: str, high, why: str) -> None:
     """Raise `ValueError` unless `low <= high` (both already checked as numbers)."""
     if low <= high:
         return
-    raise ValueError(
-        f"{low_name}={low} is greater than {high_name}={high}: {why}. Set {low_name} <= {high_name}."
-    )
+    raise ValueError(f"{low_name}={low} is greater than {high_name}={high}: {why}. Set {low_name} <= {high_name}.")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _run(command, rest)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of the input
+        return 1
     except INPUT_ERRORS as error:
         if debug:
             raise

@@ -36,6 +36,7 @@ from trl_tokenlevel.ops.advantages import (
     rmt_curriculum_probs,
     rmt_length_reward,
     rmt_ntp_loss,
+    rmt_sample_targets,
     rmt_token_budget,
     tempo_advantages,
     ttrl_majority_vote_rewards,
@@ -657,6 +658,28 @@ class TestRMT:
         window = rmt_curriculum_probs(entropy, candidates, 0, 100, curriculum="percentile")
         assert (window > 0).long().tolist() == [[1, 0, 0], [0, 1, 0]]  # percentiles 0 and 0.25 are in [0, 0.3]
         assert not rmt_curriculum_probs(entropy, torch.zeros(2, 3), 0, 100).any()
+
+    def test_sample_targets_follow_the_curriculum(self):
+        entropy = t64([[0.1, 1.0, 3.0, 0.5], [2.0, 0.5, 9.0, 4.0]])
+        candidates = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])
+        gen = torch.Generator().manual_seed(0)
+        # A sharp curriculum (τ → 0) picks the easiest candidate of each row first and the hardest last.
+        sharp = dict(curriculum_temperature=0.05, generator=gen)
+        assert rmt_sample_targets(entropy, candidates, 0, 10, **sharp).nonzero().tolist() == [[0, 0], [1, 1]]
+        assert rmt_sample_targets(entropy, candidates, 10, 10, **sharp).nonzero().tolist() == [[0, 2], [1, 3]]
+        # Never a non-candidate; two targets per row without replacement; a row without candidates gets none.
+        for step in range(11):
+            picked = rmt_sample_targets(entropy, candidates, step, 10, num_targets=2, generator=gen)
+            assert (picked.sum(1) == 2).all() and not (picked & ~candidates.bool()).any()
+        empty = rmt_sample_targets(entropy, torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), 0, 10, num_targets=3,
+                                   generator=gen)  # fmt: skip
+        assert empty.sum(1).tolist() == [2, 0]
+        # Sampling frequencies follow rmt_curriculum_probs (restricted to the row, renormalised).
+        counts = torch.zeros(4, dtype=F64)
+        for _ in range(4000):
+            counts += rmt_sample_targets(entropy, candidates, 3, 10, generator=gen)[0].double()
+        expected = rmt_curriculum_probs(entropy, candidates, 3, 10)[0]
+        torch.testing.assert_close(counts / 4000, expected / expected.sum(), atol=0.03, rtol=0)
 
     def test_ntp_loss(self):
         logps = t64([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])

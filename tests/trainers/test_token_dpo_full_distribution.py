@@ -157,7 +157,8 @@ def test_sparsepo_masks_train_checkpoint_and_resume(tiny_model_path, tiny_tokeni
 
 @pytest.mark.parametrize(
     "mode,official",
-    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False)],
+    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False),
+     ("theorem1_adaptive", False)],
 )
 def test_aligndistil_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
     dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
@@ -202,6 +203,70 @@ def test_aligndistil_trains_and_logs(tiny_model_path, tiny_tokenizer, pairs, tmp
 def test_full_distribution_refuses_precompute(tmp_path):
     with pytest.raises(ValueError, match="cannot be cached"):
         TokenDPOConfig(**base_args(tmp_path, token_loss_type="tdpo2", precompute_ref_log_probs=True))
+
+
+@pytest.mark.parametrize("mode,official", [("aligndistil", False), ("aligndistil", True), ("theorem1_adaptive", False)])
+def test_aligndistil_on_policy_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs,
+                                                             tmp_path):  # fmt: skip
+    """On-policy: the chosen response is replaced by one policy sample per prompt (temperature 1), which the teachers
+    score; the chunked loss equals the full-logits reference on that sample (value and gradients). Official positions:
+    the causal shift without the position predicting the first response token."""
+    dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
+    reverse_teacher = build_tiny_model(tiny_tokenizer, seed=12).eval()
+    trainer, policy, batch = _trainer(
+        tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="aligndistil", aligndistil_mode=mode,
+        aligndistil_on_policy=True, aligndistil_max_new_tokens=6, aligndistil_official_positions=official,
+        aligndistil_teachers=(dpo_teacher, reverse_teacher),
+    )  # fmt: skip
+    samples = []
+    sample = trainer._aligndistil_policy_samples
+
+    def spy(*args):
+        samples.append(sample(*args))
+        return samples[-1]
+
+    trainer._aligndistil_policy_samples = spy
+    trainer.model.train()
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    ours = _grads(trainer.model)
+
+    input_ids, attention_mask, completion_mask = samples[0]
+    half = batch["input_ids"].shape[0] // 2
+    chosen_prompt = batch["attention_mask"][:half].bool() & ~batch["completion_mask"][:half].bool()
+    for i in range(half):  # same prompt, a fresh response of 1..6 tokens
+        prompt = batch["input_ids"][i][chosen_prompt[i]]
+        assert torch.equal(input_ids[i, : len(prompt)], prompt)
+        assert completion_mask[i, : len(prompt)].sum() == 0 and 1 <= completion_mask[i].sum() <= 6
+        assert attention_mask[i].sum() == len(prompt) + completion_mask[i].sum()
+    sampled = {"input_ids": input_ids, "attention_mask": attention_mask}
+    mask = completion_mask[:, 1:].float()
+    if official:
+        first = (completion_mask.cumsum(1) == 1) & completion_mask.bool()
+        mask = mask * ~first[:, 1:]
+        assert mask.sum() == completion_mask.sum() - half
+    naive = _perturbed(tiny_model_path, seed=3).train()
+    with torch.no_grad():
+        teacher_logits = [_logits(m, sampled) for m in (dpo_teacher, reverse_teacher)]
+    expected, _ = aligndistil_loss_from_logits(_logits(naive, sampled), *teacher_logits, mask, beta=0.5, beta2=10.0,
+                                               mode=mode)  # fmt: skip
+    expected = expected.mean()
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for name, param in naive.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_aligndistil_on_policy_trains(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    teachers = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="aligndistil", aligndistil_on_policy=True,
+                                      aligndistil_max_new_tokens=4, aligndistil_beta2=15.0))  # fmt: skip
+    trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
+                              aligndistil_teachers=teachers)  # fmt: skip
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["aligndistil/omega_mean"] > 1e-3 and log["aligndistil/kl_mean"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -112,12 +112,18 @@ def _check_row(column: str, row: int | str, values: Any, expected_length: int, i
 
 def _checked_tensor(column: str, row: int | str, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
     """`values` as a float32 tensor; anything `_check_row` would reject raises its message. The common case (a valid
-    row, already checked when the dataset was prepared) costs one conversion and one `isfinite`."""
+    row, already checked when the dataset was prepared) costs one conversion, one `isfinite` and one type scan (torch
+    would silently turn a streamed `True` into 1.0)."""
     try:
         tensor = torch.tensor(values, dtype=torch.float32)
     except (TypeError, ValueError):
         tensor = None
-    if tensor is None or tensor.shape != (expected_length,) or not torch.isfinite(tensor).all():
+    if (
+        tensor is None
+        or tensor.shape != (expected_length,)
+        or not torch.isfinite(tensor).all()
+        or any(type(value) is bool for value in values)
+    ):
         _check_row(column, row, values, expected_length, ids_column)
     return tensor
 
@@ -208,6 +214,8 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     def _truncate_and_pad(self, rows: list[list[float]]) -> torch.Tensor:
         if self.max_length is not None:
             # The same slice the parent applied to the ids (it has already validated `truncation_mode`).
-            keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            keep = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             rows = [row[keep] for row in rows]
         return pad(rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)

@@ -52,7 +52,8 @@ def check_ead_args(threshold, window, min_dwell) -> None:
     check_number("threshold", threshold, "it is compared with a mean entropy in bits (inf never switches to the "
                  "large model; NaN would compare false everywhere)", infinite=True)  # fmt: skip
     check_number("window", window, "it is the number of recent entropies averaged", low=1, integer=True)
-    check_number("min_dwell", min_dwell, "it is a number of tokens", low=0, integer=True)
+    check_number("min_dwell", min_dwell, "it is the number of tokens generated between two switches", low=1,
+                 integer=True)  # fmt: skip
 
 
 def check_cascade_args(threshold, rule, alpha, target_deferral_rate=None) -> None:
@@ -148,6 +149,21 @@ def load_router_state(router, state: dict, weights_file: str) -> None:
             "files of two routers: save the router again with `TokenRouter.save_pretrained`."
         )
     router.load_state_dict(state)
+
+
+def check_labelling_args(
+    small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size, continuation_max_new_tokens, margin
+) -> None:
+    """`build_routing_dataset`'s models and numbers."""
+    check_model_pair(small_model, large_model, tokenizer)
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("continuation_max_new_tokens", continuation_max_new_tokens),
+    ):
+        check_number(name, value, "it is a number of tokens", low=0, integer=True)
+    check_number("top_k", top_k, "it is the number of sorted top logits stored per token", low=1, integer=True)
+    check_number("batch_size", batch_size, "it is a number of examples", low=1, integer=True)
+    check_number("margin", margin, "it is the reward margin the judge requires")
 
 
 def check_router_config(config) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from trl_tokenlevel.checks import check_number
 from trl_tokenlevel.generation.checks import (
     check_generation_args,
+    check_labelling_args,
     check_router_config,
     check_router_training,
     check_routing,
@@ -466,6 +467,8 @@ def build_routing_dataset(
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    check_labelling_args(small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size,
+                         continuation_max_new_tokens, margin)  # fmt: skip
     if prompt_column not in dataset.column_names:
         raise ValueError(f"Column {prompt_column!r} not found; the dataset has {dataset.column_names}.")
     if completion_column is not None and completion_column not in dataset.column_names:

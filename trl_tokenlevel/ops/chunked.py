@@ -115,12 +115,16 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def _full(tensor: torch.Tensor | None) -> torch.Tensor | None:
     # FSDP2 shards parameters as DTensors while hidden states are plain tensors: gather the head first, as TRL's
-    # fused head does. `full_tensor()` is differentiable, so gradients still reach the shards.
+    # fused head does. `full_tensor()` is differentiable; each rank's gradient of the gathered head is only its own
+    # share of the loss, so the backward must reduce it across ranks ("partial" gradient), and average it, as FSDP2
+    # averages every other gradient (tests/distributed: without this the head's gradient is wrong).
     if tensor is None:
         return None
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 @contextmanager

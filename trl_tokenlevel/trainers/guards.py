@@ -7,25 +7,15 @@ import os
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..checks import check_tokenizer_fits, lm_head_shape
+
 
 def nonfinite_guard_enabled(args, token_mode: bool) -> bool:
     """`args.stop_on_nonfinite`, with None resolved to `token_mode` (plain TRL configs have no such field)."""
     setting = getattr(args, "stop_on_nonfinite", None)
     return token_mode if setting is None else bool(setting)
-
-
-def _last_checkpoint(output_dir: str) -> str | None:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(name.split("-")[-1])
-        for name in os.listdir(output_dir)
-        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit()
-    ]
-    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
 
 class NonFiniteWeightsGuard(TrainerCallback):
@@ -50,10 +40,10 @@ class NonFiniteWeightsGuard(TrainerCallback):
         if bool(finite.all()):
             return
         bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-        last = _last_checkpoint(args.output_dir)
-        kept = f"The last checkpoint, {last}, was written before this step and is untouched." if last else (
-            "No checkpoint was written."
-        )
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        kept = "No checkpoint was written."
+        if last:
+            kept = f"The last checkpoint, {last}, was written before this step and is untouched."
         raise FloatingPointError(
             f"Optimizer step {state.global_step} left non-finite (NaN/inf) weights in {len(bad)} parameter(s), first "
             f"{bad[0]!r}: the loss or its gradients were not finite. Training stopped before saving them. {kept} "

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from ..signals.masks import SPARSEPO_MASK_INITS
 from ..checks import check_choice, check_number
+from ..signals.masks import SPARSEPO_MASK_INITS
 
 # Token-scalar losses: each needs only gathered per-token log-probs plus a per-token weight or reward.
 TOKEN_SCALAR_LOSS_TYPES = ("weighted", "tgdpo", "treg", "cdpo")
@@ -17,7 +17,7 @@ FULL_DISTRIBUTION_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo", "aligndist
 TOKEN_LOSS_TYPES = TOKEN_SCALAR_LOSS_TYPES + FULL_DISTRIBUTION_LOSS_TYPES
 TOKEN_KERNELS = ("auto", "trl", "liger", "torch")
 MAPO_HOOK_SETS = ("all", "resid")
-ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast")
+ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
 CDPO_AGGREGATIONS = ("sequence", "per_token", "per_token_completion")
 TREG_REG_FORMS = ("logratio", "logprob")
 TREG_REG_REDUCTIONS = ("sum", "mean")
@@ -97,12 +97,19 @@ class TokenDPOConfig(DPOConfig):
         aligndistil_temperature (`float`, *optional*, defaults to `1.0`):
             AlignDistil τ applied to student and teacher logits.
         aligndistil_mode (`str`, *optional*, defaults to `"aligndistil"`):
-            `"aligndistil"` (adaptive contrastive teacher), or the ablations `"theorem1"` (uses the reference model) and
-            `"theorem1_contrast"`.
+            `"aligndistil"` (adaptive contrastive teacher), or the ablations `"theorem1"` (uses the reference model),
+            `"theorem1_contrast"` (constant ω) and `"theorem1_adaptive"` (adaptive ω, linear interpolation
+            `ω_t·z^d + (1 − ω_t)·z^r` between the two teachers' logits, coefficient β/ω_t).
         aligndistil_len_norm (`bool`, *optional*, defaults to `True`):
             Divide each sequence's loss by its number of completion tokens.
         aligndistil_official_positions (`bool`, *optional*, defaults to `False`):
-            Reproduce the official code's off-by-one position mask (positions predicting tokens 2..T+1).
+            Reproduce the official code's position masks: off-policy, positions predicting tokens 2..T+1 (off by
+            one); on-policy, the causal shift without the position predicting the first response token.
+        aligndistil_on_policy (`bool`, *optional*, defaults to `False`):
+            On-policy AlignDistil: each step, one policy sample per prompt (temperature 1, no top-k/top-p), scored by
+            the teachers, replaces the chosen response (the official on-policy recipe uses β₂ = 15).
+        aligndistil_max_new_tokens (`int`, *optional*, defaults to `128`):
+            Longest on-policy sample (the official recipe generates up to 1024).
         aligndistil_dpo_model_name_or_path (`str` or `None`), aligndistil_reverse_model_name_or_path (`str` or `None`):
             AlignDistil teachers (a DPO model and a reverse-DPO model, same tokenizer). Python users can pass
             `aligndistil_teachers=(dpo_model, reverse_model)` to the trainer instead.
@@ -177,9 +184,7 @@ class TokenDPOConfig(DPOConfig):
     sparsepo_mask_weight_decay: float = field(
         default=0.01, metadata={"help": "Weight decay of the SparsePO mask parameters."}
     )
-    mapo_hooks: str = field(
-        default="all", metadata={"help": "MaPO activation hooks.", "choices": list(MAPO_HOOK_SETS)}
-    )
+    mapo_hooks: str = field(default="all", metadata={"help": "MaPO activation hooks.", "choices": list(MAPO_HOOK_SETS)})
     mapo_degenerate_fill: float = field(
         default=1.0, metadata={"help": "MaPO mask for constant-activation or one-token completions."}
     )
@@ -190,7 +195,13 @@ class TokenDPOConfig(DPOConfig):
     )
     aligndistil_len_norm: bool = field(default=True, metadata={"help": "AlignDistil per-sequence length norm."})
     aligndistil_official_positions: bool = field(
-        default=False, metadata={"help": "Reproduce the official AlignDistil off-by-one position mask."}
+        default=False, metadata={"help": "Reproduce the official AlignDistil position masks."}
+    )
+    aligndistil_on_policy: bool = field(
+        default=False, metadata={"help": "AlignDistil on a fresh policy sample per prompt (temperature 1)."}
+    )
+    aligndistil_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest on-policy AlignDistil sample, in tokens."}
     )
     aligndistil_dpo_model_name_or_path: str | None = field(
         default=None, metadata={"help": "AlignDistil DPO teacher (path or Hub id)."}

@@ -125,6 +125,7 @@ class TokenDPOTrainer(DPOTrainer):
     guidance_model = None
     aligndistil_teachers = None
     sparsepo_masks = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -810,8 +811,45 @@ class TokenDPOTrainer(DPOTrainer):
         self._metrics[mode]["seq_kl/margin"].append((seq_kl_chosen - seq_kl_rejected).abs().mean().item())
         return loss
 
+    @torch.no_grad()
+    def _aligndistil_policy_samples(self, model, input_ids, attention_mask, completion_mask):
+        """On-policy AlignDistil: one sample per prompt from the current policy (temperature 1, no top-k/top-p, up to
+        `aligndistil_max_new_tokens`, ending at EOS), laid out as the DPO batch is (prompt then response, right-padded)
+        with its completion mask. The prompt is every attended token before the chosen response."""
+        prompt_part = attention_mask.bool() & ~completion_mask.bool()
+        prompt_rows = [ids[keep].tolist() for ids, keep in zip(input_ids, prompt_part)]
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos_id = tokenizer.eos_token_id
+        width = max(len(row) for row in prompt_rows)
+        prompts = torch.full((len(prompt_rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        prompt_mask = torch.zeros_like(prompts)
+        for i, row in enumerate(prompt_rows):  # left padding for generation
+            prompts[i, width - len(row) :] = torch.tensor(row, dtype=input_ids.dtype, device=input_ids.device)
+            prompt_mask[i, width - len(row) :] = 1
+        policy = self.accelerator.unwrap_model(model)
+        sampled = policy.generate(
+            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=self.args.aligndistil_max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+        )[:, width:]  # fmt: skip
+        responses = []
+        for row in sampled.tolist():
+            end = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:end])
+        total = max(len(p) + len(r) for p, r in zip(prompt_rows, responses))
+        new_ids = torch.full((len(prompt_rows), total), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_attention = torch.zeros_like(new_ids)
+        new_completion = torch.zeros_like(new_ids)
+        for i, (prompt, response) in enumerate(zip(prompt_rows, responses)):
+            row = torch.tensor(prompt + response, dtype=input_ids.dtype, device=input_ids.device)
+            new_ids[i, : len(row)] = row
+            new_attention[i, : len(row)] = 1
+            new_completion[i, len(prompt) : len(row)] = 1
+        return new_ids, new_attention, new_completion
+
     def _aligndistil_loss(self, model, inputs, return_outputs):
-        r"""AlignDistil, off-policy: reverse KL from the policy to a per-token extrapolated teacher on chosen responses.
+        r"""AlignDistil: reverse KL from the policy to a per-token extrapolated teacher on the chosen responses
+        (off-policy) or on one policy sample per prompt (`aligndistil_on_policy`, `_aligndistil_policy_samples`).
 
         The teacher logits are a linear combination of two heads, `z* = a_t·z^1 + b_t·z^2` (aligndistil:
         `a = 1+ω_t, b = −ω_t` on DPO / reverse-DPO logits), which equals one projection of the concatenated hidden
@@ -825,12 +863,23 @@ class TokenDPOTrainer(DPOTrainer):
         batch_size = inputs["input_ids"].shape[0] // 2  # chosen rows only: the student never sees rejected responses
         input_ids, attention_mask = inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size]
         completion_mask = inputs["completion_mask"][:batch_size]
+        if self.args.aligndistil_on_policy:
+            input_ids, attention_mask, completion_mask = self._aligndistil_policy_samples(
+                model, input_ids, attention_mask, completion_mask
+            )
         seq_len = completion_mask.size(1) - 1
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         policy_lm = causal_lm_of(model, self.accelerator)
-        # Default: the standard causal shift. The official code masks unshifted positions (tokens 2..T+1).
-        positions = completion_mask[:, :-1] if self.args.aligndistil_official_positions else completion_mask[:, 1:]
+        # Default: the standard causal shift. The official off-policy code masks unshifted positions (tokens 2..T+1);
+        # its on-policy code shifts but skips the position predicting the first response token.
+        positions = completion_mask[:, 1:]
+        if self.args.aligndistil_official_positions:
+            if self.args.aligndistil_on_policy:
+                first = (completion_mask.cumsum(dim=1) == 1) & completion_mask.bool()
+                positions = positions * ~first[:, 1:]
+            else:
+                positions = completion_mask[:, :-1]
         valid, shift_mask = positions.bool(), completion_mask[:, 1:]
         if self.fused_distribution:
             with self.accelerator.autocast():
@@ -863,13 +912,16 @@ class TokenDPOTrainer(DPOTrainer):
         if heads[1]["softcap"] is not None or heads[2]["softcap"] is not None:
             raise ValueError("AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported.")
 
-        if args.aligndistil_mode == "aligndistil":
+        if args.aligndistil_mode in ("aligndistil", "theorem1_adaptive"):
             tvd = chunked_total_variation(
                 dpo_hidden, heads[1]["weight"], second_hidden, heads[2]["weight"], bias_a=heads[1]["bias"],
                 bias_b=heads[2]["bias"], logit_scale_a=heads[1]["logit_scale"], logit_scale_b=heads[2]["logit_scale"],
             )  # fmt: skip
             omega = beta2 * tvd + 1e-3
-            first_coef, second_coef, token_coef = 1 + omega, -omega, beta / omega
+            # aligndistil: z^d + ω(z^d − z^r); theorem1_adaptive: ω·z^d + (1 − ω)·z^r.
+            adaptive = args.aligndistil_mode == "theorem1_adaptive"
+            first_coef, second_coef = (omega, 1 - omega) if adaptive else (1 + omega, -omega)
+            token_coef = beta / omega
         else:
             ratio = torch.full((dpo_hidden.shape[0],), beta / beta2, device=dpo_hidden.device)
             first_coef, second_coef = (ratio, 1 - ratio) if args.aligndistil_mode == "theorem1" else (1 + ratio, -ratio)

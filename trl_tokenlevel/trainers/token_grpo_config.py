@@ -27,6 +27,7 @@ RMT_EXPONENT_FORMS = ("as_rendered", "scaled")
 CHORD_WEIGHTINGS = ("phi", "none", "is")
 # TRL loss types whose policy term is the PPO clipped surrogate (HAPO's per-token clip ranges plug into it).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+RMT_NTP_SOURCES = ("corpus", "unselected")
 # TRL loss types without a token count in their normaliser (a constant, or a plain sum): dividing by the selected
 # tokens (`entropy_normalize="selected"`) has no meaning for them.
 UNCOUNTED_LOSS_TYPES = ("dr_grpo", "luspo")
@@ -141,9 +142,12 @@ class TokenGRPOConfig(GRPOConfig):
         rmt_length_reward_weight (`float`, defaults to `1.0`), rmt_length_reward_width (`float` or `None`):
             RMT dynamic token budget `max(B_min, B_0·γ^x)` and its triangular length reward, added as one more
             reward function when `rmt_budget_init` is set (no published defaults: [recon] knobs).
-        rmt_ntp_coef (`float`, defaults to `0.0`):
-            RMT dual objective [recon]: `λ·mean(−log π)` over the valid completion tokens that the token selection
-            left out (needs `token_selection`).
+        rmt_ntp_coef (`float`, defaults to `0.0`), rmt_ntp_source (`str`, defaults to `"corpus"`):
+            RMT dual objective [recon]: `λ·mean(−log π)` of next-token prediction. `"corpus"`: on the corpus tokens of
+            the batch's documents other than the RL targets (rows built by `trl_tokenlevel.data.rmt.build_rmt_dataset`,
+            columns `rmt_document_ids`, `rmt_target_position`; one more forward with gradient). `"unselected"`: on the
+            valid completion tokens that the token selection left out (a transposition to rollouts; needs
+            `token_selection`).
         chord (`bool`, defaults to `False`):
             CHORD ([paper](https://huggingface.co/papers/2508.11408)): mix an expert SFT loss into GRPO,
             `(1 − μ)·L_GRPO + μ·L_SFT`, with φ(p) = p(1 − p) token weights. Needs an expert dataset
@@ -176,38 +180,54 @@ class TokenGRPOConfig(GRPOConfig):
     # --- method selection ---------------------------------------------------------------------------------------
     token_selection: str | None = field(
         default=None,
-        metadata={"help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
-                  "choices": [None, *TOKEN_SELECTIONS]},  # fmt: skip
+        metadata={
+            "help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
+            "choices": [None, *TOKEN_SELECTIONS],
+        },
     )
     token_advantage: str | None = field(
         default=None,
-        metadata={"help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
-                  "choices": [None, *TOKEN_ADVANTAGES]},  # fmt: skip
+        metadata={
+            "help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
+            "choices": [None, *TOKEN_ADVANTAGES],
+        },
     )
     token_fn_output: str = field(
         default="advantages",
-        metadata={"help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
-                  "choices": list(TOKEN_FN_OUTPUTS)},  # fmt: skip
+        metadata={
+            "help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
+            "choices": list(TOKEN_FN_OUTPUTS),
+        },
     )
     token_shaping_stage: str = field(
         default="auto",
-        metadata={"help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
-                  "choices": list(TOKEN_SHAPING_STAGES)},  # fmt: skip
+        metadata={
+            "help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
+            "choices": list(TOKEN_SHAPING_STAGES),
+        },
     )
     # --- selection -----------------------------------------------------------------------------------------------
     entropy_top_ratio: float = field(default=0.2, metadata={"help": "rho: fraction of highest-entropy tokens kept."})
     entropy_selection: str = field(
         default="quantile",
-        metadata={"help": "'quantile' (paper, ties kept) or 'topk' (official code).", "choices": list(ENTROPY_SELECTIONS)},
+        metadata={
+            "help": "'quantile' (paper, ties kept) or 'topk' (official code).",
+            "choices": list(ENTROPY_SELECTIONS),
+        },
     )
     entropy_normalize: str = field(
         default="all",
-        metadata={"help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
-                  "choices": list(ENTROPY_NORMALIZATIONS)},  # fmt: skip
+        metadata={
+            "help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
+            "choices": list(ENTROPY_NORMALIZATIONS),
+        },
     )
     entropy_scope: str = field(
         default="global",
-        metadata={"help": "'global' threshold over all ranks, or 'local' (this rank).", "choices": list(ENTROPY_SCOPES)},
+        metadata={
+            "help": "'global' threshold over all ranks, or 'local' (this rank).",
+            "choices": list(ENTROPY_SCOPES),
+        },
     )
     band_coef: float = field(default=0.1, metadata={"help": "SPINE band coefficient lambda_band."})
     band_low: float = field(default=0.2, metadata={"help": "SPINE band lower entropy H_low (nats)."})
@@ -222,8 +242,11 @@ class TokenGRPOConfig(GRPOConfig):
     ucas_beta_neg: float = field(default=0.35, metadata={"help": "UCAS beta- (non-positive advantages)."})
     ucas_kappa: float = field(default=0.05, metadata={"help": "UCAS kappa, weight of the logit-certainty penalty."})
     ucas_confidence_agg: str = field(
-        default="sum", metadata={"help": "UCAS response confidence: 'sum' or 'mean'.",
-                                 "choices": list(UCAS_CONFIDENCE_AGGREGATIONS)},  # fmt: skip
+        default="sum",
+        metadata={
+            "help": "UCAS response confidence: 'sum' or 'mean'.",
+            "choices": list(UCAS_CONFIDENCE_AGGREGATIONS),
+        },
     )
     ucas_norm_adv_by_std: bool = field(default=True, metadata={"help": "UCAS: divide group z-scores by the std."})
     # --- HAPO ----------------------------------------------------------------------------------------------------
@@ -301,7 +324,11 @@ class TokenGRPOConfig(GRPOConfig):
     rmt_length_reward_width: float | None = field(
         default=None, metadata={"help": "RMT length reward half-width (None: the budget)."}
     )
-    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT NTP coefficient on unselected tokens."})
+    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT next-token-prediction coefficient."})
+    rmt_ntp_source: str = field(
+        default="corpus",
+        metadata={"help": "RMT NTP tokens: 'corpus' (documents minus targets) or 'unselected' (rollout tokens)."},
+    )
     # --- CHORD ---------------------------------------------------------------------------------------------------
     chord: bool = field(default=False, metadata={"help": "CHORD: mix an expert SFT loss into GRPO."})
     chord_expert_dataset_name: str | None = field(
@@ -314,7 +341,8 @@ class TokenGRPOConfig(GRPOConfig):
     chord_mu_peak: float = field(default=0.5, metadata={"help": "CHORD mu peak."})
     chord_mu_valley: float = field(default=0.02, metadata={"help": "CHORD mu floor."})
     chord_weighting: str = field(
-        default="phi", metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)}
+        default="phi",
+        metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)},
     )
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
     chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
@@ -333,6 +361,7 @@ class TokenGRPOConfig(GRPOConfig):
             or self.token_advantage is not None
             or self.token_reward_source is not None
             or self.rmt_budget_init is not None
+            or self.rmt_ntp_coef != 0.0
             or self.chord
         )
 
@@ -364,10 +393,13 @@ class TokenGRPOConfig(GRPOConfig):
             )
         self._check_ranges()
         # Method knobs that do nothing without their method: refuse them rather than silently ignore them.
-        if self.rmt_ntp_coef != 0.0 and self.token_selection is None:
+        if self.rmt_ntp_source not in RMT_NTP_SOURCES:
+            raise ValueError(f"rmt_ntp_source={self.rmt_ntp_source!r}; valid values: {', '.join(RMT_NTP_SOURCES)}.")
+        if self.rmt_ntp_coef != 0.0 and self.rmt_ntp_source == "unselected" and self.token_selection is None:
             raise ValueError(
-                "rmt_ntp_coef > 0 trains next-token prediction on the completion tokens that the token selection left "
-                "out; set token_selection (e.g. 'entropy_quantile') or rmt_ntp_coef=0."
+                "rmt_ntp_coef > 0 with rmt_ntp_source='unselected' trains next-token prediction on the completion "
+                "tokens that the token selection left out; set token_selection (e.g. 'entropy_quantile'), "
+                "rmt_ntp_source='corpus' or rmt_ntp_coef=0."
             )
         if self.token_reward_source is None and (
             self.token_reward_model_name_or_path is not None or self.token_reward_ref_model_name_or_path is not None
@@ -499,6 +531,8 @@ class TokenGRPOConfig(GRPOConfig):
                     "μ decays from its peak down to its floor")  # fmt: skip
         check_number("hapo_temperature_tau", self.hapo_temperature_tau, "the sampling temperature T·(1 + τ·ĥ) with "
                      "ĥ in [-1, 1] must stay positive", low=0.0, high=1.0, high_open=True)  # fmt: skip
+        check_number("hapo_dual_clip", self.hapo_dual_clip, "a ratio cap c <= 1 would cut inside PPO's clip range",
+                     low=1.0, low_open=True, optional=True)  # fmt: skip
         check_number("tw_alpha", self.tw_alpha, "it is the largest TW-GRPO position weight (weights run from 1 to "
                      "α; 1 is uniform GRPO, below 1 the most divergent tokens would weigh least)", low=1.0)  # fmt: skip
         check_number("tw_vocab_chunk", self.tw_vocab_chunk, "it is a tile width in tokens", low=1, integer=True)

@@ -34,7 +34,7 @@ class TokenRow:
 class HeatmapPanel:
     """Rows sharing one colour scale and one legend, e.g. the entropy of every example.
 
-    `labels` names the two colours of a 0/1 panel, e.g. `("small model", "large model")`.
+    `labels` names the two colours of a 0/1 mask, e.g. `("small model", "large model")`, and marks the panel as one.
     """
 
     name: str
@@ -44,11 +44,17 @@ class HeatmapPanel:
 
 
 class ColorScale:
-    """Maps values to background colours; `kind` is "binary", "sequential" or "diverging" (see the module docstring)."""
+    """Maps values to background colours; `kind` is "binary", "sequential" or "diverging" (see the module docstring).
 
-    def __init__(self, rows: Sequence[TokenRow]):
+    `binary=None` detects a 0/1 mask from the values (all 0 or 1, at least one 1); `True` forces the two-colour scale
+    (a mask that happens to be all 0), `False` forbids it (a continuous quantity that happens to be 0 or 1).
+    """
+
+    def __init__(self, rows: Sequence[TokenRow], binary: bool | None = None):
         values = [float(v) for row in rows for v in row.values]
-        if values and all(v in (0.0, 1.0) for v in values):
+        if binary is None:
+            binary = bool(values) and all(v in (0.0, 1.0) for v in values) and 1.0 in values
+        if binary:
             self.kind, self.scale = "binary", 1.0
         elif all(v >= 0 for v in values):
             self.kind, self.scale = "sequential", max(values, default=0.0)
@@ -83,7 +89,7 @@ _STYLE = (
 
 
 def _panel_html(panel: HeatmapPanel, heading: str) -> str:
-    scale = ColorScale(panel.rows)
+    scale = ColorScale(panel.rows, binary=True if panel.labels else None)
     value_name = html.escape(panel.value_name)
     swatches = "".join(
         f"<span style='background:rgb{colour}'>{html.escape(text)}</span>"

@@ -21,7 +21,7 @@ file          spec                   what it holds
 ``d3s``       §6 D³S                 max-variance subset, schedule (registry ``"d3s"``)
 ``chord``     §7 CHORD               μ schedule, φ weights, SFT loss and mix (re-exported from ``ops.sft``)
 ``tw_grpo``   §8 TW-GRPO             position divergence and weights, soft reward (registry ``"tw_grpo"``)
-``rmt``       §9 RMT                 token budget, length reward, curriculum, NTP term
+``rmt``       §9 RMT                 token budget, length reward, curriculum sampling, NTP term
 ``tempo``     §10 TEMPO / TVM        prefix-tree values, branch-point credit (registry ``"tempo"``)
 ============  =====================  ====================================================================
 
@@ -30,7 +30,7 @@ Everything public is re-exported here, so ``from trl_tokenlevel.ops.advantages i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -65,6 +65,7 @@ from .rmt import (
     rmt_curriculum_probs,
     rmt_length_reward,
     rmt_ntp_loss,
+    rmt_sample_targets,
     rmt_token_budget,
 )
 from .tempo import PrefixTreeValues, prefix_tree_values, tempo_advantages, tempo_token_advantages, tvm_value_labels
@@ -134,6 +135,7 @@ __all__ = [
     "rmt_curriculum_probs",
     "rmt_length_reward",
     "rmt_ntp_loss",
+    "rmt_sample_targets",
     "rmt_token_budget",
     "tempo_advantages",
     "tempo_token_advantages",

@@ -8,7 +8,6 @@ helpers, which keep padding at exactly 0 and never produce NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -39,14 +38,14 @@ class TokenAdvantageInputs:
     per_token_entropy: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
-    old_per_token_logps: Optional[torch.Tensor] = None
-    group_ids: Optional[torch.Tensor] = None
-    num_generations: Optional[int] = None
-    self_certainty: Optional[torch.Tensor] = None
-    sampled_token_logits: Optional[torch.Tensor] = None
-    full_logps: Optional[torch.Tensor] = None
-    initial_mean_entropy: Optional[torch.Tensor] = None
-    tw_grpo_divergence: Optional[torch.Tensor] = None
+    old_per_token_logps: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    num_generations: int | None = None
+    self_certainty: torch.Tensor | None = None
+    sampled_token_logits: torch.Tensor | None = None
+    full_logps: torch.Tensor | None = None
+    initial_mean_entropy: torch.Tensor | None = None
+    tw_grpo_divergence: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.completion_ids.shape)
@@ -84,9 +83,9 @@ class TokenAdvantageInputs:
 
 def resolve_group_index(
     batch_size: int,
-    group_ids: Optional[torch.Tensor] = None,
-    num_generations: Optional[int] = None,
-    device: Optional[torch.device] = None,
+    group_ids: torch.Tensor | None = None,
+    num_generations: int | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Compact group index (B,) long in ``[0, num_groups)`` from arbitrary ``group_ids`` or TRL's contiguous layout of
     ``num_generations`` consecutive rows per prompt."""

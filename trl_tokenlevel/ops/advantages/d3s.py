@@ -7,8 +7,6 @@ Sample level: keep the max-variance subset of ``ceil(ρ·n_g)`` rollouts per gro
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 from trl_tokenlevel.ops.selection import _check_choice, _check_ratio, ceil_count, d3s_token_mask
@@ -21,7 +19,7 @@ D3S_EQUAL_REWARDS = ("keep_first", "skip")
 def d3s_max_variance_subset(
     rewards: torch.Tensor,
     group_index: torch.Tensor,
-    num_keep: Union[int, torch.Tensor],
+    num_keep: int | torch.Tensor,
     *,
     equal_rewards: str = "keep_first",
 ) -> torch.Tensor:

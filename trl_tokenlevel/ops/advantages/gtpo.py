@@ -8,7 +8,6 @@ https://huggingface.co/papers/2508.03772.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -134,7 +133,7 @@ def gtpo_shaped_advantages(
     entropy_threshold: float = 0.7,
     entropy_scale: float = 0.1,
     entropy_filter: str = "official",
-    initial_mean_entropy: Optional[torch.Tensor] = None,
+    initial_mean_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GTPO entropy filter and shaping of the completion advantages (B,) (spec §5).
 

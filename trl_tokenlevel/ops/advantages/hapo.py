@@ -9,8 +9,6 @@ LogitsProcessor) and are re-exported here.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from trl_tokenlevel.ops.decoding import (  # noqa: F401  (HAPO ĥ and adaptive temperature, re-exported)
@@ -84,10 +82,10 @@ def hapo_clip_bounds(
 def hapo_dual_clip_loss(
     ratio: torch.Tensor,
     advantages: torch.Tensor,
-    eps_low: Union[torch.Tensor, float],
-    eps_high: Union[torch.Tensor, float],
+    eps_low: torch.Tensor | float,
+    eps_high: torch.Tensor | float,
     *,
-    dual_clip: Optional[float] = 10.0,
+    dual_clip: float | None = 10.0,
 ) -> torch.Tensor:
     """Per-token PPO dual-clip loss with per-token clip ranges, (B, T) (spec §4 Loss, official ``compute_policy_loss``).
 

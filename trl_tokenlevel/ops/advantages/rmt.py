@@ -7,7 +7,6 @@ curriculum over target positions, and the next-token-prediction term ``λ_NTP·m
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -49,7 +48,7 @@ def rmt_length_reward(
     budget: float,
     *,
     length_reward_peak: float = 1.0,
-    length_reward_width: Optional[float] = None,
+    length_reward_width: float | None = None,
 ) -> torch.Tensor:
     """RMT length reward [recon]: triangular, ``peak·max(0, 1 − |ℓ − B|/width)``, peaking at the budget B.
 
@@ -103,6 +102,36 @@ def rmt_curriculum_probs(
     return probs
 
 
+def rmt_sample_targets(
+    per_token_entropy: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    step: int,
+    total_steps: int,
+    *,
+    num_targets: int = 1,
+    generator: torch.Generator | None = None,
+    **curriculum_knobs,
+) -> torch.Tensor:
+    """RMT curriculum sampling of target positions: ``num_targets`` per row, (B, T) bool (spec §9 (b), [recon]).
+
+    Paper: https://huggingface.co/papers/2509.24375. The probabilities are :func:`rmt_curriculum_probs` over the
+    batch's candidates (percentiles and softmax over the whole batch, as the spec asks), then each row draws its
+    targets from its own share without replacement. A row with fewer candidates (or zero probability mass) gets
+    fewer (or none). ``curriculum_knobs``: ``curriculum``, ``curriculum_temperature``, ``window_start``,
+    ``window_end``.
+    """
+    probs = rmt_curriculum_probs(per_token_entropy, candidate_mask, step, total_steps, **curriculum_knobs)
+    targets = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    for row in range(probs.shape[0]):
+        available = int((probs[row] > 0).sum())
+        if available == 0:
+            continue
+        picked = torch.multinomial(probs[row].double(), min(num_targets, available), replacement=False,
+                                   generator=generator)  # fmt: skip
+        targets[row, picked] = True
+    return targets
+
+
 def rmt_ntp_loss(
     per_token_logps: torch.Tensor,
     completion_mask: torch.Tensor,
@@ -112,8 +141,10 @@ def rmt_ntp_loss(
 ) -> torch.Tensor:
     """RMT dual training, NTP part [recon]: ``λ_NTP · mean_{valid, non-sampled}(−log π_θ(x_t|x_<t))`` (spec §9).
 
-    Paper: https://huggingface.co/papers/2509.24375. Added to the RL loss on the sampled target positions.
-    [recon] default λ_NTP = 1.0. No non-sampled token: 0.
+    Paper: https://huggingface.co/papers/2509.24375. Added to the RL loss on the sampled target positions: the
+    corpus tokens of the documents (``completion_mask`` = document tokens, ``sampled_mask`` = the RL targets), or, as a
+    transposition, the rollout tokens a token selection left out. [recon] default λ_NTP = 1.0. No non-sampled
+    token: 0.
     """
     rest = completion_mask.bool() & ~sampled_mask.bool()
     return ntp_coef * _masked(-per_token_logps, rest).sum() / rest.sum().clamp(min=1)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Hashable, Optional, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from trl_tokenlevel.ops.selection import _check_choice
 VOTE_TIE_BREAKS = ("first", "none")
 
 
-def ttrl_majority_vote_rewards(answers: Sequence[Optional[Hashable]], *, tie_break: str = "first") -> torch.Tensor:
+def ttrl_majority_vote_rewards(answers: Sequence[Hashable | None], *, tie_break: str = "first") -> torch.Tensor:
     """TTRL majority-vote pseudo-rewards ``R_i = 1[y_i = mode({y_j})]`` for one prompt's sampled answers (spec §2).
 
     Paper: SPINE, https://huggingface.co/papers/2511.17938 (pseudo-labels from TTRL). ``None`` marks an unparseable

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from trl_tokenlevel.ops.selection import GatherFn, _check_choice
@@ -55,7 +53,7 @@ def ucas_advantages(
     confidence_agg: str = "sum",
     norm_adv_by_std: bool = True,
     eps: float = 1e-6,
-    gather_fn: Optional[GatherFn] = None,
+    gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """UCAS: uncertainty-aware advantage shaping, (B, T) advantages (spec §3, official ``compute_ucas_advantage``).
 
