@@ -138,8 +138,8 @@ def render(results_dir: Path) -> str:
                 rounds = min((len(runs) for runs in report.get("runs", {}).values()), default=0)
                 device_name = machine.get("gpu") or machine.get("cpu_model")
                 out.append(
-                    f"Legacy harness (before issue 13: pooled medians, {rounds} round(s), CPU memory from ru_maxrss): "
-                    f"{device_name}, {machine.get('date')}."
+                    f"Legacy harness (before issue 13: pooled medians, {rounds} round(s), CPU memory from ru_maxrss; "
+                    f"full-distribution losses on the two-pass path): {device_name}, {machine.get('date')}."
                 )
                 out += ["", legacy_table(report), ""]
                 continue
