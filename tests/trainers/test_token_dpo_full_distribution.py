@@ -157,8 +157,13 @@ def test_sparsepo_masks_train_checkpoint_and_resume(tiny_model_path, tiny_tokeni
 
 @pytest.mark.parametrize(
     "mode,official",
-    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False),
-     ("theorem1_adaptive", False)],
+    [
+        ("aligndistil", False),
+        ("aligndistil", True),
+        ("theorem1", False),
+        ("theorem1_contrast", False),
+        ("theorem1_adaptive", False),
+    ],
 )
 def test_aligndistil_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
     dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
