@@ -288,6 +288,7 @@ FUSED_CASES = {
     "aligndistil": dict(token_loss_type="aligndistil", aligndistil_temperature=0.8),
     "aligndistil_official": dict(token_loss_type="aligndistil", aligndistil_official_positions=True),
     "theorem1": dict(token_loss_type="aligndistil", aligndistil_mode="theorem1"),
+    "theorem1_adaptive": dict(token_loss_type="aligndistil", aligndistil_mode="theorem1_adaptive"),
 }
 
 
