@@ -44,7 +44,7 @@ the random baseline; the two language models are trained/loaded once. Reported: 
 accuracy, achieved large-token share and FLOPs per method and target share, and the paired per-seed accuracy
 difference R2R − confidence at each share.
 
-    python bench/routing_benchmark.py                    # full run (5-20 min on 2 busy CPU cores, one thread)
+    python bench/routing_benchmark.py                    # full run (7-11 min on 2 busy CPU cores, one thread)
     python bench/routing_benchmark.py --quick            # smoke run (numbers meaningless)
     python bench/routing_benchmark.py --plot-only bench/results/routing_benchmark.json
     python bench/routing_benchmark.py --device cuda      # GPU: same numbers, wall times meaningful per device
