@@ -61,3 +61,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
     )  # fmt: skip
     assert f"Model saved to {out} (2 processes)" in output
     assert (out / "token_rewards.html").exists()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples" / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 2 and loaded.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert loaded.use_cpu == (config.stem == "cpu_ddp")
