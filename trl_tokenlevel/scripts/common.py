@@ -23,6 +23,10 @@ def machine_defaults(output_dir: str) -> dict:
     }
 
 
+# The demo jobs train LoRA adapters on all linear layers: full fine-tuning's backward is too slow for CPU minutes.
+DEMO_LORA_DEFAULTS = dict(use_peft=True, lora_r=16, lora_alpha=32, lora_target_modules=["all-linear"])
+
+
 @dataclass
 class BuiltinJobArguments:
     """Which built-in job runs when no `--model_name_or_path` is given."""

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
     BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
@@ -59,15 +60,12 @@ TINY_DEFAULTS = dict(
     logging_steps=10,
     max_length=64,
 )
-# The demo job: LoRA on all linear layers (full fine-tuning's backward is too slow for CPU minutes) and TDPO2, the
-# token-level DPO of Zeng et al.: it needs no token signal (a signal builder such as T-REG's contrastive prompts costs
-# four more forwards per pair, more than the job's CPU budget), and its per-token KL is computed in tiles.
+# The demo job: LoRA and TDPO2, the token-level DPO of Zeng et al. It needs no token signal (a signal builder such as
+# T-REG's contrastive prompts costs four more forwards per pair, more than the job's CPU budget), and its per-token KL
+# is computed in tiles.
 DEMO_DEFAULTS = dict(
     COMMON_BUILTIN_DEFAULTS,
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules=["all-linear"],
+    **DEMO_LORA_DEFAULTS,
     token_loss_type="tdpo2",
     per_device_train_batch_size=8,
     max_steps=8,

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
     BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
@@ -63,10 +64,7 @@ TINY_DEFAULTS = dict(
 # The demo job: LoRA, 8 answers per prompt (one prompt a step), the paper's 80/20 entropy selection.
 DEMO_DEFAULTS = dict(
     COMMON_BUILTIN_DEFAULTS,
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules=["all-linear"],
+    **DEMO_LORA_DEFAULTS,
     reward_funcs=["exact_match"],
     token_selection="entropy_quantile",
     per_device_train_batch_size=8,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
     BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
@@ -61,10 +62,7 @@ TINY_DEFAULTS = dict(
 # The demo job: LoRA, One-Token Rollout with the config's defaults (K=256 samples at temperature 1.3 per position).
 DEMO_DEFAULTS = dict(
     COMMON_BUILTIN_DEFAULTS,
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules=["all-linear"],
+    **DEMO_LORA_DEFAULTS,
     token_loss_type="otr",
     per_device_train_batch_size=8,
     max_steps=8,
