@@ -18,7 +18,8 @@ def test_demo_job(command, demo_model_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main([command, "--output_dir", str(out), "--max_steps", "1"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"Held-out greedy accuracy \(48 problems\): \d+\.\d% before, \d+\.\d% after", printed)
+    assert re.search(r"Held-out greedy accuracy before training \(48 problems\): \d+\.\d%", printed)
+    assert re.search(r"Held-out greedy accuracy after training \(48 problems\): \d+\.\d% \(before", printed)
     assert (out / "adapter_model.safetensors").exists()
     if command == "dpo":
         assert (out / "token_rewards.html").read_text().count("class='row'") == 12  # 6 held-out pairs

@@ -29,6 +29,14 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem] | None = None) -> 
     return accuracy(problems, [group[0] for group in answers]), len(problems)
 
 
+def print_heldout_accuracy(trainer, tokenizer, when: str, before: float | None = None) -> float:
+    """Measure `greedy_accuracy` of the trainer's model and print it (main process); returns the accuracy."""
+    accuracy, n = greedy_accuracy(trainer.model, tokenizer)
+    change = "" if before is None else f" (before training: {before:.1%})"
+    trainer.accelerator.print(f"Held-out greedy accuracy {when} ({n} problems): {accuracy:.1%}{change}")
+    return accuracy
+
+
 def most_negative_on_first_wrong(rows, rejected_ids: list[list[int]], rejected_rewards: list[list[float]], tokenizer):
     """`(hits, total, chance)`: in how many rejected answers the most negative token reward sits on the first wrong
     token (`tasks.first_wrong_token`), and the hit rate of a token picked uniformly at random from each answer."""

@@ -67,7 +67,7 @@ DEMO_DEFAULTS = dict(
     COMMON_BUILTIN_DEFAULTS,
     **DEMO_LORA_DEFAULTS,
     token_loss_type="tdpo2",
-    per_device_train_batch_size=8,
+    per_device_train_batch_size=4,
     max_steps=8,
     learning_rate=5e-4,
     logging_steps=2,
@@ -197,11 +197,13 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
 
     init_kwargs = model_init_kwargs(model_args, training_args)
     demo_job = model_args.model_name_or_path is None and not token_script_args.tiny
-    if demo_job and not (script_args.dataset_name or dataset_args.datasets):
+    # The built-in demo pairs come from verifiable problems: accuracy and first wrong tokens can be measured.
+    demo_data = demo_job and not (script_args.dataset_name or dataset_args.datasets)
+    if demo_data:
         train_dataset = load_demo_preference_dataset("train").select_columns(["prompt", "chosen", "rejected"])
-        heldout, builtin = load_demo_preference_dataset("test"), True
+        heldout = load_demo_preference_dataset("test")
     else:
-        train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_preference_dataset)
+        train_dataset, heldout, _ = load_train_and_heldout(script_args, dataset_args, load_tiny_preference_dataset)
     if token_script_args.tiny:
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in train_dataset]
         tokenizer, model_path = build_tiny_base(training_args, texts)
@@ -226,32 +228,29 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    print_main = trainer.accelerator.print
-    measure_accuracy = demo_job and builtin  # the built-in pairs come from verifiable held-out problems
-    if measure_accuracy:
-        before, n = demo.greedy_accuracy(trainer.model, tokenizer)
+    if demo_data:
+        before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
     train_and_save(trainer, training_args, script_args)
-    if measure_accuracy:
-        after, n = demo.greedy_accuracy(trainer.model, tokenizer)
-        print_main(f"Held-out greedy accuracy ({n} problems): {before:.1%} before, {after:.1%} after training")
+    if demo_data:
+        demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
 
     rows = heldout if heldout is not None else train_dataset
     count = min(token_script_args.heatmap_examples, len(rows))
     if count == 0:
         return trainer
     # The built-in held-out pairs are all scored, to measure where the credit goes; other data only as many as drawn.
-    scored = rows if measure_accuracy else rows.select(range(count))
+    scored = rows if demo_data else rows.select(range(count))
     pairs = implicit_token_rewards(trainer, scored)
     if pairs is None or not trainer.accelerator.is_main_process:
         return trainer
     path = write_implicit_reward_heatmap(trainer, scored.select(range(count)), pairs[:count],
                                          os.path.join(training_args.output_dir, "token_rewards.html"))  # fmt: skip
-    print_main(f"Per-token implicit-reward heatmap written to {path}")
-    if measure_accuracy:
+    print(f"Per-token implicit-reward heatmap written to {path}")
+    if demo_data:
         hits, total, chance = demo.most_negative_on_first_wrong(
             scored, [pair[2] for pair in pairs], [pair[3] for pair in pairs], tokenizer
         )
-        print_main(
+        print(
             f"Most negative token reward on the first wrong token: {hits}/{total} held-out rejected answers "
             f"({hits / total:.0%}; a random token would hit {chance:.0%})"
         )

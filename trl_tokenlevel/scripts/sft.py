@@ -126,10 +126,9 @@ def main(script_args, job_args, training_args, model_args, dataset_args):
     )
     if not builtin_demo_data:
         return train_and_save(trainer, training_args, script_args)
-    before, n = demo.greedy_accuracy(trainer.model, tokenizer)
+    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
     train_and_save(trainer, training_args, script_args)
-    after, n = demo.greedy_accuracy(trainer.model, tokenizer)
-    trainer.accelerator.print(f"Held-out greedy accuracy ({n} problems): {before:.1%} before, {after:.1%} after training")
+    demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
     return trainer
 
 
