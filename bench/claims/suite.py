@@ -24,8 +24,10 @@ BEGIN, END = "<!-- claims-table:begin -->", "<!-- claims-table:end -->"
 
 
 def available_experiments() -> list[str]:
-    """Names of the experiment modules in `bench/claims/` (every module but the shared ones)."""
-    return sorted(p.stem for p in CLAIMS_PACKAGE_DIR.glob("*.py") if p.stem not in NOT_EXPERIMENTS)
+    """Names of the experiment modules in `bench/claims/` (every module but the shared ones and `_private` ones)."""
+    return sorted(
+        p.stem for p in CLAIMS_PACKAGE_DIR.glob("*.py") if p.stem not in NOT_EXPERIMENTS and not p.stem.startswith("_")
+    )
 
 
 def run_experiment(name: str, quick: bool, seeds: list[int], out_dir: Path | None = None) -> Path:
