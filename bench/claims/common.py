@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,20 @@ def format_interval(value: dict[str, Any], digits: int = 3) -> str:
     """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed."""
     ci = "n/a" if value["ci95"] is None else f"{value['ci95']:.{digits}f}"
     return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']})"
+
+
+SET_ENV = "BENCH_CLAIMS_SET"  # JSON object of config overrides, filled by `python -m bench.claims run --set key=value`
+
+
+def experiment_config(configs: dict[str, dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """A copy of `configs["quick"]` or `configs["full"]` with the `--set key=value` overrides applied.
+
+    Raises ValueError for an override key the config does not have (a typo would otherwise be ignored silently).
+    """
+    config = dict(configs["quick" if quick else "full"])
+    overrides = json.loads(os.environ.get(SET_ENV) or "{}")
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"--set keys {unknown} are not settings of this experiment; valid keys: {sorted(config)}.")
+    config.update(overrides)
+    return config

@@ -17,8 +17,8 @@ Setting (`CONFIGS` holds every number):
   `weighted` run's weights on both sides) are `signals.add_critical_token_weights` from a positive and a negative
   LoRA fine-tune of the base on the chosen / rejected answers (as the cDPO paper does).
 - **Metrics.** Held-out greedy accuracy; KL(π_θ‖π_ref) summed over the tokens of the policy's own greedy answers
-  (sequential KL, TDPO's measure), mean over held-out prompts; change of log π(chosen) on the training pairs (DPO's
-  collapse of the chosen likelihood); and on the held-out analysis pairs, for every trained policy, its per-token
+  (sequential KL, TDPO's measure), mean over held-out prompts; and on the held-out analysis pairs, for every trained policy at the main beta,
+  the change of log π(chosen) (DPO's collapse of the chosen likelihood) and its per-token
   implicit reward β·log π_θ/π_ref on rejected answers (From r to Q*, `TokenDPOTrainer.compute_token_rewards`): how
   often the most negative token is the first wrong token, and what share of the negative mass sits on, before and
   after it. The signal columns themselves are scored in the `signals` experiment.
@@ -39,24 +39,27 @@ from typing import Any
 
 import torch
 
-from bench.claims.common import mean_ci, paired_difference, verdict
+from bench.claims.common import experiment_config, mean_ci, paired_difference, verdict
 
+# Sized for the shared 2-core CPU (about 26 training tokens/s for this model under load; see the README): one DPO pair
+# of 2-shot sort prompts is ~245 tokens, so a training step of 2 pairs costs ~25 s.
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {
         "task": "sort", "digits": 2, "length": 3, "n_shots": 2,
-        "pool_train_problems": 96, "pool_valid_problems": 32, "samples_per_prompt": 6, "temperature": 1.0,
-        "max_new_tokens": 14, "train_pairs": 32, "n_eval": 48,
-        "steps": 16, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "beta": 0.1,
-        "frontier_betas": [0.03, 0.1, 0.3], "signal_sft_steps": 16, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
-        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"], "threads": 2,
+        "pool_train_problems": 16, "pool_valid_problems": 8, "samples_per_prompt": 2, "temperature": 1.0,
+        "max_new_tokens": 12, "fallback_to_gold": True, "train_pairs": 6, "analysis_pairs": 6, "n_eval": 12,
+        "steps": 3, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "lora_alpha": 16, "beta": 0.1,
+        "frontier_betas": [0.1, 0.5], "signal_sft_steps": 3, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
+        "methods": ["dpo", "tdpo2"], "threads": 1, "device": "cpu",
     },
     "quick": {
         "task": "sort", "digits": 2, "length": 3, "n_shots": 2,
-        "pool_train_problems": 12, "pool_valid_problems": 6, "samples_per_prompt": 4, "temperature": 1.0,
-        "max_new_tokens": 14, "train_pairs": 4, "n_eval": 4,
-        "steps": 1, "batch_size": 2, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 16, "beta": 0.1,
-        "frontier_betas": [0.1, 0.3], "signal_sft_steps": 1, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
-        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"], "threads": 2,
+        "pool_train_problems": 2, "pool_valid_problems": 1, "samples_per_prompt": 2, "temperature": 1.0,
+        "max_new_tokens": 10, "fallback_to_gold": True, "train_pairs": 1, "analysis_pairs": 1, "n_eval": 1,
+        "steps": 1, "batch_size": 1, "learning_rate": 5e-4, "lora_r": 4, "lora_alpha": 8, "beta": 0.1,
+        "frontier_betas": [0.1], "signal_sft_steps": 1, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
+        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"], "threads": 1,
+        "device": "cpu",
     },
 }
 PAPERS = {
@@ -79,7 +82,7 @@ def _pairs_cache_path(config: dict) -> Path:
     from trl_tokenlevel.models import cache_dir
 
     keys = ("task", "digits", "length", "n_shots", "pool_train_problems", "pool_valid_problems",
-            "samples_per_prompt", "temperature", "max_new_tokens")  # fmt: skip
+            "samples_per_prompt", "temperature", "max_new_tokens", "fallback_to_gold")  # fmt: skip
     digest = hashlib.sha256(json.dumps({k: config[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "claims" / f"pairs_{digest}.json"
 
@@ -104,7 +107,9 @@ def preference_pool(config: dict, model, tokenizer) -> dict[str, Any]:
             num_samples=config["samples_per_prompt"], temperature=config["temperature"],
             max_new_tokens=config["max_new_tokens"], batch_size=16, seed=0,
         )  # fmt: skip
-        pool[split] = build_preference_pairs(problems, samples, n_shots=config["n_shots"], seed=0)
+        pool[split] = build_preference_pairs(
+            problems, samples, n_shots=config["n_shots"], fallback_to_gold=config["fallback_to_gold"], seed=0
+        )
         flat = [p.answer == s.strip() for p, group in zip(problems, samples) for s in group]
         pool["sample_accuracy"][split] = sum(flat) / len(flat)
     pool["sampling_s"] = time.perf_counter() - start
@@ -142,8 +147,8 @@ def _common_args(config: dict, seed: int, steps: int, output_dir: str) -> dict:
     return dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=config["batch_size"],
         learning_rate=config["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, seed=seed,
-        data_seed=seed, logging_steps=max(steps, 1), save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
+        data_seed=seed, logging_steps=max(steps, 1), save_strategy="no", report_to=[], use_cpu=config["device"] == "cpu",
+        disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
     )  # fmt: skip
 
 
@@ -185,11 +190,12 @@ def train_sft_model(rows: list[dict], side: str, model_path: str, tokenizer, con
 
 
 @torch.no_grad()
-def greedy_accuracy_and_kl(policy, base, tokenizer, problems, config: dict) -> dict[str, float]:
+def greedy_accuracy_and_kl(policy, tokenizer, problems, config: dict) -> dict[str, float]:
     """Greedy held-out accuracy and the mean sequential KL(π_θ‖π_ref) along the policy's own greedy answers.
 
     KL_seq = Σ_t Σ_v π_θ(v|s_t)·[log π_θ(v|s_t) − log π_ref(v|s_t)] over the answer tokens (end of turn included).
-    `policy` and `base` may be the same PEFT model: the reference is then its adapter-disabled forward.
+    The policy's distributions come from `generate` itself; the reference is the PEFT policy's adapter-disabled
+    forward (a model without adapters is its own reference: KL 0).
     """
     from trl_tokenlevel.data.builtin.tasks import is_correct, to_messages
     from trl_tokenlevel.ops.preference import per_token_kl_from_logits
@@ -203,25 +209,25 @@ def greedy_accuracy_and_kl(policy, base, tokenizer, problems, config: dict) -> d
             batch = problems[start : start + 16]
             texts = [tokenizer.apply_chat_template(to_messages(p, n_shots=config["n_shots"]), add_generation_prompt=True,
                                                    tokenize=False) for p in batch]  # fmt: skip
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
             output = policy.generate(**encoded, max_new_tokens=config["max_new_tokens"], do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-            generated = output[:, encoded["input_ids"].shape[1] :]
+                                     pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                     output_logits=True)  # fmt: skip
+            generated = output.sequences[:, encoded["input_ids"].shape[1] :]
             answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
             correct += sum(is_correct(p, a) for p, a in zip(batch, answers))
+            if not hasattr(policy, "disable_adapter"):
+                kls += [0.0] * len(batch)
+                continue
             # Answer tokens: up to and including the first end of turn.
             is_eos = generated == tokenizer.eos_token_id
-            after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-            answer_mask = ~after_eos
+            answer_mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
             attention = torch.cat([encoded["attention_mask"], answer_mask.long()], dim=1)
-            keep = generated.shape[1] + 1
-            policy_logits = policy(input_ids=output, attention_mask=attention, logits_to_keep=keep).logits[:, :-1]
-            if hasattr(base, "disable_adapter") and base is policy:
-                with policy.disable_adapter():
-                    ref_logits = policy(input_ids=output, attention_mask=attention, logits_to_keep=keep).logits[:, :-1]
-            else:
-                ref_logits = base(input_ids=output, attention_mask=attention, logits_to_keep=keep).logits[:, :-1]
-            # per_token_kl_from_logits(a, b) = Σ_v π_b·(log π_b − log π_a): pass the policy second for KL(π_θ‖π_ref).
+            policy_logits = torch.stack(output.logits, dim=1)
+            with policy.disable_adapter():
+                ref_logits = policy(input_ids=output.sequences, attention_mask=attention,
+                                    logits_to_keep=generated.shape[1] + 1).logits[:, :-1]  # fmt: skip
+            # per_token_kl_from_logits(a, b) = Σ_v π_b·(log π_b − log π_a): the policy goes second for KL(π_θ‖π_ref).
             kl = per_token_kl_from_logits(ref_logits, policy_logits)
             kls += (kl * answer_mask).sum(1).tolist()
     finally:
@@ -298,7 +304,7 @@ def frontier_gap(method_points: list[tuple[float, float]], baseline_points: list
     return float(np.mean([acc - np.interp(kl, xs, ys) for kl, acc in method_points]))
 
 
-def _signal_columns(method, rows, dataset_rows, seed, state, model_path, tokenizer, base, config):
+def _signal_columns(method, rows, seed, state, model_path, tokenizer, base, config):
     """Signal columns a method trains on, built with the package's builders (cached per seed in `state`)."""
     from trl_tokenlevel import signals
 
@@ -326,19 +332,19 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     from trl_tokenlevel.data.builtin.tasks import make_problems
     from trl_tokenlevel.models import demo_model_path, load_demo_model
 
-    config = dict(CONFIGS["quick" if quick else "full"])
+    config = experiment_config(CONFIGS, quick)
     torch.set_num_threads(config["threads"])
     start = time.perf_counter()
     model_path = demo_model_path(use_hub=False)
     base, tokenizer = load_demo_model(model_path, use_hub=False)
-    base.eval()
+    base.to(config["device"]).eval()
     pool = preference_pool(config, base, tokenizer)
     if len(pool["train"]) < config["batch_size"] or not pool["valid"]:
         raise RuntimeError(f"Too few on-policy pairs: {len(pool['train'])} train, {len(pool['valid'])} valid.")
     eval_problems = make_problems(config["task"], config["n_eval"], "test", digits=config["digits"],
                                   length=config["length"])  # fmt: skip
-    analysis_rows = pool["valid"]
-    base_eval = greedy_accuracy_and_kl(base, base, tokenizer, eval_problems, config)
+    analysis_rows = pool["valid"][: config["analysis_pairs"]]
+    base_eval = greedy_accuracy_and_kl(base, tokenizer, eval_problems, config)
 
     runs: list[tuple[str, float]] = [(m, config["beta"]) for m in config["methods"]]
     runs += [(m, b) for b in config["frontier_betas"] for m in ("dpo", "tdpo2") if b != config["beta"]]
@@ -357,19 +363,18 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         seed_points = {"dpo": [], "tdpo2": []}
         for method, beta in runs:
             tick = time.perf_counter()
-            columns = _signal_columns(method, rows, rows, seed, state, model_path, tokenizer, base, config)
+            columns = _signal_columns(method, rows, seed, state, model_path, tokenizer, base, config)
             trainer = train_preference(method, beta, _dataset(rows, columns), model_path, tokenizer, config, seed)
             policy = trainer.model
-            evaluation = greedy_accuracy_and_kl(policy, policy, tokenizer, eval_problems, config)
+            evaluation = greedy_accuracy_and_kl(policy, tokenizer, eval_problems, config)
             tag = method if beta == config["beta"] else f"{method}@beta={beta}"
             record(f"{tag}/test_accuracy", evaluation["accuracy"])
             record(f"{tag}/kl_seq", evaluation["kl"])
             if method in seed_points:
                 seed_points[method].append((evaluation["kl"], evaluation["accuracy"]))
             if beta == config["beta"]:
-                chosen, _, _ = per_token_values(trainer, rows)
-                record(f"{method}/train_chosen_logratio", sum(sum(r) for r in chosen) / len(chosen) / beta)
-                _, rejected, tokenized = per_token_values(trainer, analysis_rows)
+                chosen, rejected, tokenized = per_token_values(trainer, analysis_rows)
+                record(f"{method}/heldout_chosen_logratio", sum(sum(r) for r in chosen) / len(chosen) / beta)
                 location = credit_location(rejected, first_wrong_tokens(analysis_rows, tokenized, tokenizer))
                 credit.setdefault(method, []).append(location)
                 for key, value in location.items():
@@ -432,8 +437,9 @@ def _claims(config: dict, per_seed: dict[str, list[float]], seeds: list[int]) ->
             add(f"{method} beats DPO on held-out accuracy", PAPERS[method], "greedy test accuracy, method - DPO",
                 paired_difference(per_seed[f"{method}/test_accuracy"], per_seed["dpo/test_accuracy"]), +1,
                 "preference_accuracy.png")
-    add("DPO lowers the likelihood of chosen answers", PAPERS["dpo"], "log π(chosen) - log π_ref(chosen), training pairs",
-        mean_ci(per_seed["dpo/train_chosen_logratio"]), -1, "preference_credit.png")
+    add("DPO lowers the likelihood of chosen answers", PAPERS["dpo"],
+        "log π(chosen) - log π_ref(chosen), held-out pairs", mean_ci(per_seed["dpo/heldout_chosen_logratio"]), -1,
+        "preference_accuracy.png")
     add("DPO's implicit token reward is most negative at the first wrong token of rejected answers", PAPERS["dpo"],
         "top-1 hit rate minus chance, held-out pairs",
         paired_difference(per_seed["dpo/implicit_reward_top1"], per_seed["dpo/implicit_reward_chance"]), +1,
