@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def report(directory: Path = CLAIMS_DIR, readme: Path = README) -> Path:
     table_path.write_text("# Claims table\n\n" + header + claims_table(results), encoding="utf-8")
     if readme.exists():
         text = readme.read_text(encoding="utf-8")
-        relative = directory.resolve().relative_to(readme.resolve().parent).as_posix() + "/"
+        relative = os.path.relpath(directory.resolve(), readme.resolve().parent)
+        relative = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         section = f"{BEGIN}\n{header}{claims_table(results, plot_prefix=relative)}{END}"
         if BEGIN in text and END in text:
             text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
