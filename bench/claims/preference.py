@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -357,8 +357,7 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         per_seed.setdefault(name, []).append(float(value))
 
     for seed in seeds:
-        rng = __import__("random").Random(seed)
-        rows = rng.sample(pool["train"], min(config["train_pairs"], len(pool["train"])))
+        rows = random.Random(seed).sample(pool["train"], min(config["train_pairs"], len(pool["train"])))
         state: dict[str, Any] = {}
         seed_points = {"dpo": [], "tdpo2": []}
         for method, beta in runs:
