@@ -47,11 +47,12 @@ def run_experiment(name: str, quick: bool, seeds: list[int], out_dir: Path | Non
     figures = result.pop("figures", {})
     validate_result(result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for filename, figure in figures.items():
-        figure.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
+    if figures:
         import matplotlib.pyplot as plt
 
-        plt.close(figure)
+        for filename, figure in figures.items():
+            figure.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
+            plt.close(figure)
     return write_result(name, result, out_dir)
 
 
