@@ -32,6 +32,7 @@ from bench.claims.preference import (
     CONFIGS as PREFERENCE_CONFIGS,
     _dataset,
     first_wrong_tokens,
+    pool_summary,
     preference_pool,
     train_preference,
     train_sft_model,
@@ -130,7 +131,8 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         })  # fmt: skip
     return {
         "experiment": "signals",
-        "config": {**config, "ks": list(KS), "analysis_pairs": len(rows), "cdpo_eos_weight_one": False},
+        "config": {**config, "ks": list(KS), "analysis_pairs": len(rows), "cdpo_eos_weight_one": False,
+                   "pool": pool_summary(pool)},
         "seeds": list(seeds),
         "metrics": metrics,
         "claims": claims,
