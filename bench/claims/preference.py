@@ -17,8 +17,8 @@ Setting (`CONFIGS` holds every number):
   `weighted` run's weights on both sides) are `signals.add_critical_token_weights` from a positive and a negative
   LoRA fine-tune of the base on the chosen / rejected answers (as the cDPO paper does).
 - **Metrics.** Held-out greedy accuracy; KL(π_θ‖π_ref) summed over the tokens of the policy's own greedy answers
-  (sequential KL, TDPO's measure), mean over held-out prompts; and on the held-out analysis pairs, for every trained policy at the main beta,
-  the change of log π(chosen) (DPO's collapse of the chosen likelihood) and its per-token
+  (sequential KL, TDPO's measure), mean over held-out prompts; and on the held-out analysis pairs, for every policy
+  trained at the main beta, the change of log π(chosen) (DPO's collapse of the chosen likelihood) and its per-token
   implicit reward β·log π_θ/π_ref on rejected answers (From r to Q*, `TokenDPOTrainer.compute_token_rewards`): how
   often the most negative token is the first wrong token, and what share of the negative mass sits on, before and
   after it. The signal columns themselves are scored in the `signals` experiment.
@@ -287,7 +287,9 @@ def credit_location(values: list[list[float]], first_wrong: list[int], sign: int
             shares["before"].append(sum(mass[:wrong]) / total)
             shares["at"].append(mass[wrong] / total)
             shares["after"].append(sum(mass[wrong + 1 :]) / total)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
     return {"top1": mean(top1), "chance": mean(chance), **{k: mean(v) for k, v in shares.items()}}
 
 

@@ -30,6 +30,8 @@ import torch
 from bench.claims.common import experiment_config, mean_ci, paired_difference, verdict
 from bench.claims.preference import (
     CONFIGS as PREFERENCE_CONFIGS,
+)
+from bench.claims.preference import (
     _dataset,
     first_wrong_tokens,
     pool_summary,

@@ -15,7 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.claims.common import CLAIMS_DIR, format_interval, validate_result, write_result
+from bench.claims.common import (
+    CLAIMS_DIR,
+    format_interval,
+    validate_result,
+    write_result,
+)
 
 CLAIMS_PACKAGE_DIR = Path(__file__).resolve().parent
 QUICK_DIR = CLAIMS_DIR / "quick"  # quick runs land here (git-ignored), never over full results
