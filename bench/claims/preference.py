@@ -287,6 +287,7 @@ def credit_location(values: list[list[float]], first_wrong: list[int], sign: int
             shares["before"].append(sum(mass[:wrong]) / total)
             shares["at"].append(mass[wrong] / total)
             shares["after"].append(sum(mass[wrong + 1 :]) / total)
+
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")
 
