@@ -113,3 +113,23 @@ def test_frontier_gap_interpolates_the_baseline_at_equal_kl():
     dpo = [(0.2, 0.3), (0.1, 0.1)]  # unsorted on purpose
     assert frontier_gap([(0.15, 0.3)], dpo) == pytest.approx(0.1)
     assert frontier_gap([(0.05, 0.2), (0.4, 0.3)], dpo) == pytest.approx((0.1 + 0.0) / 2)  # clamped at both ends
+
+
+def test_zero_spread_over_seeds_is_inconclusive():
+    same = paired_difference([0.3, 0.3, 0.3], [0.1, 0.1, 0.1])  # seeds did not vary the measurement
+    assert same["ci95"] == pytest.approx(0.0)
+    assert verdict(same, +1) == "inconclusive"
+    assert verdict(paired_difference([0.3, 0.35, 0.32], [0.1, 0.1, 0.1]), +1) == "reproduced"
+    assert verdict(paired_difference([0.3, 0.35, 0.32], [0.1, 0.1, 0.1]), -1) == "not reproduced"
+    from bench.claims.common import format_interval
+
+    assert format_interval(same) == "0.200 ± n/a (n=3, same value every seed)"
+
+
+def test_table_shows_old_zero_spread_verdicts_as_inconclusive(tmp_path):
+    result = _result()
+    result["claims"][0]["result"] = paired_difference([0.3, 0.3, 0.3], [0.1, 0.1, 0.1])
+    result["claims"][0]["verdict"] = "reproduced"  # as written by the verdict rule before zero spread was handled
+    (tmp_path / "toy.json").write_text(json.dumps(result))
+    table = suite.report(tmp_path, tmp_path / "missing_README.md").read_text()
+    assert "**inconclusive**" in table and "**reproduced**" not in table

@@ -18,6 +18,7 @@ from typing import Any
 from bench.claims.common import (
     CLAIMS_DIR,
     format_interval,
+    has_spread,
     validate_result,
     write_result,
 )
@@ -82,8 +83,10 @@ def claims_table(results: list[dict[str, Any]], plot_prefix: str = "") -> str:
     for result in results:
         for claim in result["claims"]:
             plot = f"[plot]({plot_prefix}{claim['plot']})" if claim.get("plot") else ""
+            # Results written before `verdict` treated zero-spread intervals as inconclusive get the same rule here.
+            shown = claim["verdict"] if has_spread(claim["result"]) or claim["result"]["n"] == 1 else "inconclusive"
             cells = [claim["claim"], claim["paper"], claim["setting"], claim["metric"], format_interval(claim["result"]),
-                     f"**{claim['verdict']}**", plot]
+                     f"**{shown}**", plot]
             lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "| experiment | seeds | wall time (min) | machine | commit |", "|---|---|---|---|---|"]
     for result in results:
