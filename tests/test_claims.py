@@ -15,8 +15,17 @@ def _result(name="toy", quick=False):
         "config": {"steps": 3},
         "seeds": [0, 1, 2],
         "metrics": {"toy/accuracy": mean_ci([0.5, 0.6, 0.7])},
-        "claims": [{"claim": "toy beats base", "paper": "nobody 2026", "setting": "tiny | toy", "metric": "accuracy",
-                    "result": difference, "verdict": verdict(difference, +1), "plot": "toy.png"}],
+        "claims": [
+            {
+                "claim": "toy beats base",
+                "paper": "nobody 2026",
+                "setting": "tiny | toy",
+                "metric": "accuracy",
+                "result": difference,
+                "verdict": verdict(difference, +1),
+                "plot": "toy.png",
+            }
+        ],
         "wall_time_s": 120.0,
         "quick": quick,
     }
@@ -44,7 +53,10 @@ def test_report_builds_table_and_readme_section_from_json_only(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Bench\n\nintro\n\n{suite.BEGIN}\nstale\n{suite.END}\n\n## After\n")
     table = suite.report(tmp_path, readme).read_text()
-    assert "| toy beats base | nobody 2026 | tiny \\| toy | accuracy | 0.167 ± 0.143 (n=3) | **reproduced** | [plot](toy.png) |" in table
+    assert (
+        "| toy beats base | nobody 2026 | tiny \\| toy | accuracy | 0.167 ± 0.143 (n=3) | **reproduced** | [plot](toy.png) |"
+        in table
+    )
     assert "skipped" not in table
     text = readme.read_text()
     assert "stale" not in text and "## After" in text and "intro" in text

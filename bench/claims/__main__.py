@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true", help="tiny CI form, written under bench/results/claims/quick/")
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     run.add_argument("--out", default=None, help="output folder (default: bench/results/claims[/quick])")
-    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                     help="override config values (VALUE parsed as JSON, else a string), e.g. --set steps=200 device=cuda")
+    run.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values (VALUE parsed as JSON, else a string), e.g. --set steps=200 device=cuda",
+    )
     run.add_argument("--no-report", action="store_true", help="do not regenerate the tables after a full run")
     commands.add_parser("report", help="regenerate claims_table.md and bench/README.md from the JSON files")
     args = parser.parse_args(argv)

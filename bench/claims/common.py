@@ -17,8 +17,10 @@ from typing import Any
 CLAIMS_DIR = Path(__file__).resolve().parents[1] / "results" / "claims"
 
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2..30); beyond, the normal 1.96.
+# fmt: off
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045]
+# fmt: on
 
 
 def mean_ci(values: list[float]) -> dict[str, Any]:
@@ -119,7 +121,9 @@ def validate_result(result: dict[str, Any]) -> None:
     try:
         json.dumps(result)
     except TypeError as error:
-        raise ValueError(f"{name}: the result is not JSON-able ({error}); return plain lists, floats and strings.")
+        raise ValueError(
+            f"{name}: the result is not JSON-able ({error}); return plain lists, floats and strings."
+        ) from error
 
 
 def format_interval(value: dict[str, Any], digits: int = 3) -> str:

@@ -45,20 +45,59 @@ from bench.claims.common import experiment_config, mean_ci, paired_difference, v
 # of 2-shot sort prompts is ~245 tokens, so a training step of 2 pairs costs ~25 s.
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {
-        "task": "sort", "digits": 2, "length": 3, "n_shots": 2,
-        "pool_train_problems": 16, "pool_valid_problems": 8, "samples_per_prompt": 2, "temperature": 1.0,
-        "max_new_tokens": 12, "fallback_to_gold": True, "train_pairs": 6, "analysis_pairs": 6, "n_eval": 12,
-        "steps": 3, "batch_size": 2, "learning_rate": 5e-4, "lora_r": 8, "lora_alpha": 16, "beta": 0.1,
-        "frontier_betas": [0.1, 0.5], "signal_sft_steps": 3, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
-        "methods": ["dpo", "tdpo2"], "threads": 1, "device": "cpu",
+        "task": "sort",
+        "digits": 2,
+        "length": 3,
+        "n_shots": 2,
+        "pool_train_problems": 16,
+        "pool_valid_problems": 8,
+        "samples_per_prompt": 2,
+        "temperature": 1.0,
+        "max_new_tokens": 12,
+        "fallback_to_gold": True,
+        "train_pairs": 6,
+        "analysis_pairs": 6,
+        "n_eval": 12,
+        "steps": 3,
+        "batch_size": 2,
+        "learning_rate": 5e-4,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "beta": 0.1,
+        "frontier_betas": [0.1, 0.5],
+        "signal_sft_steps": 3,
+        "tgdpo_alpha": 0.5,
+        "tdpo_alpha": 0.5,
+        "methods": ["dpo", "tdpo2"],
+        "threads": 1,
+        "device": "cpu",
     },
     "quick": {
-        "task": "sort", "digits": 2, "length": 3, "n_shots": 2,
-        "pool_train_problems": 2, "pool_valid_problems": 1, "samples_per_prompt": 2, "temperature": 1.0,
-        "max_new_tokens": 10, "fallback_to_gold": True, "train_pairs": 1, "analysis_pairs": 1, "n_eval": 1,
-        "steps": 1, "batch_size": 1, "learning_rate": 5e-4, "lora_r": 4, "lora_alpha": 8, "beta": 0.1,
-        "frontier_betas": [0.1], "signal_sft_steps": 1, "tgdpo_alpha": 0.5, "tdpo_alpha": 0.5,
-        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"], "threads": 1,
+        "task": "sort",
+        "digits": 2,
+        "length": 3,
+        "n_shots": 2,
+        "pool_train_problems": 2,
+        "pool_valid_problems": 1,
+        "samples_per_prompt": 2,
+        "temperature": 1.0,
+        "max_new_tokens": 10,
+        "fallback_to_gold": True,
+        "train_pairs": 1,
+        "analysis_pairs": 1,
+        "n_eval": 1,
+        "steps": 1,
+        "batch_size": 1,
+        "learning_rate": 5e-4,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "beta": 0.1,
+        "frontier_betas": [0.1],
+        "signal_sft_steps": 1,
+        "tgdpo_alpha": 0.5,
+        "tdpo_alpha": 0.5,
+        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"],
+        "threads": 1,
         "device": "cpu",
     },
 }
@@ -122,7 +161,9 @@ def pool_summary(pool: dict[str, Any]) -> dict[str, Any]:
     """Pairs per split, how many have the gold answer as chosen (no sample was right), the samples' accuracy."""
     return {
         "pairs": {split: len(pool[split]) for split in ("train", "valid")},
-        "gold_chosen": {split: sum(row["chosen_source"] == "gold" for row in pool[split]) for split in ("train", "valid")},
+        "gold_chosen": {
+            split: sum(row["chosen_source"] == "gold" for row in pool[split]) for split in ("train", "valid")
+        },
         "sample_accuracy": pool["sample_accuracy"],
         "sampling_s": pool["sampling_s"],
     }
@@ -412,9 +453,12 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     }
     return {
         "experiment": "preference",
-        "config": {**config, "model": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF)",
-                   "pool": pool_summary(pool),
-                   "runs_per_seed": [f"{m}@beta={b}" for m, b in runs]},  # fmt: skip
+        "config": {
+            **config,
+            "model": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF)",
+            "pool": pool_summary(pool),
+            "runs_per_seed": [f"{m}@beta={b}" for m, b in runs],
+        },  # fmt: skip
         "seeds": list(seeds),
         "metrics": metrics,
         "claims": claims,
@@ -436,31 +480,59 @@ def _claims(config: dict, per_seed: dict[str, list[float]], seeds: list[int]) ->
                        "verdict": verdict(result, sign), "plot": plot})  # fmt: skip
 
     if "tdpo2_minus_dpo/frontier_gap" in per_seed:
-        add("TDPO has a better reward-KL frontier than DPO", PAPERS["tdpo2"],
+        add(
+            "TDPO has a better reward-KL frontier than DPO",
+            PAPERS["tdpo2"],
             "held-out accuracy minus DPO's at equal sequential KL (TDPO2 - DPO)",
-            mean_ci(per_seed["tdpo2_minus_dpo/frontier_gap"]), +1, "preference_frontier.png",
-            setting + f", betas {config['frontier_betas']}")
-        add("TDPO keeps the policy closer to the reference than DPO at equal beta", PAPERS["tdpo2"],
-            "sequential KL(π‖π_ref), TDPO2 - DPO", paired_difference(per_seed["tdpo2/kl_seq"], per_seed["dpo/kl_seq"]),
-            -1, "preference_frontier.png")
+            mean_ci(per_seed["tdpo2_minus_dpo/frontier_gap"]),
+            +1,
+            "preference_frontier.png",
+            setting + f", betas {config['frontier_betas']}",
+        )
+        add(
+            "TDPO keeps the policy closer to the reference than DPO at equal beta",
+            PAPERS["tdpo2"],
+            "sequential KL(π‖π_ref), TDPO2 - DPO",
+            paired_difference(per_seed["tdpo2/kl_seq"], per_seed["dpo/kl_seq"]),
+            -1,
+            "preference_frontier.png",
+        )
     for method in ("tdpo2", "tgdpo", "cdpo", "sparsepo", "weighted"):
         if f"{method}/test_accuracy" in per_seed:
-            add(f"{method} beats DPO on held-out accuracy", PAPERS[method], "greedy test accuracy, method - DPO",
-                paired_difference(per_seed[f"{method}/test_accuracy"], per_seed["dpo/test_accuracy"]), +1,
-                "preference_accuracy.png")
-    add("DPO lowers the likelihood of chosen answers", PAPERS["dpo"],
-        "log π(chosen) - log π_ref(chosen), held-out pairs", mean_ci(per_seed["dpo/heldout_chosen_logratio"]), -1,
-        "preference_accuracy.png")
-    add("DPO's implicit token reward is most negative at the first wrong token of rejected answers", PAPERS["dpo"],
+            add(
+                f"{method} beats DPO on held-out accuracy",
+                PAPERS[method],
+                "greedy test accuracy, method - DPO",
+                paired_difference(per_seed[f"{method}/test_accuracy"], per_seed["dpo/test_accuracy"]),
+                +1,
+                "preference_accuracy.png",
+            )
+    add(
+        "DPO lowers the likelihood of chosen answers",
+        PAPERS["dpo"],
+        "log π(chosen) - log π_ref(chosen), held-out pairs",
+        mean_ci(per_seed["dpo/heldout_chosen_logratio"]),
+        -1,
+        "preference_accuracy.png",
+    )
+    add(
+        "DPO's implicit token reward is most negative at the first wrong token of rejected answers",
+        PAPERS["dpo"],
         "top-1 hit rate minus chance, held-out pairs",
-        paired_difference(per_seed["dpo/implicit_reward_top1"], per_seed["dpo/implicit_reward_chance"]), +1,
-        "preference_credit.png")
+        paired_difference(per_seed["dpo/implicit_reward_top1"], per_seed["dpo/implicit_reward_chance"]),
+        +1,
+        "preference_credit.png",
+    )
     for method in ("cdpo", "tgdpo"):
         if f"{method}/implicit_reward_top1" in per_seed:
-            add(f"{method} concentrates blame on the first wrong token more than DPO", PAPERS[method],
+            add(
+                f"{method} concentrates blame on the first wrong token more than DPO",
+                PAPERS[method],
                 "top-1 hit rate of the trained implicit token reward, method - DPO",
-                paired_difference(per_seed[f"{method}/implicit_reward_top1"], per_seed["dpo/implicit_reward_top1"]), +1,
-                "preference_credit.png")
+                paired_difference(per_seed[f"{method}/implicit_reward_top1"], per_seed["dpo/implicit_reward_top1"]),
+                +1,
+                "preference_credit.png",
+            )
     return claims
 
 

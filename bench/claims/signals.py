@@ -133,8 +133,13 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         })  # fmt: skip
     return {
         "experiment": "signals",
-        "config": {**config, "ks": list(KS), "analysis_pairs": len(rows), "cdpo_eos_weight_one": False,
-                   "pool": pool_summary(pool)},
+        "config": {
+            **config,
+            "ks": list(KS),
+            "analysis_pairs": len(rows),
+            "cdpo_eos_weight_one": False,
+            "pool": pool_summary(pool),
+        },
         "seeds": list(seeds),
         "metrics": metrics,
         "claims": claims,
