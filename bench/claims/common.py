@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,66 @@ def write_result(name: str, result: dict[str, Any], directory: Path = CLAIMS_DIR
     payload = {**result, "environment": environment()}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
+
+
+# What every experiment's `run(quick, seeds)` must return (checked by `validate_result` before anything is written).
+RESULT_KEYS = ("experiment", "config", "seeds", "metrics", "claims", "wall_time_s")
+CLAIM_KEYS = ("claim", "paper", "setting", "metric", "result", "verdict", "plot")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+def _check_interval(where: str, value: Any) -> None:
+    if not isinstance(value, dict) or not {"mean", "ci95", "n", "values"} <= set(value):
+        raise ValueError(f"{where} must be a mean_ci/paired_difference dict with mean, ci95, n, values; got {value!r}.")
+
+
+def validate_result(result: dict[str, Any]) -> None:
+    """Raise ValueError naming the first missing or malformed field of an experiment's result dict.
+
+    Checked: the top-level keys of `RESULT_KEYS`, every metric a `mean_ci` dict, every claim with the keys of
+    `CLAIM_KEYS`, a `mean_ci`/`paired_difference` result and a verdict in `VERDICTS`; the whole dict JSON-able.
+    """
+    missing = [key for key in RESULT_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"Experiment result lacks {missing}; `run()` must return at least {list(RESULT_KEYS)}.")
+    name = result["experiment"]
+    if not isinstance(result["seeds"], list) or not result["seeds"]:
+        raise ValueError(f"{name}: `seeds` must be a non-empty list, got {result['seeds']!r}.")
+    for metric, value in result["metrics"].items():
+        _check_interval(f"{name}: metrics[{metric!r}]", value)
+    if not result["claims"]:
+        raise ValueError(f"{name}: `claims` is empty; an experiment tests at least one claim.")
+    for index, claim in enumerate(result["claims"]):
+        missing = [key for key in CLAIM_KEYS if key not in claim]
+        if missing:
+            raise ValueError(f"{name}: claims[{index}] lacks {missing}; each claim needs {list(CLAIM_KEYS)}.")
+        _check_interval(f"{name}: claims[{index}]['result']", claim["result"])
+        if claim["verdict"] not in VERDICTS:
+            raise ValueError(f"{name}: claims[{index}]['verdict'] must be one of {VERDICTS}, got {claim['verdict']!r}.")
+    try:
+        json.dumps(result)
+    except TypeError as error:
+        raise ValueError(f"{name}: the result is not JSON-able ({error}); return plain lists, floats and strings.")
+
+
+def format_interval(value: dict[str, Any], digits: int = 3) -> str:
+    """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed."""
+    ci = "n/a" if value["ci95"] is None else f"{value['ci95']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']})"
+
+
+SET_ENV = "BENCH_CLAIMS_SET"  # JSON object of config overrides, filled by `python -m bench.claims run --set key=value`
+
+
+def experiment_config(configs: dict[str, dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """A copy of `configs["quick"]` or `configs["full"]` with the `--set key=value` overrides applied.
+
+    Raises ValueError for an override key the config does not have (a typo would otherwise be ignored silently).
+    """
+    config = dict(configs["quick" if quick else "full"])
+    overrides = json.loads(os.environ.get(SET_ENV) or "{}")
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"--set keys {unknown} are not settings of this experiment; valid keys: {sorted(config)}.")
+    config.update(overrides)
+    return config
