@@ -13,8 +13,13 @@ Claims tested: 80/20 (training on the top 20% entropy tokens matches or beats al
 of held-out accuracy, margin 0.05; entropy-aware methods keep entropy from collapsing, as the paired difference of
 the final mean token entropy against GRPO.
 
-    python -m bench.claims.rl            # full: 3 seeds (bench/results/claims/rl.json and rl.png)
-    python -m bench.claims.rl --quick    # tiny sizes, under a minute
+Sizes: what a loaded 2-core CPU allows in ~30 minutes for 5 methods x 3 seeds is a handful of GRPO steps (one step
+of 8 completions takes ~30-60 s there), so this is a smoke-scale run; `CONFIGS` records it and `--set` scales it up.
+TRL logs the entropy of step k from the policy before that step's update, so the curve's last point is the policy
+after `max_steps - 1` updates.
+
+    python -m bench.claims run rl [--quick]          # through the suite's runner (writes JSON + PNG, then the table)
+    python -m bench.claims.rl --max-wall-s 1800      # directly; seeds that would overrun the budget are skipped
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import gc
 import tempfile
 import time
 
-from bench.claims.common import mean_ci, paired_difference, verdict
+from bench.claims.common import experiment_config, mean_ci, paired_difference, verdict
 from bench.claims.sft import (
     LORA_LAST_LAYERS,
     _fmt,
@@ -37,7 +42,7 @@ from bench.claims.sft import (
 )
 
 EXPERIMENT = "rl"
-METHODS = {
+METHOD_ARGS = {  # method -> TokenGRPOConfig arguments; "grpo" is the baseline every claim compares with
     "grpo": {},
     "forking_80_20": {"token_selection": "entropy_quantile"},
     "gtpo": {"token_advantage": "gtpo"},
@@ -55,10 +60,14 @@ N_SHOTS = 2  # no SFT warm-up: the two solved examples give the format
 NON_INFERIORITY_MARGIN = 0.05
 # Sized from a measured step on the shared 2-core CPU (~30 s for one step of 4 completions under load): what fits
 # 5 methods x 3 seeds in ~30 minutes is a handful of steps, a smoke-scale RL run.
-FULL = {"train_problems": 100, "max_steps": 4, "prompts_per_step": 2, "num_generations": 4,
-        "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 16, "eval_problems": 20, "final_window": 2}
-QUICK = {"train_problems": 8, "max_steps": 1, "prompts_per_step": 2, "num_generations": 2,
-         "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 4, "eval_problems": 2, "final_window": 1}
+CONFIGS = {  # `python -m bench.claims run rl --set key=value` overrides any of these
+    "full": {"train_problems": 100, "max_steps": 4, "prompts_per_step": 2, "num_generations": 4,
+             "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 16, "eval_problems": 20, "final_window": 2,
+             "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+    "quick": {"train_problems": 8, "max_steps": 1, "prompts_per_step": 2, "num_generations": 2,
+              "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 4, "eval_problems": 1, "final_window": 1,
+              "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+}
 
 
 def correctness_reward(completions, answer, **kwargs) -> list[float]:
@@ -78,24 +87,25 @@ def train_dataset(n: int, seed: int):
     return Dataset.from_list([{"prompt": to_messages(p, n_shots=N_SHOTS), "answer": p.answer} for p in problems])
 
 
-def train_one(method: str, seed: int, size: dict, output_dir: str, base_model, tokenizer):
+def train_one(method: str, seed: int, config: dict, output_dir: str, base_model, tokenizer):
     """GRPO-train a fresh LoRA adapter on a copy of `base_model` with `method`; returns the model and per-step log."""
     from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
     from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer
 
     model = copy.deepcopy(base_model)
-    batch = size["prompts_per_step"] * size["num_generations"]
+    batch = config["prompts_per_step"] * config["num_generations"]
     args = TokenGRPOConfig(
-        output_dir=output_dir, max_steps=size["max_steps"], per_device_train_batch_size=batch,
-        num_generations=size["num_generations"], max_completion_length=size["max_completion_length"],
-        learning_rate=size["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, loss_type="dapo",
+        output_dir=output_dir, max_steps=config["max_steps"], per_device_train_batch_size=batch,
+        num_generations=config["num_generations"], max_completion_length=config["max_completion_length"],
+        learning_rate=config["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, loss_type="dapo",
         temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-        data_seed=seed, use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True, **METHODS[method],
+        data_seed=seed, use_cpu=config["device"] == "cpu", bf16=False, dataloader_num_workers=0, disable_tqdm=True,
+        **METHOD_ARGS[method],
     )  # fmt: skip
     trainer = TokenGRPOTrainer(
         model=model, reward_funcs=correctness_reward, args=args,
-        train_dataset=train_dataset(size["train_problems"], seed), processing_class=tokenizer,
-        peft_config=lora_config(size["lora_r"]),
+        train_dataset=train_dataset(config["train_problems"], seed), processing_class=tokenizer,
+        peft_config=lora_config(config["lora_r"]),
     )  # fmt: skip
     trainer.train()
     log = [entry for entry in trainer.state.log_history if "reward" in entry]
@@ -118,19 +128,22 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
     the seeds so far) is skipped and listed in `seeds_skipped`; every metric covers the seeds in `seeds`."""
     from trl_tokenlevel.data.builtin.tasks import make_problems
 
-    set_threads()
-    size = QUICK if quick else FULL
+    config = experiment_config(CONFIGS, quick)
+    methods = config["methods"]
+    if methods[:1] != ["grpo"] or not set(methods) <= set(METHOD_ARGS):
+        raise ValueError(f"methods must start with the baseline 'grpo' and name only {list(METHOD_ARGS)}; got {methods}.")
+    set_threads(config["threads"])
     started = time.time()
-    problems = make_problems(TASK["task"], size["eval_problems"], split="test", seed=0, digits=TASK["digits"])
+    problems = make_problems(TASK["task"], config["eval_problems"], split="test", seed=0, digits=TASK["digits"])
 
-    base_model, tokenizer = load_model(attn_implementation="sdpa")  # no attention maps needed here
+    base_model, tokenizer = load_model(attn_implementation="sdpa", device=config["device"])  # no attention maps needed here
     base_accuracy = greedy_accuracy(base_model, tokenizer, problems, n_shots=N_SHOTS)
 
     per_seed: dict[str, dict[str, list[float]]] = {m: {"accuracy": [], "final_entropy": [], "final_reward": []}
-                                                   for m in METHODS}  # fmt: skip
-    curves: dict[str, list[dict]] = {m: [] for m in METHODS}
-    run_times: dict[str, list[float]] = {m: [] for m in METHODS}
-    window = size["final_window"]
+                                                   for m in methods}  # fmt: skip
+    curves: dict[str, list[dict]] = {m: [] for m in methods}
+    run_times: dict[str, list[float]] = {m: [] for m in methods}
+    window = config["final_window"]
     done, skipped = [], []
     for seed in seeds:
         elapsed = time.time() - started
@@ -138,10 +151,10 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
             skipped.append(seed)
             continue
         done.append(seed)
-        for method in METHODS:
+        for method in methods:
             t0 = time.time()
             with tempfile.TemporaryDirectory() as out:
-                model, log = train_one(method, seed, size, out, base_model, tokenizer)
+                model, log = train_one(method, seed, config, out, base_model, tokenizer)
             acc = greedy_accuracy(model, tokenizer, problems, n_shots=N_SHOTS)
             entropy = [entry["entropy"] for entry in log]
             reward = [entry["reward"] for entry in log]
@@ -155,26 +168,27 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
             del model
             gc.collect()
 
-    metrics = {f"{m}/{name}": mean_ci(values) for m in METHODS for name, values in per_seed[m].items()}
+    metrics = {f"{m}/{name}": mean_ci(values) for m in methods for name, values in per_seed[m].items()}
     plot = f"{EXPERIMENT}.png"
     setting = (
-        f"SmolLM2-135M-Instruct + LoRA r={size['lora_r']}, GRPO (dapo loss) on 2-digit 'larger of two', "
-        f"{size['max_steps']} steps x {size['prompts_per_step']} prompts x {size['num_generations']} completions, "
-        f"max {size['max_completion_length']} tokens, no SFT warm-up; greedy on {size['eval_problems']} held-out "
+        f"SmolLM2-135M-Instruct + LoRA r={config['lora_r']}, GRPO (dapo loss) on 2-digit 'larger of two', "
+        f"{config['max_steps']} steps x {config['prompts_per_step']} prompts x {config['num_generations']} completions, "
+        f"max {config['max_completion_length']} tokens, no SFT warm-up; greedy on {config['eval_problems']} held-out "
         f"problems (before training: {base_accuracy:.3f})"
     )
     claims = []
-    d_acc = paired_difference(per_seed["forking_80_20"]["accuracy"], per_seed["grpo"]["accuracy"])
-    metrics["diff/forking_80_20-grpo/accuracy"] = d_acc
-    claims.append({
-        "claim": "Training on the top 20% highest-entropy tokens matches or beats training on all tokens",
-        "paper": PAPERS["forking_80_20"], "setting": setting,
-        "metric": f"paired difference of held-out greedy accuracy, 80/20 − GRPO (GRPO: {_fmt(metrics['grpo/accuracy'])}"
-                  f"); non-inferiority: reproduced when the CI's lower end is above −{NON_INFERIORITY_MARGIN}",
-        "result": d_acc,
-        "verdict": non_inferiority(d_acc, NON_INFERIORITY_MARGIN), "plot": plot,
-    })  # fmt: skip
-    for method in ("forking_80_20", "gtpo", "hapo", "ucas"):
+    if "forking_80_20" in methods:
+        d_acc = paired_difference(per_seed["forking_80_20"]["accuracy"], per_seed["grpo"]["accuracy"])
+        claims.append({
+            "claim": "Training on the top 20% highest-entropy tokens matches or beats training on all tokens",
+            "paper": PAPERS["forking_80_20"], "setting": setting,
+            "metric": f"paired difference of held-out greedy accuracy, 80/20 − GRPO (GRPO: "
+                      f"{_fmt(metrics['grpo/accuracy'])}); non-inferiority: reproduced when the CI's lower end is "
+                      f"above −{NON_INFERIORITY_MARGIN}",
+            "result": d_acc,
+            "verdict": non_inferiority(d_acc, NON_INFERIORITY_MARGIN), "plot": plot,
+        })  # fmt: skip
+    for method in methods[1:]:
         d_entropy = paired_difference(per_seed[method]["final_entropy"], per_seed["grpo"]["final_entropy"])
         d_method_acc = paired_difference(per_seed[method]["accuracy"], per_seed["grpo"]["accuracy"])
         metrics[f"diff/{method}-grpo/final_entropy"] = d_entropy
@@ -190,7 +204,7 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
         })  # fmt: skip
     result = {
         "experiment": EXPERIMENT,
-        "config": {**size, "task": TASK, "methods": METHODS, "loss_type": "dapo", "beta": 0.0, "temperature": 1.0,
+        "config": {**config, "task": TASK, "method_args": {m: METHOD_ARGS[m] for m in methods}, "loss_type": "dapo", "beta": 0.0, "temperature": 1.0,
                    "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers", "n_shots": N_SHOTS, "sft_warmup": None, "quick": quick},
         "seeds": done,
         "seeds_skipped": skipped,

@@ -13,8 +13,8 @@ Claims tested: OTR generalises better out of distribution than SFT (paired diffe
 with the in-distribution difference beside it: the paper's claim is "at equal in-distribution accuracy"); DFT,
 ssToken and CHORD-phi each claim to beat SFT, tested the same way.
 
-    python -m bench.claims.sft            # full: 3 seeds (writes bench/results/claims/sft.json and sft.png)
-    python -m bench.claims.sft --quick    # tiny sizes, under a minute
+    python -m bench.claims run sft [--quick]          # through the suite's runner (writes JSON + PNG, then the table)
+    python -m bench.claims.sft --max-wall-s 1800      # directly; seeds that would overrun the budget are skipped
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.claims.common import (
     CLAIMS_DIR,
+    experiment_config,
     mean_ci,
     paired_difference,
     verdict,
@@ -35,7 +36,7 @@ from bench.claims.common import (
 )
 
 EXPERIMENT = "sft"
-METHODS = {
+METHOD_ARGS = {  # method -> TokenSFTConfig arguments; "sft" is the baseline every claim compares with
     "sft": {},
     "otr": {"token_loss_type": "otr"},
     "dft": {"loss_type": "dft"},
@@ -57,8 +58,12 @@ IN_DISTRIBUTION = "sort3"
 N_SHOTS = 0  # zero-shot prompts: SFT teaches the answer format, and the prompt (most of the compute) stays short
 LORA_LAST_LAYERS = 8  # adapters on the last 8 of 30 decoder layers only: backward stops there (CPU time)
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FULL = {"train_problems": 200, "max_steps": 5, "batch_size": 8, "learning_rate": 1e-3, "lora_r": 16, "eval_problems": 20}
-QUICK = {"train_problems": 8, "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 4, "eval_problems": 2}
+CONFIGS = {  # `python -m bench.claims run sft --set key=value` overrides any of these
+    "full": {"train_problems": 200, "max_steps": 5, "batch_size": 8, "learning_rate": 1e-3, "lora_r": 16,
+             "eval_problems": 20, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+    "quick": {"train_problems": 8, "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 4,
+              "eval_problems": 1, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+}
 
 
 def set_threads(threads: int = 1) -> None:
@@ -68,7 +73,7 @@ def set_threads(threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def load_model(attn_implementation: str = "eager"):
+def load_model(attn_implementation: str = "eager", device: str = "cpu"):
     """The demo model in float32 (eager attention: ssToken reads attention maps; every method uses the same one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +83,7 @@ def load_model(attn_implementation: str = "eager"):
     folder = demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn_implementation)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def lora_config(r: int, num_layers: int = 30):
@@ -104,7 +109,6 @@ def greedy_accuracy(model, tokenizer, problems, n_shots: int = N_SHOTS) -> float
     from trl_tokenlevel.data.onpolicy import accuracy, sample_completions
 
     max_new_tokens = 2 + max(len(tokenizer(p.answer, add_special_tokens=False).input_ids) for p in problems)
-
     completions = sample_completions(
         model, tokenizer, [to_messages(p, n_shots=n_shots) for p in problems], num_samples=1, temperature=0.0,
         max_new_tokens=max_new_tokens, batch_size=32,
@@ -118,26 +122,26 @@ def train_dataset(n: int, seed: int):
     from trl_tokenlevel.data.builtin.tasks import make_problems, to_messages
 
     problems = make_problems(split="train", n=n, seed=seed, **EVAL_SPLITS[IN_DISTRIBUTION])
-    return Dataset.from_list(
-        [{"prompt": to_messages(p, n_shots=N_SHOTS), "completion": [{"role": "assistant", "content": p.answer}]} for p in problems]
-    )
+    rows = [{"prompt": to_messages(p, n_shots=N_SHOTS), "completion": [{"role": "assistant", "content": p.answer}]}
+            for p in problems]  # fmt: skip
+    return Dataset.from_list(rows)
 
 
-def train_one(method: str, seed: int, size: dict, output_dir: str, base_model, tokenizer):
+def train_one(method: str, seed: int, config: dict, output_dir: str, base_model, tokenizer):
     """Fine-tune a fresh LoRA adapter on a copy of `base_model` with `method`; returns the model and the train loss."""
     from trl_tokenlevel.trainers.token_sft_config import TokenSFTConfig
     from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer
 
     model = copy.deepcopy(base_model)
     args = TokenSFTConfig(
-        output_dir=output_dir, max_steps=size["max_steps"], per_device_train_batch_size=size["batch_size"],
-        learning_rate=size["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-        save_strategy="no", report_to="none", seed=seed, data_seed=seed, use_cpu=True, bf16=False,
-        dataloader_num_workers=0, disable_tqdm=True, **METHODS[method],
+        output_dir=output_dir, max_steps=config["max_steps"], per_device_train_batch_size=config["batch_size"],
+        learning_rate=config["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+        save_strategy="no", report_to="none", seed=seed, data_seed=seed, use_cpu=config["device"] == "cpu",
+        bf16=False, dataloader_num_workers=0, disable_tqdm=True, **METHOD_ARGS[method],
     )  # fmt: skip
     trainer = TokenSFTTrainer(
-        model=model, args=args, train_dataset=train_dataset(size["train_problems"], seed), processing_class=tokenizer,
-        peft_config=lora_config(size["lora_r"]),
+        model=model, args=args, train_dataset=train_dataset(config["train_problems"], seed), processing_class=tokenizer,
+        peft_config=lora_config(config["lora_r"]),
     )  # fmt: skip
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -147,18 +151,21 @@ def train_one(method: str, seed: int, size: dict, output_dir: str, base_model, t
 def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
     """The experiment over `seeds`. With `max_wall_s`, a seed that would not finish within that budget (at the pace of
     the seeds so far) is skipped and listed in `seeds_skipped`; every metric covers the seeds in `seeds`."""
-    set_threads()
-    size = QUICK if quick else FULL
+    config = experiment_config(CONFIGS, quick)
+    methods = config["methods"]
+    if methods[:1] != ["sft"] or not set(methods) <= set(METHOD_ARGS):
+        raise ValueError(f"methods must start with the baseline 'sft' and name only {list(METHOD_ARGS)}; got {methods}.")
+    set_threads(config["threads"])
     started = time.time()
-    problems = eval_sets(size["eval_problems"])
+    problems = eval_sets(config["eval_problems"])
     shifted = [name for name in EVAL_SPLITS if name != IN_DISTRIBUTION]
 
-    base_model, tokenizer = load_model()
+    base_model, tokenizer = load_model(device=config["device"])
     base = {name: greedy_accuracy(base_model, tokenizer, ps) for name, ps in problems.items()}
 
-    per_seed: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
-    curves: dict[str, list[list[float]]] = {m: [] for m in METHODS}
-    run_times: dict[str, list[float]] = {m: [] for m in METHODS}
+    per_seed: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    curves: dict[str, list[list[float]]] = {m: [] for m in methods}
+    run_times: dict[str, list[float]] = {m: [] for m in methods}
     done, skipped = [], []
     for seed in seeds:
         elapsed = time.time() - started
@@ -166,10 +173,10 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
             skipped.append(seed)
             continue
         done.append(seed)
-        for method in METHODS:
+        for method in methods:
             t0 = time.time()
             with tempfile.TemporaryDirectory() as out:
-                model, losses = train_one(method, seed, size, out, base_model, tokenizer)
+                model, losses = train_one(method, seed, config, out, base_model, tokenizer)
             accs = {name: greedy_accuracy(model, tokenizer, ps) for name, ps in problems.items()}
             accs["shifted"] = sum(accs[name] * len(problems[name]) for name in shifted) / sum(
                 len(problems[name]) for name in shifted
@@ -183,10 +190,10 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
             del model
             gc.collect()
 
-    metrics = {f"{m}/{name}": mean_ci(values) for m in METHODS for name, values in per_seed[m].items()}
+    metrics = {f"{m}/{name}": mean_ci(values) for m in methods for name, values in per_seed[m].items()}
     claims = []
     plot = f"{EXPERIMENT}.png"
-    for method, paper in PAPERS.items():
+    for method in methods[1:]:
         d_shift = paired_difference(per_seed[method]["shifted"], per_seed["sft"]["shifted"])
         d_id = paired_difference(per_seed[method][IN_DISTRIBUTION], per_seed["sft"][IN_DISTRIBUTION])
         metrics[f"diff/{method}-sft/shifted"] = d_shift
@@ -197,17 +204,18 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
             else f"{method} generalises better than SFT (higher accuracy under a distribution shift)"
         )
         claims.append({
-            "claim": claim, "paper": paper,
-            "setting": f"SmolLM2-135M-Instruct + LoRA r={size['lora_r']}, {size['max_steps']} steps x "
-                       f"{size['batch_size']} (lr {size['learning_rate']}) on sorting 3 two-digit numbers, zero-shot; "
-                       f"greedy on {size['eval_problems']} held-out problems per split; shifted = sorting 4 numbers",
+            "claim": claim, "paper": PAPERS[method],
+            "setting": f"SmolLM2-135M-Instruct + LoRA r={config['lora_r']}, {config['max_steps']} steps x "
+                       f"{config['batch_size']} (lr {config['learning_rate']}) on sorting 3 two-digit numbers, zero-shot; "
+                       f"greedy on {config['eval_problems']} held-out problems per split; shifted = sorting 4 numbers",
             "metric": f"paired difference of shifted-split (sort4) accuracy, {method} − SFT (SFT: "
                       f"{_fmt(metrics['sft/shifted'])}); in-distribution (sort3) difference: {_fmt(d_id, signed=True)}",
             "result": d_shift, "verdict": verdict(d_shift, +1), "plot": plot,
         })  # fmt: skip
     result = {
         "experiment": EXPERIMENT,
-        "config": {**size, "train": EVAL_SPLITS[IN_DISTRIBUTION], "eval_splits": EVAL_SPLITS, "methods": METHODS,
+        "config": {**config, "train": EVAL_SPLITS[IN_DISTRIBUTION], "eval_splits": EVAL_SPLITS,
+                   "method_args": {m: METHOD_ARGS[m] for m in methods},
                    "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers", "n_shots": N_SHOTS, "decoding": "greedy",
                    "quick": quick},
         "seeds": done,
@@ -249,11 +257,12 @@ def _plot(result: dict):
 
     splits = list(EVAL_SPLITS)
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
+    methods = result["config"]["methods"]
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
         means = [result["metrics"][f"{method}/{s}"]["mean"] for s in splits]
         errors = [result["metrics"][f"{method}/{s}"]["ci95"] or 0.0 for s in splits]
-        xs = [j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(splits))]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(splits))]
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=method)
     for j, s in enumerate(splits):
         ax.hlines(result["baseline"][s], j - 0.4, j + 0.4, colors="k", linestyles="dashed",
