@@ -13,7 +13,7 @@ Claims tested: 80/20 (training on the top 20% entropy tokens matches or beats al
 of held-out accuracy, margin 0.05; entropy-aware methods keep entropy from collapsing, as the paired difference of
 the final mean token entropy against GRPO.
 
-Sizes: what a loaded 2-core CPU allows in ~30 minutes for 5 methods x 3 seeds is a handful of GRPO steps (one step
+Sizes: what a loaded 2-core CPU allows in ~25 minutes for 5 methods x 3 seeds is two GRPO steps per run (one step
 of 8 completions takes ~30-60 s there), so this is a smoke-scale run; `CONFIGS` records it and `--set` scales it up.
 TRL logs the entropy of step k from the policy before that step's update, so the curve's last point is the policy
 after `max_steps - 1` updates.
@@ -61,8 +61,8 @@ NON_INFERIORITY_MARGIN = 0.05
 # Sized from a measured step on the shared 2-core CPU (~30 s for one step of 4 completions under load): what fits
 # 5 methods x 3 seeds in ~30 minutes is a handful of steps, a smoke-scale RL run.
 CONFIGS = {  # `python -m bench.claims run rl --set key=value` overrides any of these
-    "full": {"train_problems": 100, "max_steps": 4, "prompts_per_step": 2, "num_generations": 4,
-             "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 16, "eval_problems": 20, "final_window": 2,
+    "full": {"train_problems": 100, "max_steps": 2, "prompts_per_step": 2, "num_generations": 4,
+             "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 16, "eval_problems": 16, "final_window": 1,
              "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
     "quick": {"train_problems": 8, "max_steps": 1, "prompts_per_step": 2, "num_generations": 2,
               "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 4, "eval_problems": 1, "final_window": 1,

@@ -4,7 +4,8 @@ Setting: SmolLM2-135M-Instruct with a LoRA adapter (last 8 layers) is fine-tuned
 (train split, gold answers, zero-shot chat prompts, loss on the answer only) with each method, then evaluated greedily
 on held-out test problems: sorting 3 numbers (in distribution) and sorting 4 (a longer list, shifted). The test
 problems are the same for every method and seed, so differences are paired. Sizes are what a loaded 2-core CPU
-allows in ~30 minutes for 5 methods x 3 seeds (a few optimizer steps): a reduced setting, reported as such.
+allows in ~25 minutes for 5 methods x 3 seeds (3 optimizer steps of 4 examples, ~34 s per step of 8 there): a
+smoke-scale setting, reported as such; `CONFIGS` records it and `--set` scales it up.
 
 Methods (`TokenSFTTrainer`): `sft` (stock NLL), `otr` (One-Token Rollout), `dft` (TRL's `loss_type="dft"`),
 `sstoken` (ssToken selection over the NLL), `chord_phi` (CHORD's p(1-p)-weighted NLL), each at its default knobs.
@@ -59,8 +60,8 @@ N_SHOTS = 0  # zero-shot prompts: SFT teaches the answer format, and the prompt 
 LORA_LAST_LAYERS = 8  # adapters on the last 8 of 30 decoder layers only: backward stops there (CPU time)
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {  # `python -m bench.claims run sft --set key=value` overrides any of these
-    "full": {"train_problems": 200, "max_steps": 5, "batch_size": 8, "learning_rate": 1e-3, "lora_r": 16,
-             "eval_problems": 20, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+    "full": {"train_problems": 200, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "lora_r": 16,
+             "eval_problems": 16, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
     "quick": {"train_problems": 8, "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 4,
               "eval_problems": 1, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
 }
