@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -37,6 +38,67 @@ def test_yaml_config_and_flag_override(tmp_path):
     assert args.beta == 0.2 and args.max_steps == 2
 
 
-def test_token_loss_without_signal_names_the_fix(tmp_path):
+def test_token_loss_without_signal_names_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRL_TOKENLEVEL_DEBUG", raising=False)
+    argv = ["dpo", "--output_dir", str(tmp_path), "--max_steps", "1", "--token_loss_type", "cdpo"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "trl-tokenlevel dpo: error:" in err and "rejected_token_weights" in err and "--debug" in err
+    assert "Traceback" not in err
+    # With the debug flag (anywhere on the line) or variable, the exception and its traceback come through.
     with pytest.raises(ValueError, match="rejected_token_weights"):
-        main(["dpo", "--output_dir", str(tmp_path), "--max_steps", "1", "--token_loss_type", "cdpo"])
+        main([*argv, "--debug"])
+    monkeypatch.setenv("TRL_TOKENLEVEL_DEBUG", "1")
+    with pytest.raises(ValueError, match="rejected_token_weights"):
+        main(argv)
+
+
+def test_env_lists_the_stack(capsys):
+    import torch
+    import trl
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^- torch: +{re.escape(torch.__version__)}$", out, re.M)
+    assert re.search(rf"^- trl: +{re.escape(trl.__version__)}$", out, re.M)
+    assert torch.__version__ in out and trl.__version__ in out and "Accelerator:" in out and "bitsandbytes:" in out
+
+
+def test_local_jsonl_dataset(tiny_preference_dataset, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    tiny_preference_dataset.select(range(12)).to_json(str(data))
+    out = tmp_path / "run"
+    assert main(["dpo", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "1",
+                 "--heatmap_examples", "0"]) == 0  # fmt: skip
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_local_files_of_every_format(suffix, tiny_preference_dataset, tmp_path):
+    from trl_tokenlevel.scripts.common import load_named_dataset
+
+    rows = tiny_preference_dataset.select(range(5))
+    path = str(tmp_path / f"data{suffix}")
+    {".json": rows.to_json, ".jsonl": rows.to_json, ".csv": rows.to_csv, ".parquet": rows.to_parquet}[suffix](path)
+    loaded = load_named_dataset(path)
+    assert list(loaded) == ["train"] and loaded["train"].to_list() == rows.to_list()
+
+
+def test_saved_dataset_folder(tiny_preference_dataset, tmp_path):
+    from trl_tokenlevel.scripts.common import load_named_dataset
+
+    rows = tiny_preference_dataset.select(range(3))
+    rows.save_to_disk(str(tmp_path / "one"))
+    assert load_named_dataset(str(tmp_path / "one"))["train"].to_list() == rows.to_list()
+
+
+def test_missing_file_and_split_are_one_message(tiny_preference_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRL_TOKENLEVEL_DEBUG", raising=False)
+    assert main(["dpo", "--dataset_name", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "nope.jsonl" in err and "Traceback" not in err
+    data = tmp_path / "pairs.csv"
+    tiny_preference_dataset.select(range(4)).to_csv(str(data))
+    assert main(["dpo", "--dataset_name", str(data), "--dataset_train_split", "validation",
+                 "--output_dir", str(tmp_path)]) == 1  # fmt: skip
+    assert "splits are ['train']" in capsys.readouterr().err

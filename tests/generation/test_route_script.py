@@ -33,16 +33,17 @@ def test_label_train_generate_chain(tmp_path, capsys):
     assert (tmp_path / "router" / "router.safetensors").exists()
     assert result.router.config.top_k == 8
 
+    out_dir = tmp_path / "gen"  # one folder for every method: each writes its own files
     for method in ("r2r", "ead", "cascade", "small", "large"):
-        out_dir = tmp_path / f"gen-{method}"
         extra = ["--threshold", "0.0"] if method == "r2r" else []
         generated = run(["generate", "--router_path", router, "--method", method, "--num_examples", "3",
                                 "--max_new_tokens", "4", "--output_dir", str(out_dir), *extra])  # fmt: skip
-        rows = [json.loads(line) for line in (out_dir / "generations.jsonl").read_text().splitlines()]
-        assert len(rows) == 3 and (out_dir / "token_models.html").exists()
+        rows = [json.loads(line) for line in (out_dir / f"generations-{method}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and (out_dir / f"token_models-{method}.html").exists()
         expected = {"r2r": 1.0, "small": 0.0, "large": 1.0}
         if method in expected:
             assert generated["large_token_fraction"] == expected[method]
+    assert len(list(out_dir.glob("generations-*.jsonl"))) == 5 and len(list(out_dir.glob("token_models-*.html"))) == 5
     assert "large-model token fraction" in capsys.readouterr().out
 
 

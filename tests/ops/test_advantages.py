@@ -25,6 +25,7 @@ from trl_tokenlevel.ops.advantages import (
     gtpo_token_weights,
     hapo_adaptive_temperature,
     hapo_clip_bounds,
+    hapo_dual_clip_loss,
     hapo_entropy_stats,
     hapo_normalized_entropy,
     hapo_redistribute_advantages,
@@ -35,6 +36,7 @@ from trl_tokenlevel.ops.advantages import (
     rmt_curriculum_probs,
     rmt_length_reward,
     rmt_ntp_loss,
+    rmt_sample_targets,
     rmt_token_budget,
     tempo_advantages,
     ttrl_majority_vote_rewards,
@@ -213,6 +215,21 @@ class TestUCAS:
                                      kappa=0.0)
         torch.testing.assert_close(adv[3], no_penalty[3] - 0.05 * self.LOGITS[3] / (100 + 1e-6))
 
+    def test_gather_fn_ignores_a_rank_without_valid_tokens(self):
+        # The empty rank sends (+inf, −inf): the bounds must stay this rank's own, not collapse to "no valid token".
+        empty_rank_bounds = t64([float("inf"), float("-inf")])
+        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2),
+                              gather_fn=lambda local: torch.cat([empty_rank_bounds, local, empty_rank_bounds]))
+        local = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2))
+        torch.testing.assert_close(adv, local, rtol=0, atol=0)
+        assert (adv != 0).any()
+
+    def test_gather_fn_on_the_empty_rank_uses_the_other_ranks_bounds(self):
+        other_rank_bounds = t64([0.0, 100.0])
+        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.zeros(4, 2),
+                              gather_fn=lambda local: torch.cat([local, other_rank_bounds]))
+        assert torch.equal(adv, torch.zeros(4, 2, dtype=F64))  # no valid token here: every entry is padding
+
     def test_all_masked(self):
         adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.zeros(4, 2))
         assert torch.equal(adv, torch.zeros(4, 2, dtype=F64))
@@ -315,6 +332,57 @@ class TestHAPO:
         generation_time = hapo_token_advantages(TokenAdvantageInputs(
             batch.completion_ids, mask, logps, entropy, t64([1, 0]), t64([0, 0]), num_generations=2))
         assert not torch.allclose(generation_time, adv)
+
+
+class TestHAPODualClip:
+    """Loss (d): PPO dual clip c = 10 with per-token clip ranges (no worked example in the spec: this one is ours).
+
+    ε from the spec's ĥ example (ε_low = [0.4, 0.3, 0.230103, 0.2, 0.2] rounded, ε_high = [0.2, 0.2, 0.2, 0.2, 0.4]);
+    ratios r = [0.5, 1.3, 12, 11, 20], A = [−1, −1, −1, 1, −0.5]:
+    ℓ_PPO = max(−A r, −A clip(r)) = [0.6, 1.3, 12, −1.2, 10]; the dual clip caps A < 0 at c|A|:
+    ℓ = [0.6, 1.3, 10, −1.2, 5], and the capped tokens (2, 4) get no gradient.
+    """
+
+    EPS_LOW = t64([[0.4, 0.3, 0.230103, 0.2, 0.2]])
+    EPS_HIGH = t64([[0.2, 0.2, 0.2, 0.2, 0.4]])
+    ADV = t64([[-1.0, -1.0, -1.0, 1.0, -0.5]])
+    RATIO = t64([[0.5, 1.3, 12.0, 11.0, 20.0]])
+
+    def test_worked_example(self):
+        log_ratio = self.RATIO.log().requires_grad_()
+        loss = hapo_dual_clip_loss(log_ratio.exp(), self.ADV, self.EPS_LOW, self.EPS_HIGH, dual_clip=10.0)
+        assert_printed(loss, ["0.6", "1.3", "10", "-1.2", "5"])
+        loss.sum().backward()
+        # dℓ/d log r = −A·r on the unclipped branch, 0 on the clipped and dual-clipped ones.
+        torch.testing.assert_close(log_ratio.grad, t64([[0.0, 1.3, 0.0, 0.0, 0.0]]))
+        plain = hapo_dual_clip_loss(self.RATIO, self.ADV, self.EPS_LOW, self.EPS_HIGH, dual_clip=None)
+        assert_printed(plain, ["0.6", "1.3", "12", "-1.2", "10"])
+
+    @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+    @pytest.mark.parametrize("shape", [(1, 2), (3, 7), (8, 33)])
+    def test_trl_delta_cap_is_the_dual_clip(self, shape, dtype, tol):
+        """The trainer's route: TRL's clipped loss with ``delta = c`` (``coef_1 = min(r, c)``) equals the dual clip,
+        values and gradients, whenever c ≥ 1 + ε_high' (here ratios span 0.05..40 around c = 10)."""
+        gen = torch.Generator().manual_seed(sum(shape))
+        log_ratio = torch.rand(shape, generator=gen, dtype=dtype) * 6.7 - 3.0  # r in [0.05, 40]
+        adv = torch.randn(shape, generator=gen, dtype=dtype)
+        adv[0, 0], log_ratio[0, 0] = -1.0, math.log(20.0)  # at least one dual-clipped token
+        adv[-1, -1] = 0.0
+        log_ratio.requires_grad_()
+        h_hat = torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1
+        eps_low, eps_high = hapo_clip_bounds(h_hat, epsilon_low=0.2, epsilon_high=0.28, clip_alpha=1.0)
+        reference = hapo_dual_clip_loss(log_ratio.exp(), adv, eps_low, eps_high, dual_clip=10.0)
+        (ref_grad,) = torch.autograd.grad(reference.sum(), log_ratio)
+
+        coef_1 = torch.exp(log_ratio)  # TRL grpo_trainer._compute_loss, loss_type in CLIPPED_LOSS_TYPES
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        coef_1 = torch.clamp(coef_1, max=10.0)  # `delta`
+        trl = -torch.min(coef_1 * adv, coef_2 * adv)
+        (trl_grad,) = torch.autograd.grad(trl.sum(), log_ratio)
+        torch.testing.assert_close(trl, reference, atol=tol, rtol=tol)
+        torch.testing.assert_close(trl_grad, ref_grad, atol=tol, rtol=tol)
+        capped = (adv < 0) & (log_ratio.detach().exp() > 10)
+        assert capped.any() and (ref_grad[capped] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -590,6 +658,28 @@ class TestRMT:
         window = rmt_curriculum_probs(entropy, candidates, 0, 100, curriculum="percentile")
         assert (window > 0).long().tolist() == [[1, 0, 0], [0, 1, 0]]  # percentiles 0 and 0.25 are in [0, 0.3]
         assert not rmt_curriculum_probs(entropy, torch.zeros(2, 3), 0, 100).any()
+
+    def test_sample_targets_follow_the_curriculum(self):
+        entropy = t64([[0.1, 1.0, 3.0, 0.5], [2.0, 0.5, 9.0, 4.0]])
+        candidates = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])
+        gen = torch.Generator().manual_seed(0)
+        # A sharp curriculum (τ → 0) picks the easiest candidate of each row first and the hardest last.
+        sharp = dict(curriculum_temperature=0.05, generator=gen)
+        assert rmt_sample_targets(entropy, candidates, 0, 10, **sharp).nonzero().tolist() == [[0, 0], [1, 1]]
+        assert rmt_sample_targets(entropy, candidates, 10, 10, **sharp).nonzero().tolist() == [[0, 2], [1, 3]]
+        # Never a non-candidate; two targets per row without replacement; a row without candidates gets none.
+        for step in range(11):
+            picked = rmt_sample_targets(entropy, candidates, step, 10, num_targets=2, generator=gen)
+            assert (picked.sum(1) == 2).all() and not (picked & ~candidates.bool()).any()
+        empty = rmt_sample_targets(entropy, torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), 0, 10, num_targets=3,
+                                   generator=gen)  # fmt: skip
+        assert empty.sum(1).tolist() == [2, 0]
+        # Sampling frequencies follow rmt_curriculum_probs (restricted to the row, renormalised).
+        counts = torch.zeros(4, dtype=F64)
+        for _ in range(4000):
+            counts += rmt_sample_targets(entropy, candidates, 3, 10, generator=gen)[0].double()
+        expected = rmt_curriculum_probs(entropy, candidates, 3, 10)[0]
+        torch.testing.assert_close(counts / 4000, expected / expected.sum(), atol=0.03, rtol=0)
 
     def test_ntp_loss(self):
         logps = t64([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])

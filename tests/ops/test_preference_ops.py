@@ -648,6 +648,21 @@ def test_aligndistil_theorem_modes():
     assert_printed(loss, "3.396975")
 
 
+def test_aligndistil_theorem1_adaptive():
+    """Adaptive ω (as in the default mode) with linear interpolation z* = ω·z^d + (1 − ω)·z^r, coefficient β/ω (no
+    spec digits: ours, from the spec's toy logits). t = 1: ω = 7.824447, z* = [7.824447, −3.412223, −7.824447], and the
+    uniform student gives KL = −log 3 − mean(log π*) = 7.863256."""
+    loss, metrics = run_aligndistil(mode="theorem1_adaptive")
+    assert_printed(metrics["omega"], "7.824447", "0.707435")
+    assert_printed(metrics["token_coef"], "0.0127805", "0.141356")
+    assert_printed(metrics["token_kl"], "7.863256", "0.364464")
+    assert_printed(loss, "0.0760076")
+    z_star = 7.824447 * t(DPO_TEACHER)[0, 0] + (1 - 7.824447) * t(REVERSE_TEACHER)[0, 0]
+    assert_printed(-math.log(3) - torch.log_softmax(z_star, -1).mean(), "7.863256")
+    unnormalised, _ = run_aligndistil(mode="theorem1_adaptive", len_norm=False)
+    assert_printed(unnormalised, "0.152015")
+
+
 def test_aligndistil_empty_sequence_is_zero():
     loss, _ = run_aligndistil(mask=((0.0, 0.0),))
     assert_printed(loss, "0.0")

@@ -26,7 +26,7 @@ RHO = 0.3
 class RecordingTrainer(TokenGRPOTrainer):
     records: list = []
 
-    def _shape_token_batch(self, batch, per_token_logps, entropies, hidden, old_per_token_logps):
+    def _shape_token_batch(self, batch, per_token_logps, entropies, hidden, old_per_token_logps, select=True):
         record = {
             "entropy": entropies.detach().double().tolist(),
             "valid": batch["completion_mask"].tolist(),
@@ -34,7 +34,7 @@ class RecordingTrainer(TokenGRPOTrainer):
             "group_ids": batch["tl_group_ids"].tolist(),
             "stock_advantages": batch["advantages"].double().tolist(),
         }
-        super()._shape_token_batch(batch, per_token_logps, entropies, hidden, old_per_token_logps)
+        super()._shape_token_batch(batch, per_token_logps, entropies, hidden, old_per_token_logps, select)
         record["selected"] = batch["tl_selected"].int().tolist()
         record["advantages"] = batch["advantages"].double().tolist()
         record["num_items_in_batch"] = float(batch["num_items_in_batch"])

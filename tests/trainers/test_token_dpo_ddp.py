@@ -13,14 +13,14 @@ import pytest
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_token_dpo.py")
 
 
-def _run(nproc, per_device, model_path, out):
+def _run(nproc, per_device, model_path, out, token_loss_type="cdpo"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if nproc == 1:
-        command = [sys.executable, WORKER, model_path, str(out), str(per_device)]
+        command = [sys.executable, WORKER, model_path, str(out), str(per_device), token_loss_type]
     else:
         torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
         command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", "29517", WORKER, model_path, str(out),
-                   str(per_device)]  # fmt: skip
+                   str(per_device), token_loss_type]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())

@@ -109,13 +109,13 @@ def test_mapo_resid_mask_matches_hidden_state_reference(tiny_model_path, tiny_to
     trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="mapo",
                                       mapo_hooks="resid")  # fmt: skip
     captured = {}
-    original = trainer._distribution_signals
+    original = trainer._token_masks
 
     def spy(*args, **kwargs):
         captured.update(original(*args, **kwargs))
         return captured
 
-    trainer._distribution_signals = spy
+    trainer._token_masks = spy
     trainer.compute_loss(trainer.model, batch)
     ref = load(tiny_model_path)
     layer_outputs = []
@@ -157,7 +157,8 @@ def test_sparsepo_masks_train_checkpoint_and_resume(tiny_model_path, tiny_tokeni
 
 @pytest.mark.parametrize(
     "mode,official",
-    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False)],
+    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False),
+     ("theorem1_adaptive", False)],
 )
 def test_aligndistil_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
     dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
@@ -202,3 +203,165 @@ def test_aligndistil_trains_and_logs(tiny_model_path, tiny_tokenizer, pairs, tmp
 def test_full_distribution_refuses_precompute(tmp_path):
     with pytest.raises(ValueError, match="cannot be cached"):
         TokenDPOConfig(**base_args(tmp_path, token_loss_type="tdpo2", precompute_ref_log_probs=True))
+
+
+@pytest.mark.parametrize("mode,official", [("aligndistil", False), ("aligndistil", True), ("theorem1_adaptive", False)])
+def test_aligndistil_on_policy_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs,
+                                                             tmp_path):  # fmt: skip
+    """On-policy: the chosen response is replaced by one policy sample per prompt (temperature 1), which the teachers
+    score; the chunked loss equals the full-logits reference on that sample (value and gradients). Official positions:
+    the causal shift without the position predicting the first response token."""
+    dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
+    reverse_teacher = build_tiny_model(tiny_tokenizer, seed=12).eval()
+    trainer, policy, batch = _trainer(
+        tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="aligndistil", aligndistil_mode=mode,
+        aligndistil_on_policy=True, aligndistil_max_new_tokens=6, aligndistil_official_positions=official,
+        aligndistil_teachers=(dpo_teacher, reverse_teacher),
+    )  # fmt: skip
+    samples = []
+    sample = trainer._aligndistil_policy_samples
+
+    def spy(*args):
+        samples.append(sample(*args))
+        return samples[-1]
+
+    trainer._aligndistil_policy_samples = spy
+    trainer.model.train()
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    ours = _grads(trainer.model)
+
+    input_ids, attention_mask, completion_mask = samples[0]
+    half = batch["input_ids"].shape[0] // 2
+    chosen_prompt = batch["attention_mask"][:half].bool() & ~batch["completion_mask"][:half].bool()
+    for i in range(half):  # same prompt, a fresh response of 1..6 tokens
+        prompt = batch["input_ids"][i][chosen_prompt[i]]
+        assert torch.equal(input_ids[i, : len(prompt)], prompt)
+        assert completion_mask[i, : len(prompt)].sum() == 0 and 1 <= completion_mask[i].sum() <= 6
+        assert attention_mask[i].sum() == len(prompt) + completion_mask[i].sum()
+    sampled = {"input_ids": input_ids, "attention_mask": attention_mask}
+    mask = completion_mask[:, 1:].float()
+    if official:
+        first = (completion_mask.cumsum(1) == 1) & completion_mask.bool()
+        mask = mask * ~first[:, 1:]
+        assert mask.sum() == completion_mask.sum() - half
+    naive = _perturbed(tiny_model_path, seed=3).train()
+    with torch.no_grad():
+        teacher_logits = [_logits(m, sampled) for m in (dpo_teacher, reverse_teacher)]
+    expected, _ = aligndistil_loss_from_logits(_logits(naive, sampled), *teacher_logits, mask, beta=0.5, beta2=10.0,
+                                               mode=mode)  # fmt: skip
+    expected = expected.mean()
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    for name, param in naive.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_aligndistil_on_policy_trains(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    teachers = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+    args = TokenDPOConfig(**base_args(tmp_path, token_loss_type="aligndistil", aligndistil_on_policy=True,
+                                      aligndistil_max_new_tokens=4, aligndistil_beta2=15.0))  # fmt: skip
+    trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
+                              aligndistil_teachers=teachers)  # fmt: skip
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["aligndistil/omega_mean"] > 1e-3 and log["aligndistil/kl_mean"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused full-distribution pass (token_kernel="torch"; "auto" on CPU) against the two-pass path it replaces
+# (token_kernel="trl": TRL's fused log-prob head, then TRL's chunked divergence)
+# ---------------------------------------------------------------------------------------------------------------------
+
+FUSED_CASES = {
+    "tdpo1": dict(token_loss_type="tdpo1"),
+    "tdpo2": dict(token_loss_type="tdpo2", tdpo_alpha=0.7),
+    "sparsepo": dict(token_loss_type="sparsepo", sparsepo_independent_masks=True, sparsepo_mask_dropout=0.0),
+    "mapo": dict(token_loss_type="mapo", mapo_hooks="all"),
+    "aligndistil": dict(token_loss_type="aligndistil", aligndistil_temperature=0.8),
+    "aligndistil_official": dict(token_loss_type="aligndistil", aligndistil_official_positions=True),
+    "theorem1": dict(token_loss_type="aligndistil", aligndistil_mode="theorem1"),
+}
+
+
+def _loss_grads_metrics(tiny_model_path, tiny_tokenizer, pairs, tmp_path, kernel, config):
+    config = dict(config)
+    if config["token_loss_type"] == "aligndistil":
+        config["aligndistil_teachers"] = (build_tiny_model(tiny_tokenizer, seed=11).eval(),
+                                          build_tiny_model(tiny_tokenizer, seed=12).eval())  # fmt: skip
+    torch.manual_seed(0)  # the same SparsePO mask initialisation for both kernels
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path / kernel, token_kernel=kernel,
+                                      **config)  # fmt: skip
+    assert trainer.fused_distribution == (kernel == "torch")
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = _grads(trainer.model)
+    if trainer.sparsepo_masks is not None:
+        grads.update({f"mask{i}.{n}": p.grad.clone() for i, m in enumerate(trainer.sparsepo_masks)
+                      for n, p in m.named_parameters()})  # fmt: skip
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_pass_matches_two_pass_path(case, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """Loss, every gradient and every logged metric (entropy, logits/*, mean_token_accuracy, logps/*, rewards/*,
+    seq_kl/*, mask/*, aligndistil/*) agree with the two-pass path to fp32 precision."""
+    two_pass = _loss_grads_metrics(tiny_model_path, tiny_tokenizer, pairs, tmp_path, "trl", FUSED_CASES[case])
+    fused = _loss_grads_metrics(tiny_model_path, tiny_tokenizer, pairs, tmp_path, "torch", FUSED_CASES[case])
+    torch.testing.assert_close(fused[0], two_pass[0], atol=1e-5, rtol=1e-5)
+    assert fused[1].keys() == two_pass[1].keys()
+    for name, grad in two_pass[1].items():
+        torch.testing.assert_close(fused[1][name], grad, atol=2e-5, rtol=1e-4, msg=f"gradient of {name}")
+    assert fused[2].keys() == two_pass[2].keys()
+    for key, value in two_pass[2].items():
+        assert fused[2][key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+@pytest.mark.parametrize("case", ["tdpo2", "sparsepo", "mapo", "aligndistil", "theorem1"])
+def test_fused_pass_replaces_trl_logprob_head(case, tiny_model_path, tiny_tokenizer, pairs, tmp_path, monkeypatch):
+    """With the fused pass, neither TRL's log-prob kernel nor the LM-head module runs: each head is read by the one
+    tiled pass only."""
+    import trl.trainer.utils
+
+    config = dict(FUSED_CASES[case])
+    if config["token_loss_type"] == "aligndistil":
+        config["aligndistil_teachers"] = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_kernel="torch", **config)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a separate log-prob pass or the LM-head module ran")
+
+    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", forbidden)
+    for model in (trainer.model, trainer.ref_model, *(trainer.aligndistil_teachers or ())):
+        if model is not None:
+            model.get_output_embeddings().forward = forbidden
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_fused_pass_all_masked_batch_gives_zero_loss_gradient(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_loss_type="tdpo2")
+    batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item())  # -log σ(0)
+    assert all(torch.isfinite(g).all() for g in _grads(trainer.model).values())
+
+
+@pytest.mark.slow  # ~25 s: three processes each import TRL
+def test_fused_tdpo2_two_process_ddp_matches_single_process(tiny_model_path, tmp_path):
+    """The backbone-only forward goes through DDP: two processes with batch 1 train like one with batch 2."""
+    from .test_token_dpo_ddp import _run
+
+    single = _run(1, 2, tiny_model_path, tmp_path / "single", token_loss_type="tdpo2")
+    ddp = _run(2, 1, tiny_model_path, tmp_path / "ddp", token_loss_type="tdpo2")
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert ddp["param_norm"] == pytest.approx(single["param_norm"], abs=1e-5)
+    assert ddp["param_sum"] == pytest.approx(single["param_sum"], abs=1e-4)

@@ -57,7 +57,8 @@ METHODS = {
     "d3s": ({"token_advantage": "d3s"}, ["token/d3s/kept_tokens_frac", "token/d3s/sample_keep_ratio"]),
     "tw_grpo": ({"token_advantage": "tw_grpo"}, ["token/tw_weight/max"]),
     "tempo": ({"token_advantage": "tempo"}, ["token/adv_after/max"]),
-    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1},
+    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1,
+             "rmt_ntp_source": "unselected"},
             ["token/rmt_ntp_loss", "rewards/rmt_length/mean", "rmt/budget"]),  # fmt: skip
     "hapo_rollout_stage_ga2": ({"token_advantage": "hapo", "gradient_accumulation_steps": 2, "max_steps": 2},
                                ["token/hapo/eps_high/mean"]),  # fmt: skip
@@ -199,7 +200,8 @@ def test_hapo_processor_drives_rollout_temperature(tiny_model_path, tokenizer, t
          "steps_per_generation=1"),
         ({"token_advantage": "hapo", "loss_type": "cispo"}, "not a clipped loss"),
         ({"token_advantage": "gtpo", "gtpo_entropy_filter": "readme"}, "initial policy"),
-        ({"rmt_ntp_coef": 0.5}, "token_selection"),
+        ({"rmt_ntp_coef": 0.5, "rmt_ntp_source": "unselected"}, "token_selection"),
+        ({"rmt_ntp_source": "documents"}, "rmt_ntp_source"),
         ({"token_advantage": "nope"}, "token_advantage='nope'"),
         ({"token_selection": "entropy_quantile", "entropy_top_ratio": 1.5}, "entropy_top_ratio"),
     ],
@@ -290,3 +292,308 @@ def test_peft_lora_with_hidden_state_methods(tiny_model_path, tokenizer, tmp_pat
     assert math.isfinite(logged["kl"]) and math.isfinite(logged["token/adv_after/mean"])
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n and p.abs().sum() > 0]
     assert changed  # lora_B starts at zero: the adapters were trained
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HAPO dual clip (spec §4 Loss, official c = 10)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_hapo_dual_clip_in_the_loss(tiny_model_path, tokenizer, tmp_path, monkeypatch):
+    """`_compute_loss` with hapo_dual_clip=10 equals the reference `hapo_dual_clip_loss` (dapo aggregation) on the
+    advantages and per-token clip ranges TRL's loss receives: value and every parameter gradient. Old log-probs are
+    shifted so that some ratios are 20 (beyond c) and some 0.5; the config's `delta` is restored afterwards."""
+    from trl import GRPOTrainer
+
+    from trl_tokenlevel.ops.advantages import hapo_dual_clip_loss
+
+    from .test_token_grpo_parity import id_reward
+
+    args = grpo_args(tmp_path, token_advantage="hapo", hapo_adaptive_temperature=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=id_reward, args=args, processing_class=tokenizer,
+                               train_dataset=load_tiny_grpo_dataset().select(range(16)))  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+
+    def policy_logps():
+        return GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,
+                                                               width)[0]  # fmt: skip
+
+    with torch.no_grad():
+        logps = policy_logps()
+    shift = torch.zeros_like(logps)
+    shift[:, 0::3], shift[:, 1::3] = math.log(20.0), -math.log(2.0)  # ratios 20, 0.5, 1
+    inputs["old_per_token_logps"] = logps - shift
+
+    seen = {}
+    stock_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, batch):
+        seen.update(advantages=batch["advantages"].clone(), eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+                    delta=self.args.delta, num_items=batch["num_items_in_batch"])  # fmt: skip
+        return stock_loss(self, model, batch)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    assert seen["delta"] == 10.0 and trainer.args.delta is None
+    assert isinstance(seen["eps_low"], torch.Tensor)  # per-token HAPO clip ranges reached TRL's clamp
+
+    trainer.model.zero_grad()
+    mask = inputs["completion_mask"].float()
+    ratio = torch.exp(policy_logps() - inputs["old_per_token_logps"])
+    per_token = hapo_dual_clip_loss(ratio, seen["advantages"], seen["eps_low"], seen["eps_high"], dual_clip=10.0)
+    reference = (per_token * mask).sum() / seen["num_items"]
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=0)
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name} differs")
+    capped = (seen["advantages"] < 0) & (ratio.detach() > 10.0) & mask.bool()
+    assert capped.any()  # the dual clip changed the loss: without it these tokens would contribute |A|·20
+    plain = (hapo_dual_clip_loss(ratio.detach(), seen["advantages"], seen["eps_low"], seen["eps_high"],
+                                 dual_clip=None) * mask).sum() / seen["num_items"]  # fmt: skip
+    assert plain.item() > reference.item() + 1e-3
+
+
+def test_hapo_dual_clip_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="delta"):
+        grpo_args(tmp_path, token_advantage="hapo", delta=4.0)
+    with pytest.raises(ValueError, match="widest upper clip bound"):
+        grpo_args(tmp_path, token_advantage="hapo", hapo_dual_clip=1.3)
+    assert grpo_args(tmp_path, token_advantage="hapo", hapo_dual_clip=None, delta=4.0).delta == 4.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several optimisation steps per generation batch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"gradient_accumulation_steps": 2},  # 2 micro-steps per generation batch (rollout shaping stage)
+        {"gradient_accumulation_steps": 2, "num_iterations": 2, "beta": 0.05},  # each batch trained twice
+        {"steps_per_generation": 2},  # one generation batch serves 2 optimizer steps
+    ],
+    ids=["ga2", "ga2_iterations2_beta", "spg2"],
+)
+def test_selection_is_made_per_optimisation_step(setting, tiny_model_path, tokenizer, tmp_path):
+    """With several optimisation steps per generation batch, the 80/20 selection is recomputed in every update step
+    from the training forward's entropies over its micro-batch (the paper's rule, and TRL's `top_entropy_quantile`),
+    not once per rollout batch: losses, metrics and parameters equal TRL's own 80/20 run."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    stock = train(GRPOTrainer, grpo_args(tmp_path / "a", GRPOConfig, top_entropy_quantile=0.2, max_steps=3,
+                                         **setting), tiny_model_path, tokenizer)  # fmt: skip
+    ours = train(TokenGRPOTrainer, grpo_args(tmp_path / "b", token_selection="entropy_quantile", max_steps=3,
+                                             **setting), tiny_model_path, tokenizer)  # fmt: skip
+    assert ours._stage == "rollout" and not ours._shapes_rollout  # nothing per rollout batch: no extra forward
+    assert_logs_equal(stock.state.log_history, ours.state.log_history, ignore_prefixes=("token/",))
+    assert_params_equal(stock.model, ours.model)
+
+
+def test_group_methods_keep_rollout_advantages_and_select_per_step(tiny_model_path, tokenizer, tmp_path):
+    """A group method (TEMPO) with several micro-steps: advantages are shaped once per rollout batch (whole groups, by
+    design), the selection in every update step: `tl_selected` is absent from the buffered rollout batch and made
+    from the training forward."""
+    seen = []
+
+    class Spy(TokenGRPOTrainer):
+        def _select_tokens(self, batch, entropy, mode):
+            seen.append(("per_token_advantages" if batch["advantages"].dim() == 2 else "row", entropy.shape[0]))
+            return super()._select_tokens(batch, entropy, mode)
+
+    args = grpo_args(tmp_path, token_selection="entropy_quantile", token_advantage="tempo",
+                     gradient_accumulation_steps=2, max_steps=2)  # fmt: skip
+    trainer = train(Spy, args, tiny_model_path, tokenizer)
+    assert trainer._shapes_rollout
+    # One call per update step (2 optimizer steps x 2 micro-steps), each on its micro-batch of 4 rows whose (B, T)
+    # advantages came from the rollout stage; none at the rollout stage itself.
+    assert seen == [("per_token_advantages", 4)] * 4
+    logged = _last_metrics(trainer)
+    assert 0.0 < logged["token/selected_frac"] < 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CHORD: the expert SFT term averages over the optimisation step's global expert batch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def chord_expert_rows():
+    return load_tiny_grpo_dataset().select(range(8)).rename_column("solution", "completion")
+
+
+def chord_layout_args(output_dir, **overrides):
+    """μ = 1 (constant): (1 − μ)·L_GRPO is exactly 0, so only the expert SFT term moves the weights and the run does
+    not depend on the sampled rollouts; SGD, so parameter differences are gradient differences. 4 expert rows per step
+    (ratio 0.5 of 4 rollouts), of different lengths."""
+    from .test_token_grpo_parity import grpo_args
+
+    settings = dict(chord=True, chord_mu_warmup_steps=0, chord_mu_decay_steps=0, chord_mu_peak=1.0, chord_mu_valley=1.0,
+                    chord_expert_data_ratio=0.5, optim="sgd", learning_rate=0.5, max_steps=3)  # fmt: skip
+    return grpo_args(output_dir, **{**settings, **overrides})
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+def test_chord_sft_term_is_layout_invariant(token_level, tiny_model_path, tokenizer, tmp_path):
+    """One batch of 4 rollouts vs 2 micro-steps of 2: the expert rows of a step are the same, and L_SFT is their
+    token-mean (or row-mean) over the whole step, so the updates agree; a per-micro-batch mean would not (the two
+    micro-batches hold different numbers of expert tokens)."""
+    runs = []
+    for layout in ({}, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}):
+        args = chord_layout_args(tmp_path / str(len(runs)), chord_token_level_loss=token_level, **layout)
+        runs.append(train(TokenGRPOTrainer, args, tiny_model_path, tokenizer, expert_dataset=chord_expert_rows()))
+    assert_params_changed(runs[0], tiny_model_path)
+    assert_params_equal(runs[0].model, runs[1].model, atol=2e-7)
+    sft = [[e["chord/sft_loss"] for e in run.state.log_history if "chord/sft_loss" in e] for run in runs]
+    assert sft[0] == pytest.approx(sft[1], abs=1e-6)
+
+
+def test_chord_window_deals_the_step_rows(tiny_model_path, tokenizer, tmp_path):
+    """The step's rows are dealt over (micro-step, rank) slots; the normaliser is the step's expert token count."""
+    args = chord_layout_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [0.0] * len(
+                               completion_ids), args=args, processing_class=tokenizer,
+                               train_dataset=load_tiny_grpo_dataset().select(range(16)),
+                               expert_dataset=chord_expert_rows())  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 2
+    shares = trainer._chord_window_shares()
+    rows = [row for share, _ in shares for row in share]
+    assert [len(share) for share, _ in shares] == [2, 2] and len({tuple(c) for _, c in rows}) == 4
+    assert {normalizer for _, normalizer in shares} == {float(sum(len(c) for _, c in rows))}
+
+
+@pytest.mark.slow  # ~45 s: two torchrun processes each import TRL and train
+def test_chord_two_processes_equal_one_batch(tiny_model_path, tokenizer, tmp_path):
+    """2 CPU processes (torchrun, gloo) with 2 rollouts each equal one process with 4: the ranks draw the same expert
+    rows, train their share, and the SFT sum is divided by the step's global count (times the world size, which DDP's
+    gradient averaging divides out)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    one = train(TokenGRPOTrainer, chord_layout_args(tmp_path / "one"), tiny_model_path, tokenizer,
+                expert_dataset=chord_expert_rows())  # fmt: skip
+    out = tmp_path / "ddp"
+    out.mkdir()
+    worker = os.path.join(os.path.dirname(__file__), "ddp_chord.py")
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", worker, tiny_model_path,
+                             str(out)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    params = torch.load(out / "params.pt")
+    for name, param in one.model.named_parameters():
+        torch.testing.assert_close(param.detach(), params[name], atol=2e-7, rtol=0, msg=f"parameter {name} differs")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMT on a corpus: curriculum-sampled next-token prompts, NTP on the other corpus tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rmt_rows(tiny_model_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+    from trl_tokenlevel.data.rmt import build_rmt_dataset
+
+    documents = [row["prompt"] + row["chosen"] for row in load_tiny_preference_dataset().select(range(4))]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    return documents, model, build_rmt_dataset(documents, tokenizer, model, num_prompts=8, min_context=4,
+                                               curriculum_temperature=1e-4)  # fmt: skip
+
+
+def test_rmt_dataset_targets_follow_the_entropy_curriculum(rmt_rows, tokenizer):
+    """Prompt i of N is the document prefix before a target drawn at progress i/N from the base model's entropies:
+    with a sharp curriculum, the easiest candidate first and the hardest last (the tiny model's entropies differ by
+    ~1e-3 nats, hence τ = 1e-4)."""
+    import torch.nn.functional as F
+
+    from trl_tokenlevel.data.rmt import RMT_INSTRUCTION
+
+    documents, model, rows = rmt_rows
+    assert len(rows) == 8
+    for index, row in enumerate(rows):
+        ids = tokenizer(documents[index % 4], add_special_tokens=False)["input_ids"]
+        position = row["rmt_target_position"]
+        assert row["rmt_document_ids"] == ids and 4 <= position < len(ids)
+        assert row["prompt"] == tokenizer.decode(ids[:position]) + RMT_INSTRUCTION
+        assert row["rmt_target"] == tokenizer.decode(ids[position : position + 1])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)  # entropy[j] predicts token j + 1
+        candidates = entropy[3:]  # positions 4..L-1
+        assert row["rmt_target_entropy"] == pytest.approx(entropy[position - 1].item(), abs=1e-5)
+        if index == 0:
+            assert position - 1 == 3 + int(candidates.argmin())
+        if index == 7:
+            assert position - 1 == 3 + int(candidates.argmax())
+
+
+def test_rmt_next_token_reward():
+    from trl_tokenlevel.rewards.grpo_rewards import RMTNextTokenReward
+
+    reward = RMTNextTokenReward()
+    assert reward(completions=["so <answer> cat</answer>", "<answer>dog</answer>", "cat"],
+                  rmt_target=[" cat", " cat", "cat"]) == [1.0, 0.0, 0.0]  # fmt: skip
+    with pytest.raises(ValueError, match="rmt_target"):
+        reward(completions=["x"])
+
+
+def test_rmt_corpus_ntp_term_matches_full_logits(rmt_rows, tiny_model_path, tokenizer, tmp_path):
+    """`rmt_ntp_source="corpus"`: the loss gains λ·mean(−log π(x_t|x_<t)) over the tokens of the micro-batch's distinct
+    documents other than their targets, here recomputed from the model's full logits."""
+    import torch.nn.functional as F
+
+    _, _, rows = rmt_rows
+    args = grpo_args(tmp_path, rmt_ntp_coef=0.5, shuffle_dataset=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=lambda completion_ids, **k: [0.0] * len(
+                               completion_ids), args=args, processing_class=tokenizer, train_dataset=rows)  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        with_ntp = trainer.compute_loss(trainer.model, dict(inputs)).item()
+        trainer.args.rmt_ntp_coef = 0.0
+        without = trainer.compute_loss(trainer.model, dict(inputs)).item()
+    logged = trainer._metrics["train"]["token/rmt_ntp_loss"][-1]
+
+    documents = {(tuple(r), int(p)) for r, p in zip(inputs["tl_rmt_doc_ids"].tolist(), inputs["tl_rmt_target"].tolist())}
+    total, count = 0.0, 0
+    for padded, target in documents:
+        length = int(inputs["tl_rmt_doc_mask"][inputs["tl_rmt_doc_ids"].tolist().index(list(padded))].sum())
+        ids = torch.tensor([padded[:length]])
+        with torch.no_grad():
+            logps = F.log_softmax(trainer.model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        keep = torch.arange(1, length) != target
+        total, count = total + (-logps[keep]).sum().item(), count + int(keep.sum())
+    assert len(documents) == 2  # 4 rollouts = 2 prompts x 2 generations; each document scored once
+    assert logged == pytest.approx(0.5 * total / count, rel=1e-5)
+    assert with_ntp - without == pytest.approx(0.5 * total / count, rel=1e-4)
+
+
+def test_rmt_corpus_training_end_to_end(rmt_rows, tiny_model_path, tokenizer, tmp_path):
+    from trl_tokenlevel.rewards.grpo_rewards import RMTNextTokenReward
+
+    _, _, rows = rmt_rows
+    args = grpo_args(tmp_path, rmt_ntp_coef=0.1, rmt_budget_init=8, rmt_budget_min=2, shuffle_dataset=False)
+    trainer = TokenGRPOTrainer(model=tiny_model_path, reward_funcs=RMTNextTokenReward(), args=args,
+                               processing_class=tokenizer, train_dataset=rows)  # fmt: skip
+    trainer.train()
+    logged = _last_metrics(trainer)
+    assert logged["token/rmt_ntp_loss"] > 0 and "rewards/rmt_next_token/mean" in logged and "rmt/budget" in logged
+    assert_params_changed(trainer, tiny_model_path)
+    with pytest.raises(ValueError, match="rmt_document_ids"):
+        TokenGRPOTrainer(model=tiny_model_path, reward_funcs=RMTNextTokenReward(), args=args,
+                         processing_class=tokenizer, train_dataset=load_tiny_grpo_dataset().select(range(4)))  # fmt: skip

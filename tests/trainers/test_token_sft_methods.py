@@ -362,7 +362,7 @@ def test_assistant_only_token_weights(tiny_model_path, tiny_tokenizer, tmp_path)
         ({"token_selection": "rho1"}, "not a token selection"),
         ({"token_loss_type": "otr", "loss_type": "dft"}, "chord_weighting='is'"),
         ({"token_loss_type": "otr", "label_smoothing_factor": 0.1}, "label_smoothing_factor"),
-        ({"token_loss_type": "otr", "otr_beta": 1.0}, "otr_beta must be"),
+        ({"token_loss_type": "otr", "otr_beta": 1.0}, "otr_beta=1.0 is out of range"),
         ({"token_loss_type": "otr", "otr_num_samples": 0}, "otr_num_samples"),
         ({"token_loss_type": "otr", "otr_estimator": "expected", "otr_include_gold": True}, "has no samples"),
         ({"token_selection": "sstoken", "packing": True}, "packing=False"),

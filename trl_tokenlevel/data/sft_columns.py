@@ -10,6 +10,7 @@ lines up with the fused LM head's per-token log-probabilities.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -23,11 +24,9 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 from trl.trainer.utils import global_then_local_main_first, pad
 
-from .token_columns import check_token_values
+from .token_columns import ROW_ID_COLUMN, check_token_values, column_names
 
 TOKEN_WEIGHTS_COLUMN = "token_weights"
-# Temporary column naming the user's row through TRL's tokenization, for error messages.
-ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 
 _FIX = (
     "Compute one value per loss token with "
@@ -86,10 +85,40 @@ def tokenize_sft_dataset(
 
 
 def check_token_weights_row(values: Any, labels: list[int], row: int | str, column: str = TOKEN_WEIGHTS_COLUMN) -> None:
-    """Raise `ValueError` naming the column, the row, both lengths and the fix unless `values` fits `labels`."""
+    """Raise `ValueError` naming the column, the row, both lengths and the fix unless `values` fits `labels`.
+
+    Negative weights are refused: `−w·log p` with `w < 0` is unbounded below (it pushes p to 0 without limit). All-zero
+    rows are accepted (they contribute nothing); a dataset whose weights are all zero is refused by
+    `check_weight_totals`.
+    """
     num_loss_tokens = sum(label != -100 for label in labels)
     meaning = f"the tokenized example has {num_loss_tokens} loss tokens (labels != -100, out of {len(labels)} tokens)"
     check_token_values(column, row, values, num_loss_tokens, meaning, _FIX, unit="loss token")
+    negative = next((position for position, value in enumerate(values) if value < 0), None)
+    if negative is not None:
+        raise ValueError(
+            f"Column {column!r}, row {row}, loss token {negative}: weight {values[negative]} is negative. The loss "
+            "−w·log p is unbounded below for w < 0 (it drives the token's probability to 0 without limit). Use "
+            "weights >= 0 (0 ignores a token)."
+        )
+
+
+def check_weight_totals(dataset: Dataset, dataset_name: str, column: str = TOKEN_WEIGHTS_COLUMN) -> None:
+    """Refuse a map-style dataset whose weights are all zero (training would change nothing); warn about all-zero
+    rows (accepted by design: the loss is normalised by the token count, so they only dilute it)."""
+    zero_rows = [row for row, values in enumerate(dataset[column]) if not any(values)]
+    if zero_rows and len(zero_rows) == len(dataset):
+        raise ValueError(
+            f"Column {column!r}: every weight of the {dataset_name} dataset is 0, so the loss and its gradients are "
+            "identically zero and training would change nothing. Give the tokens to learn a positive weight."
+        )
+    if zero_rows:
+        warnings.warn(
+            f"Column {column!r}: {len(zero_rows)} of {len(dataset)} rows of the {dataset_name} dataset have only zero "
+            f"weights (first: prepared row {zero_rows[0]}); they add nothing to the loss but still count in its "
+            "token normaliser.",
+            stacklevel=2,
+        )
 
 
 def align_token_weights(values: list[float], labels: list[int]) -> list[float]:
@@ -125,8 +154,9 @@ def prepare_token_weights(
         return {TOKEN_WEIGHTS_COLUMN: align_token_weights(example[TOKEN_WEIGHTS_COLUMN], example["labels"])}
 
     with main_first():
+        has_row_ids = ROW_ID_COLUMN in column_names(dataset)
         dataset = dataset.map(align, **map_kwargs, **describe("Aligning token weights in"))
-        if ROW_ID_COLUMN in (dataset.column_names or []):
+        if has_row_ids:
             dataset = dataset.remove_columns(ROW_ID_COLUMN)
 
         if args.max_length is not None and not packing:
@@ -159,6 +189,8 @@ def prepare_token_weights(
             dataset = pack_dataset(
                 dataset, args.max_length, args.packing_strategy, {**map_kwargs, **describe("Packing")}
             )
+    if is_map_style:
+        check_weight_totals(dataset, dataset_name)
     if args.shuffle_dataset:
         dataset = dataset.shuffle(seed=args.seed)
     return dataset

@@ -8,6 +8,7 @@ per-sequence truncation, right padding with zeros; `tensor[:, 1:]` then lines up
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +29,13 @@ TOKEN_COLUMN_FAMILIES = {
     "ref_token_logps": ("ref_chosen_token_logps", "ref_rejected_token_logps", 0.0),
 }
 TOKEN_BATCH_KEYS = tuple(TOKEN_COLUMN_FAMILIES)
+WEIGHT_COLUMNS = TOKEN_COLUMN_FAMILIES["token_weights"][:2]
+# Token weights above this magnitude are accepted with a warning (by design: the loss stays finite, but such weights are
+# almost always a unit or normalisation mistake).
+LARGE_WEIGHT = 1e3
+# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages. A
+# streamed dataset keeps it up to the collator, which validates its rows lazily.
+ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 # Dataset column -> the completion ids column it must align with.
 TOKEN_COLUMNS = {
     column: ids_column
@@ -91,7 +99,7 @@ def check_token_values(
             )
 
 
-def _check_row(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> None:
+def _check_row(column: str, row: int | str, values: Any, expected_length: int, ids_column: str) -> None:
     check_token_values(
         column, row, values, expected_length,
         length_meaning=f"the tokenized completion {ids_column!r} has {expected_length} tokens",
@@ -102,16 +110,30 @@ def _check_row(column: str, row: int, values: Any, expected_length: int, ids_col
     )  # fmt: skip
 
 
-def _checked_tensor(column: str, row: int, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
+def _checked_tensor(column: str, row: int | str, values: Any, expected_length: int, ids_column: str) -> torch.Tensor:
     """`values` as a float32 tensor; anything `_check_row` would reject raises its message. The common case (a valid
-    row, already checked when the dataset was prepared) costs one conversion and one `isfinite`."""
+    row, already checked when the dataset was prepared) costs one conversion, one `isfinite` and one type scan (torch
+    would silently turn a streamed `True` into 1.0)."""
     try:
         tensor = torch.tensor(values, dtype=torch.float32)
     except (TypeError, ValueError):
         tensor = None
-    if tensor is None or tensor.shape != (expected_length,) or not torch.isfinite(tensor).all():
+    if (
+        tensor is None
+        or tensor.shape != (expected_length,)
+        or not torch.isfinite(tensor).all()
+        or any(type(value) is bool for value in values)
+    ):
         _check_row(column, row, values, expected_length, ids_column)
     return tensor
+
+
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """The columns of `dataset`. A streamed dataset whose features are unknown (`IterableDataset.from_generator`, or
+    any `map` over a stream) reports none, so its first row is read (streams restart on every iteration)."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset), {}))
 
 
 def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int] | None = None) -> list[str]:
@@ -119,14 +141,16 @@ def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int
 
     Raises `ValueError` naming the column, the row (`row_ids[i]` if given, i.e. the row of the user's dataset), both
     lengths and the fix, for a length mismatch, a non-list, a non-number or a NaN/inf. An `IterableDataset` is
-    checked lazily by the collator instead (it cannot be scanned up front without consuming it).
+    checked lazily by the collator instead, with the same messages (it cannot be scanned up front without consuming
+    it); only its column names are read here.
     """
     if isinstance(dataset, IterableDataset):
-        return [name for name in TOKEN_COLUMNS if name in (dataset.column_names or [])]
+        return [name for name in TOKEN_COLUMNS if name in column_names(dataset)]
     present = [name for name in TOKEN_COLUMNS if name in dataset.column_names]
     if not present:
         return present
     ids_columns = sorted({TOKEN_COLUMNS[name] for name in present})
+    largest = {}  # weight column -> (|value|, row) of its largest weight
     index = 0
     for batch in dataset.select_columns(present + ids_columns).iter(batch_size=1024):
         size = len(batch[ids_columns[0]])
@@ -134,8 +158,19 @@ def validate_token_columns(dataset: Dataset | IterableDataset, row_ids: list[int
             row = row_ids[index + offset] if row_ids is not None else index + offset
             for name in present:
                 ids_column = TOKEN_COLUMNS[name]
-                _check_row(name, row, batch[name][offset], len(batch[ids_column][offset]), ids_column)
+                values = batch[name][offset]
+                _check_row(name, row, values, len(batch[ids_column][offset]), ids_column)
+                if name in WEIGHT_COLUMNS and values:
+                    largest[name] = max(largest.get(name, (0.0, row)), (max(abs(v) for v in values), row))
         index += size
+    for name, (value, row) in largest.items():
+        if value > LARGE_WEIGHT:
+            warnings.warn(
+                f"Column {name!r}, row {row}: a token weight of magnitude {value:g} (> {LARGE_WEIGHT:g}). Weights "
+                "multiply log-ratios inside a sigmoid, so such values saturate it and make the gradients of the "
+                "other tokens vanish; the run goes on, but check how the weights were computed (e.g. normalise them).",
+                stacklevel=2,
+            )
     return present
 
 
@@ -147,7 +182,8 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
     it returns one `(2B, L)` float tensor, `[chosen rows; rejected rows]` like `input_ids`: zeros over the prompt, the
     completion values, the same `max_length`/`truncation_mode` slice as the ids, right-padded with zeros. A family
     given for one side only is filled on the other side with its neutral value (weight 1, reward 0) over the
-    completion tokens. Lengths are checked again here, so streamed datasets fail with the same message.
+    completion tokens. Every row is checked here too (cheaply when valid), so a streamed dataset fails with the same
+    message as an in-memory one, naming the dataset row when the example carries `ROW_ID_COLUMN`.
     """
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,13 +206,16 @@ class DataCollatorForTokenPreference(DataCollatorForPreference):
             if values is None:
                 completion = torch.full((completion_length,), neutral, dtype=torch.float32)
             else:
-                completion = _checked_tensor(column, index, values, completion_length, ids_column)
+                row = example.get(ROW_ID_COLUMN, index)
+                completion = _checked_tensor(column, row, values, completion_length, ids_column)
             rows.append(torch.cat([torch.zeros(len(example["prompt_ids"])), completion]))
         return rows
 
     def _truncate_and_pad(self, rows: list[list[float]]) -> torch.Tensor:
         if self.max_length is not None:
             # The same slice the parent applied to the ids (it has already validated `truncation_mode`).
-            keep = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            keep = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             rows = [row[keep] for row in rows]
         return pad(rows, padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)

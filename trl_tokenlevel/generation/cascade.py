@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from trl_tokenlevel.generation.checks import check_cascade_args, check_generation_args
 from trl_tokenlevel.generation.kv import (
     TokenRoutingOutput,
     cached_generate,
@@ -131,6 +132,7 @@ def calibrate_cascade(
 ) -> float:
     """Threshold θ ("defer iff score < θ") that defers at most `target_deferral_rate` of a calibration set of prompts
     (`ops.decoding.deferral_threshold`: exactly that share when the scores are distinct)."""
+    check_cascade_args(None, rule, alpha, target_deferral_rate)
     small = cached_generate(
         small_model, input_ids, attention_mask, prompts=prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
         **generate_kwargs,
@@ -166,6 +168,9 @@ def cascade_generate(
     row), `stats["scores"]`, `stats["deferral_rate"]` and `stats["small_tokens_discarded"]` (small-model tokens thrown
     away on deferred rows: the cascade's extra cost). `large_token_fraction` counts the final output's tokens.
     """
+    check_generation_args(small_model, large_model, tokenizer, max_new_tokens, generate_kwargs.get("do_sample", False),
+                          *(generate_kwargs.get(k, d) for k, d in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))))  # fmt: skip
+    check_cascade_args(threshold, rule, alpha)
     input_ids, attention_mask = prepare_inputs([small_model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([small_model, large_model], tokenizer, eos_token_id, pad_token_id)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **generate_kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from trl_tokenlevel.generation.checks import check_ead_args, check_generation_args
 from trl_tokenlevel.generation.kv import (
     DecodingBuffer,
     IncrementalDecoder,
@@ -62,6 +63,8 @@ def ead_generate(
     Returns:
         `TokenRoutingOutput` (`entropies` holds the H_t that drove the switching, `large_mask` the model per token).
     """
+    check_generation_args(small_model, large_model, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_ead_args(threshold, window, min_dwell)
     input_ids, attention_mask = prepare_inputs([small_model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([small_model, large_model], tokenizer, eos_token_id, pad_token_id)
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)

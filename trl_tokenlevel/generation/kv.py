@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from trl_tokenlevel.generation.checks import check_generation_args
 from trl_tokenlevel.ops.decoding import next_token_entropy
 
 
@@ -354,6 +355,7 @@ def cached_generate(
 ) -> TokenRoutingOutput:
     """Plain single-model decoding with the same output as routed generation (the small-only / large-only baselines;
     `is_large` sets `large_mask`). Greedy by default; equals `model.generate` for the same settings."""
+    check_generation_args(model, None, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = prepare_inputs([model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([model], tokenizer, eos_token_id, pad_token_id)
     sampler = Sampler(do_sample, temperature, top_k, top_p, logits_processor, generator)

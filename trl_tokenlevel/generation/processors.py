@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from trl_tokenlevel.checks import check_number, check_same_vocabulary
 from trl_tokenlevel.ops.decoding import (
     HapoEntropyStats,
     hapo_adaptive_temperature,
@@ -53,8 +54,10 @@ class ImplicitRewardLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, dpo_model, ref_model, beta: float, pad_token_id: int | None = None):
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}.")
+        check_number("beta", beta, "it scales the implicit reward β·(log π_dpo − log π_ref) added to the scores",
+                     low=0.0, low_open=True)  # fmt: skip
+        check_same_vocabulary(dpo_model, "dpo_model", ref_model, "ref_model", "their log-probabilities are "
+                              "subtracted token by token")  # fmt: skip
         self.models = (dpo_model, ref_model)
         self.beta = beta
         self.pad_token_id = pad_token_id
@@ -173,10 +176,10 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         repo_sign_compat: bool = False,
         stats: HapoEntropyStats | None = None,
     ):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if not 0 <= tau < 1:
-            raise ValueError(f"tau must be in [0, 1) so that temperatures stay positive, got {tau}.")
+        check_number("temperature", temperature, "the scores are divided by it", low=0.0, low_open=True)
+        check_number("tau", tau, "the temperature T·(1 + τ·ĥ) with ĥ in [-1, 1] must stay positive", low=0.0,
+                     high=1.0, high_open=True)  # fmt: skip
+        check_number("entropy_pivot", entropy_pivot, "it is a quantile of the log-entropies", low=0.0, high=1.0)
         self.temperature = temperature
         self.tau = tau
         self.entropy_pivot = entropy_pivot

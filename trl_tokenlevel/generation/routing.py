@@ -29,6 +29,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from trl_tokenlevel.checks import check_number
+from trl_tokenlevel.generation.checks import (
+    check_generation_args,
+    check_labelling_args,
+    check_router_config,
+    check_router_training,
+    check_routing,
+    load_router_state,
+    read_router_folder,
+)
 from trl_tokenlevel.generation.kv import (
     DecodingBuffer,
     IncrementalDecoder,
@@ -83,6 +93,7 @@ class TokenRouterConfig:
     threshold: float = 0.5
 
     def __post_init__(self):
+        check_router_config(self)
         self.top_k = min(self.top_k, self.vocab_size)
 
 
@@ -171,15 +182,9 @@ class TokenRouter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str | None = None) -> TokenRouter:
-        from safetensors.torch import load_file
-
-        config_file = os.path.join(path, ROUTER_CONFIG_NAME)
-        if not os.path.exists(config_file):
-            raise FileNotFoundError(f"No {ROUTER_CONFIG_NAME} in {path!r}: save the router with `save_pretrained`.")
-        with open(config_file) as handle:
-            config = TokenRouterConfig(**json.load(handle))
-        router = cls(config)
-        router.load_state_dict(load_file(os.path.join(path, ROUTER_WEIGHTS_NAME)))
+        config, state = read_router_folder(path, ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME, TokenRouterConfig)
+        router = cls(TokenRouterConfig(**config))
+        load_router_state(router, state, os.path.join(path, ROUTER_WEIGHTS_NAME))
         return router.to(device or "cpu").eval()
 
 
@@ -251,6 +256,8 @@ def routed_generate(
         `TokenRoutingOutput`: completions, `large_mask` (which model produced each token), `large_token_fraction`,
         the router probabilities of every proposal, decoded `texts` when a tokenizer is given, and call counters.
     """
+    check_generation_args(small_model, large_model, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_routing(router, small_model, threshold)
     input_ids, attention_mask = prepare_inputs([small_model], input_ids, attention_mask, prompts, tokenizer)
     eos, pad = resolve_special_ids([small_model, large_model], tokenizer, eos_token_id, pad_token_id)
     if threshold is None:
@@ -460,6 +467,8 @@ def build_routing_dataset(
     from datasets import Dataset
     from tqdm.auto import tqdm
 
+    check_labelling_args(small_model, large_model, tokenizer, max_new_tokens, top_k, batch_size,
+                         continuation_max_new_tokens, margin)  # fmt: skip
     if prompt_column not in dataset.column_names:
         raise ValueError(f"Column {prompt_column!r} not found; the dataset has {dataset.column_names}.")
     if completion_column is not None and completion_column not in dataset.column_names:
@@ -651,6 +660,8 @@ def routing_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float)
 def calibrate_router(router: TokenRouter, data, target_recall: float = 0.95, default_threshold: float = 0.5) -> float:
     """Set `router.threshold` to the largest θ whose routing reaches `target_recall` on `data`'s routing-worthy tokens
     (`ops.decoding.r2r_calibrate_threshold`; `default_threshold` if `data` has none) and return it."""
+    check_number("target_recall", target_recall, "it is a recall", low=0.0, high=1.0)
+    check_number("default_threshold", default_threshold, "it is a probability threshold", low=0.0, high=1.0)
     data = _as_tensors(data)
     threshold = r2r_calibrate_threshold(router_probabilities(router, data), data["labels"], target_recall,
                                         default_threshold)  # fmt: skip
@@ -672,6 +683,7 @@ def train_router(
     from tqdm.auto import tqdm
 
     config = config or RouterTrainingConfig()
+    check_router_training(config)
     generator = torch.Generator().manual_seed(config.seed)
     train = _as_tensors(train_data)
     if eval_data is not None:

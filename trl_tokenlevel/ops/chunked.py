@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "backbone_hidden_states",
+    "backbone_of",
     "chunked_contrastive_logprobs",
     "chunked_token_kl",
     "chunked_token_logprobs",
@@ -115,12 +116,16 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def _full(tensor: torch.Tensor | None) -> torch.Tensor | None:
     # FSDP2 shards parameters as DTensors while hidden states are plain tensors: gather the head first, as TRL's
-    # fused head does. `full_tensor()` is differentiable, so gradients still reach the shards.
+    # fused head does. `full_tensor()` is differentiable; each rank's gradient of the gathered head is only its own
+    # share of the loss, so the backward must reduce it across ranks ("partial" gradient), and average it, as FSDP2
+    # averages every other gradient (tests/distributed: without this the head's gradient is wrong).
     if tensor is None:
         return None
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 @contextmanager
@@ -726,23 +731,26 @@ def lm_head_params(model) -> dict:
 
 
 def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Last hidden state `[B, L, H]` of the model's backbone, without running the LM head.
+    """Last hidden state `[B, L, H]` of the model's backbone (`backbone_of`), without running the LM head.
 
-    Runs `model.base_model` (the module named by `base_model_prefix`, as TRL's fused head does); for a vision-language
-    model under transformers < 5, the language backbone `model.model`. A PEFT-wrapped model is unwrapped with
-    `get_base_model()` first, so its adapters stay active. Feed `[:, :-1]` of the result, flattened and masked, to
-    the chunked ops with `lm_head_params(model)`.
+    Feed `[:, :-1]` of the result, flattened and masked, to the chunked ops with `lm_head_params(model)`.
     """
+    outputs = backbone_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state
+
+
+def backbone_of(model):
+    """The module TRL's fused head runs as the backbone: `model.base_model` (the module named by
+    `base_model_prefix`), or `model.model` for a vision-language model under transformers < 5. A PEFT-wrapped model is
+    unwrapped with `get_base_model()` first, so its adapters stay active."""
     model = _unwrap_peft(model)
-    backbone = model.base_model
     if model.config.get_text_config() is not model.config:
         import transformers
         from packaging.version import Version
 
         if Version(transformers.__version__) < Version("5.0.0"):
-            backbone = model.model
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return outputs.last_hidden_state
+            return model.model
+    return model.base_model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

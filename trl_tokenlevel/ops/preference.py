@@ -28,7 +28,7 @@ TDPO_VARIANTS = ("tdpo1", "tdpo2")
 TREG_REG_FORMS = ("logratio", "logprob")
 TREG_REG_REDUCTIONS = ("sum", "mean")
 CDPO_AGGREGATIONS = ("sequence", "per_token", "per_token_completion")
-ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast")
+ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -568,6 +568,9 @@ def cdpo_loss(
     `aggregation="per_token_completion"` (not official): the same per-position losses averaged only over positions where
     either side is a completion token, over the whole batch. Each row returns its sum scaled by B / (batch count of such
     positions), so the trainer's `.mean()` gives that batch-wide token mean; a batch without completion tokens gives 0.
+    The count is that of the tensors given (one micro-batch on one process): under gradient accumulation or data
+    parallelism the optimizer step averages micro-batch means, which equals one large batch only when the micro-batches
+    hold equal counts.
 
     Defaults (official): β = 0.1, weights from `cdpo_contrastive_weights` with only_neg=True and the EOS rule. Weights
     are used as given (pass them detached).
@@ -629,9 +632,12 @@ def aligndistil_loss_from_logits(
         ℓ_t   = (β/ω_t)·KL(π_θ(·|s_t) ‖ π*_t)                 (reverse KL; student logits also divided by τ)
         L     = Σ_t m_t ℓ_t / max(1, Σ_t m_t)                 (len_norm=True, default; otherwise no division)
 
-    Ablation modes (`mode`), both with ℓ_t = β₂·KL(π_θ ‖ π*):
+    Ablation modes (`mode`), the first two with ℓ_t = β₂·KL(π_θ ‖ π*):
         "theorem1":          z* = (β/β₂)·z^d + (1 − β/β₂)·z^ref    (needs `ref_logits`; `reverse_logits` is unused)
         "theorem1_contrast": z* = z^d + (β/β₂)·(z^d − z^r)         (constant ω)
+        "theorem1_adaptive": z* = ω_t·z^d + (1 − ω_t)·z^r,  ℓ_t = (β/ω_t)·KL(π_θ ‖ π*)   (ω_t as above: linear
+                             interpolation between the two teachers' logits, extrapolating once ω_t > 1; official
+                             `reward_boost_type="theorem1_adaptive"`)
 
     Defaults (official off-policy scripts): β = 0.1, β₂ = 10 (15 on-policy), τ = 1, len_norm on. Only chosen responses
     are distilled off-policy. Which positions are masked (standard causal shift vs the official off-by-one) is decided
@@ -645,7 +651,7 @@ def aligndistil_loss_from_logits(
 
     Returns:
         `(B,)` per-sequence loss and detached `(B, T)` metrics (0 at masked positions): `token_kl` (KL(π_θ ‖ π*)),
-        `token_coef` (β/ω_t or β₂) and `omega` (ω_t; β/β₂ in the theorem modes).
+        `token_coef` (β/ω_t or β₂) and `omega` (ω_t; β/β₂ in the constant theorem modes).
     """
     _check_choice("mode", mode, ALIGNDISTIL_MODES)
     if mode == "theorem1" and ref_logits is None:
@@ -665,10 +671,14 @@ def aligndistil_loss_from_logits(
     dpo = prepare(dpo_logits, teacher=True)
     reverse = prepare(reverse_logits, teacher=True)
 
-    if mode == "aligndistil":
+    if mode in ("aligndistil", "theorem1_adaptive"):
         tvd = (F.softmax(dpo, dim=-1) - F.softmax(reverse, dim=-1)).abs().sum(dim=-1)
         omega = beta2 * tvd + _ALIGNDISTIL_OMEGA_FLOOR
-        teacher_logits = dpo + omega.unsqueeze(-1) * (dpo - reverse)
+        weight = omega.unsqueeze(-1)
+        if mode == "aligndistil":
+            teacher_logits = dpo + weight * (dpo - reverse)
+        else:
+            teacher_logits = weight * dpo + (1 - weight) * reverse
         coef = beta / omega
     else:
         ratio = beta / beta2

@@ -61,6 +61,7 @@ def chord_sft_loss(
     weighting: str = "phi",
     cutoff_prob: float = 1.0,
     token_level: bool = True,
+    normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CHORD expert-SFT loss `L_SFT`, reduced over the expert tokens of a `[B, T]` batch.
 
@@ -72,17 +73,22 @@ def chord_sft_loss(
         weighting, cutoff_prob: see `chord_sft_per_token_loss` (defaults φ on, no cutoff).
         token_level: True (default, `use_token_level_loss=True`): mean over all masked tokens of the batch; False:
             mean over rows of each row's token-mean (rows without tokens are skipped).
+        normalizer: divide the sum (of tokens, or of row means) by this count instead of this batch's own: the
+            expert tokens (or rows) of the whole optimisation step, over micro-batches and ranks, so that the
+            micro-batch terms add up to the one-batch loss (`L = Σ_{micro, rank} sum / N_global`).
 
     Returns 0 (keeping the graph) when no token is masked: "no expert rows → SFT term 0".
     """
     per_token = chord_sft_per_token_loss(log_probs, weighting=weighting, cutoff_prob=cutoff_prob)
     mask = mask.to(per_token.dtype)
     if token_level:
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        count = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
+        return (per_token * mask).sum() / count
     counts = mask.sum(-1)
     has_tokens = counts > 0
     row_means = (per_token * mask).sum(-1) / counts.clamp(min=1.0)
-    return (row_means * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    count = has_tokens.sum().clamp(min=1) if normalizer is None else normalizer
+    return (row_means * has_tokens).sum() / count
 
 
 def chord_mu(
@@ -118,7 +124,8 @@ def chord_mix(grpo_loss: torch.Tensor, sft_loss: torch.Tensor, mu: float) -> tor
 
     Paper: https://huggingface.co/papers/2508.11408. The official code also multiplies each side by its row count and
     a batch-size weight so that each side averages over its own global batch; that renormalisation depends on the
-    trainer's batching and belongs there.
+    trainer's batching and belongs there (`TokenGRPOTrainer` divides the SFT sum by the step's global expert count:
+    `chord_sft_loss(..., normalizer=)`).
     """
     return (1.0 - mu) * grpo_loss + mu * sft_loss
 

@@ -10,7 +10,8 @@ TRL uses for the `rewards/<name>/mean` metrics.
 - :class:`MajorityVoteReward`: TTRL/SPINE majority-vote pseudo-reward (spec §2), no labels needed; groups prompts
   across ranks.
 - :class:`SoftChoiceReward`: TW-GRPO soft multi-choice reward (spec §8).
-- :class:`RMTLengthReward`: RMT triangular length reward around a decaying token budget (spec §9, [recon]).
+- :class:`RMTLengthReward`: RMT triangular length reward around a decaying token budget (spec §9, [recon]);
+- :class:`RMTNextTokenReward`: RMT's next-token match reward on corpus prompts (spec §9).
 
 The math lives in `trl_tokenlevel.rewards.token_bleu` and `trl_tokenlevel.ops.advantages`; this file parses text and
 adapts calling conventions.
@@ -292,3 +293,27 @@ class RMTLengthReward:
         lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.float32)
         rewards = self.weight * rmt_length_reward(lengths, float(budget), length_reward_width=self.width)
         return rewards.tolist()
+
+
+class RMTNextTokenReward:
+    """RMT's verifiable reward: 1 when the completion's predicted next token matches the corpus token (spec §9).
+
+    Paper: https://huggingface.co/papers/2509.24375. The prediction is the last `<answer>...</answer>` of the
+    completion (`extract_answer`, default :func:`extract_tagged_answer`), compared with the dataset column
+    `rmt_target` (built by `trl_tokenlevel.data.rmt.build_rmt_dataset`) after stripping whitespace; no answer: 0.
+    """
+
+    __name__ = "rmt_next_token"
+
+    def __init__(self, extract_answer: Callable[[str], str | None] | None = None):
+        self.extract_answer = extract_answer or extract_tagged_answer
+
+    def __call__(self, prompts=None, completions=None, rmt_target=None, **kwargs) -> list[float]:
+        if rmt_target is None:
+            raise ValueError("RMTNextTokenReward needs the dataset column `rmt_target` (see build_rmt_dataset).")
+        rewards = []
+        for completion, target in zip(completions, rmt_target, strict=True):
+            answer = self.extract_answer(completion_text(completion))
+            rewards.append(float(answer is not None and answer.strip() == str(target).strip()))
+        return rewards
+

@@ -4,19 +4,40 @@ model init kwargs and the final save."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
+# Local data files `--dataset_name` accepts, by extension, and the `datasets` builder that reads each.
+LOCAL_DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def quiet_known_warnings() -> None:
+    """Silence the deprecation warnings every job printed without telling the user anything they can act on.
+
+    Both come from TRL 1.16 itself, not from the user's flags: its configs default `gradient_checkpointing=True`, which
+    transformers 5 renames to `activation_checkpointing` with a FutureWarning, and TRL reads the renamed
+    `model.is_gradient_checkpointing`. The filters match those two messages only.
+    """
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 
 def machine_defaults(output_dir: str) -> dict:
-    """Parser defaults every script sets: TrainingArguments refuses bf16 without a GPU, so default to what is there."""
-    return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "output_dir": output_dir}
+    """Parser defaults every script sets, from the hardware that is there: TrainingArguments refuses bf16 without a
+    GPU, and pinned memory only helps (and otherwise warns at every run) with an accelerator."""
+    return {
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "output_dir": output_dir,
+    }
 
 
 def parse_with_tiny_defaults(parser, argv, tiny_defaults: dict):
     """Parse once; without `--model_name_or_path` (the built-in tiny job) parse again with defaults sized for a CPU
     minute. Flags and YAML files still override them."""
+    quiet_known_warnings()
     parsed = parser.parse_args_and_config(args=argv)
     model_args = next(args for args in parsed if hasattr(args, "model_name_or_path"))
     if model_args.model_name_or_path is None:
@@ -29,18 +50,43 @@ def parse_with_tiny_defaults(parser, argv, tiny_defaults: dict):
     return parsed
 
 
+def load_named_dataset(name: str, config: str | None = None):
+    """A `DatasetDict` from a local `.json`/`.jsonl`/`.csv`/`.parquet` file (its rows become the "train" split), a
+    folder written by `save_to_disk`, or anything `datasets.load_dataset` takes (a Hub id, a folder of data files)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    builder = LOCAL_DATA_BUILDERS.get(os.path.splitext(name)[1].lower())
+    if builder is not None:
+        if not os.path.isfile(name):
+            raise FileNotFoundError(
+                f"--dataset_name {name!r} looks like a local {builder} file, but there is no such file (relative paths "
+                f"start in {os.getcwd()!r}). Check the path, or name a Hub dataset instead."
+            )
+        return load_dataset(builder, data_files=name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        return load_from_disk(name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+        return DatasetDict({"train": load_from_disk(name)})
+    return load_dataset(name, name=config)
+
+
 def load_train_and_heldout(script_args, dataset_args, load_builtin: Callable):
-    """`(train, heldout, builtin)`: a dataset mixture, a named dataset, or the built-in one split 16 rows off."""
-    from datasets import load_dataset
+    """`(train, heldout, builtin)`: a dataset mixture, a named dataset or local file, or the built-in one split 16 rows
+    off."""
     from trl import get_dataset
 
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        dataset = load_named_dataset(script_args.dataset_name, script_args.dataset_config)
     else:
         split = load_builtin().train_test_split(test_size=16, seed=0)
         return split["train"], split["test"], True
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"--dataset_train_split {script_args.dataset_train_split!r} is not a split of {script_args.dataset_name!r}; "
+            f"its splits are {sorted(dataset)}. Pass --dataset_train_split with one of them."
+        )
     train = dataset[script_args.dataset_train_split]
     heldout = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
     return train, heldout, False
@@ -67,7 +113,9 @@ def build_tiny_base(training_args, texts, **model_kwargs):
     model_path = os.path.join(training_args.output_dir, "tiny-base")
     with training_args.main_process_first(desc="building the tiny base model"):
         if not os.path.exists(os.path.join(model_path, "config.json")):
-            save_tiny_pair(build_tiny_model(tokenizer, hidden_size=96, num_layers=2, **model_kwargs), tokenizer, model_path)
+            save_tiny_pair(
+                build_tiny_model(tokenizer, hidden_size=96, num_layers=2, **model_kwargs), tokenizer, model_path
+            )
     return tokenizer, model_path
 
 

@@ -4,7 +4,7 @@ Built-in tiny default (CPU, seconds, offline; random tiny models, so the labels 
 ```bash
 trl-tokenlevel route label                # -> tokenlevel-route/labels (datasets.save_to_disk) + tiny model pair
 trl-tokenlevel route train-router         # -> tokenlevel-route/router (router_config.json + router.safetensors)
-trl-tokenlevel route generate             # -> tokenlevel-route/generations.jsonl + token_models.html
+trl-tokenlevel route generate             # -> tokenlevel-route/generations-r2r.jsonl + token_models-r2r.html
 ```
 
 Real pair (same tokenizer family):
@@ -124,7 +124,9 @@ class RouteGenerateArguments:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Top-p sampling."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    output_dir: str = field(default="tokenlevel-route", metadata={"help": "generations.jsonl and heatmap go here."})
+    output_dir: str = field(
+        default="tokenlevel-route", metadata={"help": "generations-<method>.jsonl and token_models-<method>.html go here."}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -198,16 +200,15 @@ def _load_tokenizer(path: str, model_args: RouteModelArguments):
 
 
 def _load_prompt_dataset(name, config, split, num_examples):
-    from datasets import load_dataset
-
     from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+    from trl_tokenlevel.scripts.common import LOCAL_DATA_BUILDERS, load_named_dataset
 
     if name is None:
         dataset = load_tiny_preference_dataset().select_columns(["prompt"])
-    elif name.endswith((".json", ".jsonl")):
-        dataset = load_dataset("json", data_files=name, split="train")
     else:
-        dataset = load_dataset(name, name=config, split=split)
+        splits = load_named_dataset(name, config)
+        # A local data file holds one split, "train", whatever --dataset_split says.
+        dataset = splits["train"] if os.path.splitext(name)[1].lower() in LOCAL_DATA_BUILDERS else splits[split]
     if num_examples is not None:
         dataset = dataset.select(range(min(num_examples, len(dataset))))
     return dataset
@@ -336,13 +337,14 @@ def generate(model_args: RouteModelArguments, args: RouteGenerateArguments):
         titles = [p if isinstance(p, str) else p[-1]["content"] for p in batch]
         heat_rows += out.token_rows(tokenizer, [t.strip()[-80:] for t in titles])
     os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "generations.jsonl")
+    # One file per method, so that comparing methods in one folder keeps every output.
+    path = os.path.join(args.output_dir, f"generations-{args.method}.jsonl")
     with open(path, "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
-    html = write_token_heatmap(os.path.join(args.output_dir, "token_models.html"), heat_rows,
+    html = write_token_heatmap(os.path.join(args.output_dir, f"token_models-{args.method}.html"), heat_rows,
                                title=f"Which model produced each token ({args.method}; green = large)",
-                               value_name="large model")  # fmt: skip
+                               value_name="model", labels=("small model", "large model"))  # fmt: skip
     fraction = large_tokens / total_tokens if total_tokens else 0.0
     print(f"{args.method}: {len(records)} completions, large-model token fraction {fraction:.3f}. "
           f"Wrote {path} and {html}")  # fmt: skip

@@ -3,11 +3,15 @@
 TRL's fused forward returns per-token log-probs but no logits and no hidden states. The full-distribution methods
 (TDPO, SparsePO, MaPO) need the backbone's last hidden state (with its graph, for the policy) and sometimes inner
 activations of the reference. Hooks read them during the forward that runs anyway: no second backbone pass.
+`add_backbone_forward` goes one step further for the fused full-distribution pass: a forward that runs the backbone
+and skips TRL's LM head altogether, so that `ops.fused` reads each head tile once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from collections import defaultdict
 
 import torch
@@ -18,6 +22,29 @@ def causal_lm_of(model, accelerator):
     """The transformers causal LM inside DDP/FSDP/PEFT wrappers (the module whose `base_model` TRL's head runs)."""
     model = accelerator.unwrap_model(model)
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def add_backbone_forward(causal_lm) -> None:
+    """Make `model(..., backbone_only=True)` run only the backbone and return its output (`last_hidden_state` with its
+    autograd graph), without the LM head; every other call goes to the forward it replaces (TRL's fused head).
+
+    The switch is a keyword of the instance's `forward`, like TRL's `fused_lm_head`, so the call still passes through
+    every wrapper that calls `forward` (DDP gradient synchronisation, PEFT, accelerate's autocast). Labels are not
+    needed: the caller scores the hidden states itself. Apply it after `add_fused_lm_head` and to the unwrapped causal
+    LM (`causal_lm_of`).
+    """
+    from ..ops.chunked import backbone_of
+
+    wrapped = causal_lm.forward
+
+    @functools.wraps(type(causal_lm).forward)  # `generate` validates its kwargs against this signature
+    def forward(self, *args, backbone_only=False, **kwargs):
+        if not backbone_only:
+            return wrapped(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return backbone_of(self)(*args, **kwargs)
+
+    causal_lm.forward = types.MethodType(forward, causal_lm)
 
 
 def _first_tensor(output):

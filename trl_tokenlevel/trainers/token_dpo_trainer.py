@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from accelerate.logging import get_logger
@@ -30,11 +31,14 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
+from ..checks import check_same_hidden_size, check_same_vocabulary, check_tokenizer_fits
 from ..data.token_columns import (
+    ROW_ID_COLUMN,
     TOKEN_BATCH_KEYS,
     TOKEN_COLUMN_FAMILIES,
     TOKEN_COLUMNS,
     DataCollatorForTokenPreference,
+    column_names,
     validate_token_columns,
 )
 from ..ops.chunked import (
@@ -43,6 +47,7 @@ from ..ops.chunked import (
     chunked_total_variation,
     lm_head_params,
 )
+from ..ops.fused import fused_token_statistics
 from ..ops.preference import (
     cdpo_loss,
     mapo_zn_rescale,
@@ -52,16 +57,23 @@ from ..ops.preference import (
     treg_loss,
     weighted_dpo_loss,
 )
-from ..signals.masks import SparsePOMask
-from .hooks import capture_last_hidden_state, causal_lm_of, record_activation_means, record_layer_outputs
-from .token_dpo_config import TokenDPOConfig
+from ..signals.masks import SparsePOMask, norm_eps_of
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
+from .hooks import (
+    add_backbone_forward,
+    capture_last_hidden_state,
+    causal_lm_of,
+    record_activation_means,
+    record_layer_outputs,
+)
+from .token_dpo_config import FULL_DISTRIBUTION_LOSS_TYPES, TokenDPOConfig
 
 logger = get_logger(__name__)
 
-# Temporary column naming the user's row through TRL's tokenization (which may drop rows), for error messages.
-_ROW_ID_COLUMN = "__trl_tokenlevel_row__"
 # Losses that read the backbone's last hidden state of policy and reference during the fused forward.
 _HIDDEN_STATE_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo")
+# Losses that can run the fused full-distribution pass (`ops.fused`) instead of TRL's log-prob head + a chunked KL.
+_FUSED_LOSS_TYPES = (*_HIDDEN_STATE_LOSS_TYPES, "aligndistil")
 _SPARSEPO_MASK_FILE = "sparsepo_mask.pt"
 # Bumped whenever the layout of the per-token reference cache changes, so a stale cache is never reused.
 _REF_CACHE_VERSION = "trl_tokenlevel/per_token_ref_logps/v1"
@@ -106,6 +118,14 @@ class TokenDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "trl-tokenlevel"]
     _name = "TokenDPO"
     # `_paper` stays DPO's: every method here is a token-level form of the DPO objective.
+
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (stock DPO: every override defers to `DPOTrainer`).
+    token_loss_type = None
+    guidance_model = None
+    aligndistil_teachers = None
+    sparsepo_masks = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -143,6 +163,7 @@ class TokenDPOTrainer(DPOTrainer):
         self.aligndistil_teachers = self._load_aligndistil_teachers(args, aligndistil_teachers)
 
         if self.token_loss_type is not None:
+            check_policy(model, processing_class)
             if processing_class is None:
                 processing_class = AutoProcessor.from_pretrained(
                     model if isinstance(model, str) else get_config_model_id(model.config),
@@ -166,6 +187,8 @@ class TokenDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
 
+        if self.token_loss_type is not None and self.ref_model is not None:
+            self._check_reference()
         if self.guidance_model is not None:
             add_fused_lm_head(self.guidance_model)
             self.guidance_model = self._prepare_frozen(self.guidance_model, "guidance_model")
@@ -177,11 +200,20 @@ class TokenDPOTrainer(DPOTrainer):
             if args.aligndistil_mode != "theorem1":
                 # Only chosen responses against the two teachers: the reference model is not used, so free it.
                 self.ref_model = None
+        # The fused full-distribution pass: policy and reference run their backbones only, and one tiled pass over
+        # both LM heads yields the log-probs, the KL and the metrics' statistics.
+        self.fused_distribution = self._uses_fused_distribution()
+        if self.fused_distribution:
+            for frozen_or_policy in (self.model, self.ref_model):
+                if frozen_or_policy is not None:
+                    add_backbone_forward(causal_lm_of(frozen_or_policy, self.accelerator))
         self.sparsepo_masks = None
         if self.token_loss_type == "sparsepo":
             self.sparsepo_masks = self._build_sparsepo_masks()
             # `Trainer` zeroes only the model's gradients after each optimizer step; the masks live beside it.
             self.add_callback(_ZeroGradientsAfterStep(self.sparsepo_masks))
+        if nonfinite_guard_enabled(args, self.token_loss_type is not None):
+            self.add_callback(NonFiniteWeightsGuard(self.sparsepo_masks or ()))
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -223,6 +255,18 @@ class TokenDPOTrainer(DPOTrainer):
             for t in teachers
         )
 
+    def _uses_fused_distribution(self) -> bool:
+        """Whether the full-distribution loss runs the fused pass (`token_kernel` "torch", or "auto" off CUDA/XPU).
+
+        "auto" keeps TRL's Triton log-prob head + TRL's Triton divergence on CUDA/XPU until a Triton backend of the
+        fused pass exists (`ops.fused._BACKENDS`) or the GPU suite shows the torch tiling ahead. MoE load-balancing
+        losses need TRL's head forward (it adds the router loss), so they keep the two-pass path.
+        """
+        if self.token_loss_type not in _FUSED_LOSS_TYPES or self.aux_loss_enabled:
+            return False
+        kernel = self.args.token_kernel
+        return kernel == "torch" or (kernel == "auto" and self.accelerator.device.type not in ("cuda", "xpu"))
+
     def _prepare_frozen(self, model: PreTrainedModel, name: str) -> PreTrainedModel:
         """Check the vocabulary, freeze, drop dropout and place a frozen auxiliary model like TRL's reference."""
         self._check_same_vocabulary(model, name)
@@ -237,7 +281,8 @@ class TokenDPOTrainer(DPOTrainer):
         count = 2 if self.args.sparsepo_independent_masks else 1
         masks = []
         for _ in range(count):
-            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout)
+            mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout,
+                                init=self.args.sparsepo_mask_init, norm_eps=norm_eps_of(config))  # fmt: skip
             masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
         return masks
 
@@ -267,18 +312,52 @@ class TokenDPOTrainer(DPOTrainer):
             path = os.path.join(resume_from_checkpoint, _SPARSEPO_MASK_FILE)
             if not os.path.exists(path):
                 raise ValueError(f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run.")
+            self._load_sparsepo_masks(path)
+
+    def _load_sparsepo_masks(self, path: str) -> None:
+        """Load the mask networks from `path`, naming the file and the mismatch if it was saved for another setup."""
+        masks = [self.accelerator.unwrap_model(mask) for mask in self.sparsepo_masks]
+        fix = (
+            "Resume with the model and sparsepo_independent_masks setting of the run that wrote it, or delete the "
+            "file to start the masks afresh."
+        )
+        try:
             states = torch.load(path, map_location=self.accelerator.device)
-            for mask, state in zip(self.sparsepo_masks, states, strict=True):
-                self.accelerator.unwrap_model(mask).load_state_dict(state)
+        except Exception as error:  # a truncated or foreign file: torch raises many different types
+            raise ValueError(f"{path} is not a readable SparsePO mask file ({error}). {fix}") from error
+        if not isinstance(states, list) or len(states) != len(masks):
+            count = len(states) if isinstance(states, list) else type(states).__name__
+            raise ValueError(f"{path} holds {count} mask network(s), this run builds {len(masks)}. {fix}")
+        for index, (mask, state) in enumerate(zip(masks, states)):
+            expected = {name: tuple(tensor.shape) for name, tensor in mask.state_dict().items()}
+            found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+            if found != expected:
+                raise ValueError(
+                    f"{path}: mask network {index} has parameter shapes {found}, but this model needs {expected} "
+                    f"(layers x hidden size): the file was saved for another model. {fix}"
+                )
+            mask.load_state_dict(state)
 
     def _check_same_vocabulary(self, other: PreTrainedModel, name: str) -> None:
-        policy_width = self.model.get_output_embeddings().weight.shape[0]
-        other_width = other.get_output_embeddings().weight.shape[0]
-        if policy_width != other_width:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_width} tokens but the policy's covers {policy_width}. Token "
-                "rewards need the same tokenizer and vocabulary: use a model fine-tuned from the same base."
-            )
+        check_same_vocabulary(self.model, "model", other, name, "token rewards and teachers score the policy's tokens")
+
+    def _check_reference(self) -> None:
+        """The reference must score the policy's tokens; full-distribution losses compare whole distributions, and
+        SparsePO's mask networks (sized from the policy) read the reference's layers."""
+        check_tokenizer_fits(self.processing_class, self.ref_model, "ref_model")
+        if self.token_loss_type in FULL_DISTRIBUTION_LOSS_TYPES:
+            check_same_vocabulary(self.model, "model", self.ref_model, "ref_model",
+                                  "the per-token KL compares the two next-token distributions")  # fmt: skip
+        if self.token_loss_type == "sparsepo":
+            why = "SparsePO's mask networks are sized from the policy and read the reference's layer outputs"
+            check_same_hidden_size(self.model, "model", self.ref_model, "ref_model", why)
+            layers = [causal_lm_of(m, self.accelerator).config.get_text_config().num_hidden_layers
+                      for m in (self.model, self.ref_model)]  # fmt: skip
+            if layers[0] != layers[1]:
+                raise ValueError(
+                    f"`ref_model` has {layers[1]} layers but `model` has {layers[0]}: {why}. Use a reference of the "
+                    "same architecture (e.g. the policy's initial weights)."
+                )
 
     # Which per-token column family each token loss reads (the others are ignored, with a warning).
     _FAMILY_OF_LOSS = {"weighted": "token_weights", "cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards"}
@@ -336,16 +415,21 @@ class TokenDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.token_loss_type is None:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        user_columns = list(dataset.column_names or [])
+        user_columns = column_names(dataset)
         has_token_columns = any(name in user_columns for name in TOKEN_COLUMNS)
-        track_rows = isinstance(dataset, Dataset) and has_token_columns
-        if track_rows:
-            dataset = dataset.add_column(_ROW_ID_COLUMN, list(range(len(dataset))))
+        streamed = isinstance(dataset, IterableDataset)
+        if has_token_columns:
+            # Row numbers of the user's dataset, through TRL's tokenization (which may drop rows): checked here for a
+            # map-style dataset, by the collator for a stream (which keeps the column).
+            if streamed:
+                dataset = dataset.map(lambda _, index: {ROW_ID_COLUMN: index}, with_indices=True)
+            else:
+                dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         row_ids = None
-        if track_rows:
-            row_ids = dataset[_ROW_ID_COLUMN]
-            dataset = dataset.remove_columns(_ROW_ID_COLUMN)
+        if has_token_columns and not streamed:
+            row_ids = dataset[ROW_ID_COLUMN]
+            dataset = dataset.remove_columns(ROW_ID_COLUMN)
         present = validate_token_columns(dataset, row_ids)
         self._check_token_columns(present, dataset_name, user_columns)
         return dataset
@@ -354,14 +438,15 @@ class TokenDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         # `remove_unused_columns=True` (the default) keeps only signature columns: add ours so they reach the collator.
         if self.token_loss_type is not None and not self._is_vision_dataset:
-            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS]
+            self._signature_columns = [*self._signature_columns, *TOKEN_COLUMNS, ROW_ID_COLUMN]
 
     # ------------------------------------------------------------------------------------------------------------
     # Reference log-probs: live (separate model or adapter-disabled PEFT) or precomputed per token
     # ------------------------------------------------------------------------------------------------------------
 
-    def _reference_forward(self, model, model_kwargs, labels):
-        """Per-token reference log-probs `(2B, L-1)` from `model` under no_grad (adapter disabled for PEFT)."""
+    def _reference_forward(self, model, model_kwargs, labels, backbone_only=False):
+        """Per-token reference log-probs `(2B, L-1)` from `model` under no_grad (adapter disabled for PEFT); with
+        `backbone_only`, the backbone's last hidden state `(2B, L, H)` instead (the fused pass scores it)."""
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -373,6 +458,9 @@ class TokenDPOTrainer(DPOTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             adapter_context,
         ):
+            if backbone_only:
+                with self.accelerator.autocast():
+                    return model(**kwargs, backbone_only=True).last_hidden_state
             return model(**kwargs, labels=labels, fused_lm_head=True).log_probs
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -396,7 +484,35 @@ class TokenDPOTrainer(DPOTrainer):
         if not os.path.exists(cache_file):
             self._write_ref_cache(dataset, name, batch_size, fingerprint[0], cache_file)
         self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        return concatenate_datasets([dataset, self._read_ref_cache(cache_file, dataset, name)], axis=1)
+
+    @staticmethod
+    def _read_ref_cache(cache_file: str, dataset: Dataset, name: str) -> Dataset:
+        """The cached per-token reference columns, checked against `dataset` row by row (an interrupted write or a
+        foreign file must not silently misalign the reference)."""
+        fix = f"Delete {cache_file} and run again: the per-token reference log-probs are recomputed."
+        try:
+            cache = Dataset.from_file(cache_file)
+        except Exception as error:  # pyarrow raises several types for a truncated file
+            raise ValueError(f"The per-token reference cache {cache_file} is unreadable ({error}). {fix}") from error
+        if len(cache) != len(dataset) or not {"ref_chosen_token_logps", "ref_rejected_token_logps"} <= set(
+            cache.column_names
+        ):
+            raise ValueError(
+                f"The per-token reference cache {cache_file} has {len(cache)} rows and columns {cache.column_names}, "
+                f"but the {name} dataset has {len(dataset)} rows and needs 'ref_chosen_token_logps' and "
+                f"'ref_rejected_token_logps': it is stale. {fix}"
+            )
+        for side in ("chosen", "rejected"):
+            lengths = [len(ids) for ids in dataset[f"{side}_ids"]]
+            cached = [len(values) for values in cache[f"ref_{side}_token_logps"]]
+            if lengths != cached:
+                row = next(i for i, (a, b) in enumerate(zip(lengths, cached)) if a != b)
+                raise ValueError(
+                    f"The per-token reference cache {cache_file} is stale: row {row} has {cached[row]} reference "
+                    f"log-probs for {lengths[row]} tokens of '{side}_ids'. {fix}"
+                )
+        return cache
 
     def _write_ref_cache(self, dataset, name, batch_size, fingerprint, cache_file) -> None:
         if self.is_deepspeed_enabled and self.ref_model is None:
@@ -475,25 +591,31 @@ class TokenDPOTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        # Full-distribution losses read the backbone's last hidden state during this same forward (no second pass).
-        policy_lm = causal_lm_of(model, self.accelerator)
-        reads_hidden = self.token_loss_type in _HIDDEN_STATE_LOSS_TYPES
-        with capture_last_hidden_state(policy_lm) if reads_hidden else contextlib.nullcontext({}) as policy_capture:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-        if "ref_token_logps" in inputs:
-            ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
-            ref_capture = {}
-        else:
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            with self._reference_capture(ref_model) as ref_capture:
-                ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
         valid = shift_mask.bool()
+        if self.fused_distribution:
+            outputs, ref_per_token_logps, distribution = self._fused_distribution_forward(
+                model, model_kwargs, labels, valid, seq_len
+            )
+            per_token_logps = outputs.log_probs
+        else:
+            # Full-distribution losses read the backbone's last hidden state during this same forward.
+            policy_lm = causal_lm_of(model, self.accelerator)
+            reads_hidden = self.token_loss_type in _HIDDEN_STATE_LOSS_TYPES
+            with capture_last_hidden_state(policy_lm) if reads_hidden else contextlib.nullcontext({}) as policy_capture:
+                outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+            per_token_logps = outputs.log_probs[:, -seq_len:]
+            if "ref_token_logps" in inputs:
+                ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
+                ref_capture = {}
+            else:
+                ref_model = self.ref_model if self.ref_model is not None else self.model
+                with self._reference_capture(ref_model) as ref_capture:
+                    ref_per_token_logps = self._reference_forward(ref_model, model_kwargs, labels)[:, -seq_len:]
+            distribution = None
+            if reads_hidden:
+                distribution = self._distribution_signals(policy_lm, policy_capture, ref_capture, valid, seq_len)
         per_token_logratios = torch.where(valid, per_token_logps - ref_per_token_logps, 0.0)
-        distribution = None
-        if reads_hidden:
-            distribution = self._distribution_signals(policy_lm, policy_capture, ref_capture, valid, seq_len)
 
         per_pair_loss = self._token_level_loss(
             mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask,
@@ -538,21 +660,62 @@ class TokenDPOTrainer(DPOTrainer):
                 capture["layers"] = stack.enter_context(record_layer_outputs(ref_lm))
             yield capture
 
+    def _fused_distribution_forward(self, model, model_kwargs, labels, valid, seq_len):
+        """Policy and reference backbones only, then ONE tiled pass over both LM heads (`ops.fused`).
+
+        Returns `(outputs, ref_per_token_logps, distribution)`: `outputs` carries the per-token `log_probs` (with
+        gradient), `entropy`, `mean_logits` and `is_top1` `(2B, L-1)` that TRL's fused head would return (0 outside
+        completions), `ref_per_token_logps` the reference's log-probs, and `distribution` the KL(π_ref‖π_θ) plus the
+        SparsePO/MaPO token masks.
+        """
+        with self.accelerator.autocast():
+            policy_hidden = model(**model_kwargs, backbone_only=True).last_hidden_state
+        ref_model = self.ref_model if self.ref_model is not None else self.model
+        with self._reference_capture(ref_model) as ref_capture:
+            ref_hidden = self._reference_forward(ref_model, model_kwargs, labels, backbone_only=True)
+        policy_head = lm_head_params(causal_lm_of(model, self.accelerator))
+        ref_head = lm_head_params(ref_capture["lm"])
+
+        def rows(states):  # (2B, L, ...) -> (N, ...): the positions that predict a completion token
+            return states[:, :-1][:, -seq_len:][valid]
+
+        stats = fused_token_statistics(
+            rows(policy_hidden), policy_head["weight"], policy_head["bias"], labels[:, 1:][:, -seq_len:][valid],
+            rows(ref_hidden), ref_head["weight"], ref_head["bias"], direction="forward",
+            logit_scale=policy_head["logit_scale"], softcap=policy_head["softcap"],
+            teacher_logit_scale=ref_head["logit_scale"], teacher_softcap=ref_head["softcap"],
+        )  # fmt: skip
+
+        def per_token(values):  # masked_scatter keeps an all-masked batch connected to the graph (a zero loss)
+            return values.new_zeros(valid.shape).masked_scatter(valid, values)
+
+        outputs = SimpleNamespace(
+            log_probs=per_token(stats.log_probs), entropy=per_token(stats.entropy),
+            mean_logits=per_token(stats.mean_logits), is_top1=per_token(stats.is_top1),
+        )  # fmt: skip
+        distribution = {"kl": per_token(stats.kl), **self._token_masks(ref_capture, valid, seq_len)}
+        return outputs, per_token(stats.ref_log_probs), distribution
+
     def _distribution_signals(self, policy_lm, policy_capture, ref_capture, valid, seq_len) -> dict:
         """Per-token KL(π_ref‖π_θ) `(2B, L-1)` from hidden states in tiles, plus the SparsePO/MaPO token masks."""
-
-        def at_predicting_positions(states):  # (2B, L, ...) -> (2B, L-1, ...), the positions that predict y_t
-            return states[:, :-1][:, -seq_len:]
-
         policy_head, ref_head = lm_head_params(policy_lm), lm_head_params(ref_capture["lm"])
         kl = chunked_token_kl(
-            at_predicting_positions(policy_capture["hidden"])[valid], policy_head["weight"], policy_head["bias"],
-            at_predicting_positions(ref_capture["hidden"]["hidden"])[valid], ref_head["weight"], ref_head["bias"],
+            policy_capture["hidden"][:, :-1][:, -seq_len:][valid], policy_head["weight"], policy_head["bias"],
+            ref_capture["hidden"]["hidden"][:, :-1][:, -seq_len:][valid], ref_head["weight"], ref_head["bias"],
             direction="forward", student_logit_scale=policy_head["logit_scale"],
             teacher_logit_scale=ref_head["logit_scale"], student_softcap=policy_head["softcap"],
             teacher_softcap=ref_head["softcap"], backend=self.args.token_kernel,
         )  # fmt: skip
-        signals = {"kl": torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)}
+        kl = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, kl)
+        return {"kl": kl, **self._token_masks(ref_capture, valid, seq_len)}
+
+    def _token_masks(self, ref_capture, valid, seq_len) -> dict:
+        """SparsePO's learned or MaPO's activation-based token masks `(2B, L-1)` from the reference's activations."""
+
+        def at_predicting_positions(states):  # (2B, L, ...) -> (2B, L-1, ...), the positions that predict y_t
+            return states[:, :-1][:, -seq_len:]
+
+        signals = {}
         if self.token_loss_type == "mapo":
             per_type = []
             for means in ref_capture["activations"].values():
@@ -648,28 +811,87 @@ class TokenDPOTrainer(DPOTrainer):
         self._metrics[mode]["seq_kl/margin"].append((seq_kl_chosen - seq_kl_rejected).abs().mean().item())
         return loss
 
+    @torch.no_grad()
+    def _aligndistil_policy_samples(self, model, input_ids, attention_mask, completion_mask):
+        """On-policy AlignDistil: one sample per prompt from the current policy (temperature 1, no top-k/top-p, up to
+        `aligndistil_max_new_tokens`, ending at EOS), laid out as the DPO batch is (prompt then response, right-padded)
+        with its completion mask. The prompt is every attended token before the chosen response."""
+        prompt_part = attention_mask.bool() & ~completion_mask.bool()
+        prompt_rows = [ids[keep].tolist() for ids, keep in zip(input_ids, prompt_part)]
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos_id = tokenizer.eos_token_id
+        width = max(len(row) for row in prompt_rows)
+        prompts = torch.full((len(prompt_rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        prompt_mask = torch.zeros_like(prompts)
+        for i, row in enumerate(prompt_rows):  # left padding for generation
+            prompts[i, width - len(row) :] = torch.tensor(row, dtype=input_ids.dtype, device=input_ids.device)
+            prompt_mask[i, width - len(row) :] = 1
+        policy = self.accelerator.unwrap_model(model)
+        sampled = policy.generate(
+            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=self.args.aligndistil_max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+        )[:, width:]  # fmt: skip
+        responses = []
+        for row in sampled.tolist():
+            end = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:end])
+        total = max(len(p) + len(r) for p, r in zip(prompt_rows, responses))
+        new_ids = torch.full((len(prompt_rows), total), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_attention = torch.zeros_like(new_ids)
+        new_completion = torch.zeros_like(new_ids)
+        for i, (prompt, response) in enumerate(zip(prompt_rows, responses)):
+            row = torch.tensor(prompt + response, dtype=input_ids.dtype, device=input_ids.device)
+            new_ids[i, : len(row)] = row
+            new_attention[i, : len(row)] = 1
+            new_completion[i, len(prompt) : len(row)] = 1
+        return new_ids, new_attention, new_completion
+
     def _aligndistil_loss(self, model, inputs, return_outputs):
-        r"""AlignDistil, off-policy: reverse KL from the policy to a per-token extrapolated teacher on chosen responses.
+        r"""AlignDistil: reverse KL from the policy to a per-token extrapolated teacher on the chosen responses
+        (off-policy) or on one policy sample per prompt (`aligndistil_on_policy`, `_aligndistil_policy_samples`).
 
         The teacher logits are a linear combination of two heads, `z* = a_t·z^1 + b_t·z^2` (aligndistil:
         `a = 1+ω_t, b = −ω_t` on DPO / reverse-DPO logits), which equals one projection of the concatenated hidden
         states `[a·h¹ ; b·h² ; a ; b]` with the concatenated head `[W¹, W², bias¹, bias²]`: the chunked reverse-KL
-        kernel then never builds logits. ω_t itself comes from a chunked total-variation pass.
+        kernel then never builds logits. ω_t itself comes from a chunked total-variation pass. With the fused pass the
+        policy runs its backbone only, and one tiled pass over the policy and teacher heads yields the KL and the
+        logged log-probs/entropy (over the KL's positions and the completion tokens, which differ by one position in
+        the official mode).
         """
         mode = "train" if self.model.training else "eval"
         batch_size = inputs["input_ids"].shape[0] // 2  # chosen rows only: the student never sees rejected responses
         input_ids, attention_mask = inputs["input_ids"][:batch_size], inputs["attention_mask"][:batch_size]
         completion_mask = inputs["completion_mask"][:batch_size]
+        if self.args.aligndistil_on_policy:
+            input_ids, attention_mask, completion_mask = self._aligndistil_policy_samples(
+                model, input_ids, attention_mask, completion_mask
+            )
         seq_len = completion_mask.size(1) - 1
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         policy_lm = causal_lm_of(model, self.accelerator)
-        with capture_last_hidden_state(policy_lm) as capture:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Default: the standard causal shift. The official code masks unshifted positions (tokens 2..T+1).
-        positions = completion_mask[:, :-1] if self.args.aligndistil_official_positions else completion_mask[:, 1:]
-        valid = positions.bool()
-        student = capture["hidden"][:, :-1][:, -seq_len:][valid]
+        # Default: the standard causal shift. The official off-policy code masks unshifted positions (tokens 2..T+1);
+        # its on-policy code shifts but skips the position predicting the first response token.
+        positions = completion_mask[:, 1:]
+        if self.args.aligndistil_official_positions:
+            if self.args.aligndistil_on_policy:
+                first = (completion_mask.cumsum(dim=1) == 1) & completion_mask.bool()
+                positions = positions * ~first[:, 1:]
+            else:
+                positions = completion_mask[:, :-1]
+        valid, shift_mask = positions.bool(), completion_mask[:, 1:]
+        if self.fused_distribution:
+            with self.accelerator.autocast():
+                policy_hidden = model(**model_kwargs, backbone_only=True).last_hidden_state
+            # Score the KL's positions and the completion tokens (for the logged log-probs) in the same pass.
+            valid = valid | shift_mask.bool()
+        else:
+            with capture_last_hidden_state(policy_lm) as capture:
+                outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            policy_hidden = capture["hidden"]
+        in_loss = positions.bool()[valid]  # rows of `valid` that are KL positions
+        student = policy_hidden[:, :-1][:, -seq_len:][valid]
 
         dpo_teacher, second = self.aligndistil_teachers[0], self.aligndistil_teachers[1]
         args, beta, beta2 = self.args, self.beta, self.args.aligndistil_beta2
@@ -677,22 +899,29 @@ class TokenDPOTrainer(DPOTrainer):
             dpo_hidden = backbone_hidden_states(dpo_teacher, input_ids, attention_mask)[:, :-1][valid]
             if args.aligndistil_mode == "theorem1":
                 second = self.ref_model if self.ref_model is not None else model
-                with capture_last_hidden_state(causal_lm_of(second, self.accelerator)) as ref_capture:
-                    self._reference_forward(second, model_kwargs, labels)
-                second_hidden = ref_capture["hidden"][:, :-1][:, -seq_len:][valid]
+                if self.fused_distribution:
+                    second_hidden = self._reference_forward(second, model_kwargs, labels, backbone_only=True)
+                else:
+                    with capture_last_hidden_state(causal_lm_of(second, self.accelerator)) as ref_capture:
+                        self._reference_forward(second, model_kwargs, labels)
+                    second_hidden = ref_capture["hidden"]
+                second_hidden = second_hidden[:, :-1][:, -seq_len:][valid]
             else:
                 second_hidden = backbone_hidden_states(second, input_ids, attention_mask)[:, :-1][valid]
         heads = [lm_head_params(causal_lm_of(m, self.accelerator)) for m in (policy_lm, dpo_teacher, second)]
         if heads[1]["softcap"] is not None or heads[2]["softcap"] is not None:
             raise ValueError("AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported.")
 
-        if args.aligndistil_mode == "aligndistil":
+        if args.aligndistil_mode in ("aligndistil", "theorem1_adaptive"):
             tvd = chunked_total_variation(
                 dpo_hidden, heads[1]["weight"], second_hidden, heads[2]["weight"], bias_a=heads[1]["bias"],
                 bias_b=heads[2]["bias"], logit_scale_a=heads[1]["logit_scale"], logit_scale_b=heads[2]["logit_scale"],
             )  # fmt: skip
             omega = beta2 * tvd + 1e-3
-            first_coef, second_coef, token_coef = 1 + omega, -omega, beta / omega
+            # aligndistil: z^d + ω(z^d − z^r); theorem1_adaptive: ω·z^d + (1 − ω)·z^r.
+            adaptive = args.aligndistil_mode == "theorem1_adaptive"
+            first_coef, second_coef = (omega, 1 - omega) if adaptive else (1 + omega, -omega)
+            token_coef = beta / omega
         else:
             ratio = torch.full((dpo_hidden.shape[0],), beta / beta2, device=dpo_hidden.device)
             first_coef, second_coef = (ratio, 1 - ratio) if args.aligndistil_mode == "theorem1" else (1 + ratio, -ratio)
@@ -705,26 +934,41 @@ class TokenDPOTrainer(DPOTrainer):
             if head["bias"] is not None:  # a bias becomes one more input feature with constant value `coef`
                 teacher_hidden.append(coef[:, None])
                 teacher_weight.append(head["bias"][:, None].to(teacher_weight[0].dtype))
-        kl = chunked_token_kl(
-            student, heads[0]["weight"], heads[0]["bias"],
-            torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None,
-            direction="reverse", temperature=args.aligndistil_temperature,
-            student_logit_scale=heads[0]["logit_scale"], student_softcap=heads[0]["softcap"],
-            backend=args.token_kernel,
-        )  # fmt: skip
-        token_loss = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(valid, token_coef * kl)
+        teacher = (torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None)
+        if self.fused_distribution:
+            stats = fused_token_statistics(
+                student, heads[0]["weight"], heads[0]["bias"], input_ids[:, 1:][:, -seq_len:][valid], *teacher,
+                direction="reverse", temperature=args.aligndistil_temperature, logit_scale=heads[0]["logit_scale"],
+                softcap=heads[0]["softcap"],
+            )  # fmt: skip
+            kl = stats.kl
+
+            def completion_tokens(values):  # (N,) over `valid` -> (B, L-1), 0 outside the completion tokens
+                values = values.new_zeros(valid.shape).masked_scatter(valid, values)
+                return torch.where(shift_mask.bool(), values, 0)
+
+            outputs = SimpleNamespace(log_probs=completion_tokens(stats.log_probs), entropy=completion_tokens(stats.entropy))
+        else:
+            kl = chunked_token_kl(
+                student, heads[0]["weight"], heads[0]["bias"], *teacher, direction="reverse",
+                temperature=args.aligndistil_temperature, student_logit_scale=heads[0]["logit_scale"],
+                student_softcap=heads[0]["softcap"], backend=args.token_kernel,
+            )  # fmt: skip
+        token_loss = torch.zeros(valid.shape, dtype=kl.dtype, device=kl.device).masked_scatter(
+            valid, torch.where(in_loss, token_coef * kl, 0.0)
+        )
         per_sequence = token_loss.sum(dim=1)
         if args.aligndistil_len_norm:
-            per_sequence = per_sequence / valid.sum(dim=1).clamp(min=1)
+            per_sequence = per_sequence / positions.sum(dim=1).clamp(min=1)
         loss = per_sequence.mean()
 
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        count = gather(valid.sum()).sum().clamp(min=1)
+        kl, omega = kl[in_loss], omega[in_loss]
+        count = gather(in_loss.sum()).sum().clamp(min=1)
         metrics["aligndistil/kl_mean"].append((gather(kl.detach().sum()).sum() / count).item())
         metrics["aligndistil/omega_mean"].append((gather(omega.sum()).sum() / count).item())
         metrics["aligndistil/omega_max"].append(gather(omega.max() if omega.numel() else omega.new_zeros(())).max().item())
-        shift_mask = completion_mask[:, 1:]
         entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()).sum()
         metrics["entropy"].append((entropy_sum / gather(shift_mask.sum()).sum().clamp(min=1)).item())
         metrics["logps/chosen"].append(gather(outputs.log_probs[:, -seq_len:].detach().sum(dim=1)).mean().item())

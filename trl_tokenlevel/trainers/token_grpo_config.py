@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+from ..checks import check_choice, check_number, check_order
 
 TOKEN_SELECTIONS = ("entropy_quantile", "entropy_band")
 TOKEN_ADVANTAGES = ("ucas", "hapo", "gtpo", "d3s", "tw_grpo", "tempo")
@@ -26,6 +27,7 @@ RMT_EXPONENT_FORMS = ("as_rendered", "scaled")
 CHORD_WEIGHTINGS = ("phi", "none", "is")
 # TRL loss types whose policy term is the PPO clipped surrogate (HAPO's per-token clip ranges plug into it).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+RMT_NTP_SOURCES = ("corpus", "unselected")
 # TRL loss types without a token count in their normaliser (a constant, or a plain sum): dividing by the selected
 # tokens (`entropy_normalize="selected"`) has no meaning for them.
 UNCOUNTED_LOSS_TYPES = ("dr_grpo", "luspo")
@@ -50,7 +52,8 @@ class TokenGRPOConfig(GRPOConfig):
             every valid token, and the completion (attention) mask is never touched.
         token_advantage (`str` or `None`, *optional*, defaults to `None`):
             Per-token advantage method: `"ucas"` ([paper](https://huggingface.co/papers/2510.10649)), `"hapo"`
-            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` ([paper](https://huggingface.co/papers/2508.03772)),
+            ([paper](https://huggingface.co/papers/2509.16591)), `"gtpo"` (Simoni et al.,
+            [paper](https://huggingface.co/papers/2508.03772); not the entropy-weighted GTPO of arXiv 2508.04349),
             `"d3s"` ([paper](https://huggingface.co/papers/2509.22115)), `"tw_grpo"`
             ([paper](https://huggingface.co/papers/2505.24718)) or `"tempo"` ([paper](https://huggingface.co/papers/2509.18314)).
             Python users can pass a callable `token_advantage_fn=` to the trainer instead.
@@ -99,6 +102,11 @@ class TokenGRPOConfig(GRPOConfig):
             during rollouts (a `LogitsProcessor`; transformers generation only).
         hapo_repo_sign_compat (`bool`, defaults to `False`), hapo_fallback_include_padding (`bool`, defaults to `False`):
             Reproduce the official code's sign of ĥ and its TLGA fallback test on padded tensors.
+        hapo_dual_clip (`float` or `None`, defaults to `10.0`):
+            HAPO's PPO dual clip c (official `clip_ratio_c`): a token with A < 0 contributes at most `c·|A|` and stops
+            pushing once its ratio exceeds c. `None` turns it off (TRL's plain clipped surrogate). Needs a clipped
+            `loss_type`, token-level importance sampling, `c > 1 + ε_high·(1 + hapo_clip_alpha)` and `delta=None`
+            (the trainer applies it through TRL's `delta` cap, the same function under these conditions).
         gtpo_conflict_weight (`float`, defaults to `2.0`), gtpo_entropy_threshold (`float`, defaults to `0.7`),
         gtpo_entropy_scale (`float`, defaults to `0.1`), gtpo_divide_by_n_conflict (`bool`, defaults to `False`),
         gtpo_n_conflict_count (`str`, defaults to `"union"`):
@@ -134,9 +142,12 @@ class TokenGRPOConfig(GRPOConfig):
         rmt_length_reward_weight (`float`, defaults to `1.0`), rmt_length_reward_width (`float` or `None`):
             RMT dynamic token budget `max(B_min, B_0·γ^x)` and its triangular length reward, added as one more
             reward function when `rmt_budget_init` is set (no published defaults: [recon] knobs).
-        rmt_ntp_coef (`float`, defaults to `0.0`):
-            RMT dual objective [recon]: `λ·mean(−log π)` over the valid completion tokens that the token selection
-            left out (needs `token_selection`).
+        rmt_ntp_coef (`float`, defaults to `0.0`), rmt_ntp_source (`str`, defaults to `"corpus"`):
+            RMT dual objective [recon]: `λ·mean(−log π)` of next-token prediction. `"corpus"`: on the corpus tokens of
+            the batch's documents other than the RL targets (rows built by `trl_tokenlevel.data.rmt.build_rmt_dataset`,
+            columns `rmt_document_ids`, `rmt_target_position`; one more forward with gradient). `"unselected"`: on the
+            valid completion tokens that the token selection left out (a transposition to rollouts; needs
+            `token_selection`).
         chord (`bool`, defaults to `False`):
             CHORD ([paper](https://huggingface.co/papers/2508.11408)): mix an expert SFT loss into GRPO,
             `(1 − μ)·L_GRPO + μ·L_SFT`, with φ(p) = p(1 − p) token weights. Needs an expert dataset
@@ -153,6 +164,14 @@ class TokenGRPOConfig(GRPOConfig):
             CHORD-φ (`"phi"`), CHORD-μ (`"none"`, plain NLL) or `"is"` (DFT); probability cutoff; token-mean (True) or
             mean of per-sequence token means.
 
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
+
     > [!NOTE]
     > Token options are opt-in and independent: a selection, an advantage method, a token-reward source, RMT and
     > CHORD can be combined. TRL's own `top_entropy_quantile` must stay at 1.0 when `token_selection` is set.
@@ -161,38 +180,54 @@ class TokenGRPOConfig(GRPOConfig):
     # --- method selection ---------------------------------------------------------------------------------------
     token_selection: str | None = field(
         default=None,
-        metadata={"help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
-                  "choices": [None, *TOKEN_SELECTIONS]},  # fmt: skip
+        metadata={
+            "help": "Token selection: None, 'entropy_quantile' (80/20) or 'entropy_band' (SPINE).",
+            "choices": [None, *TOKEN_SELECTIONS],
+        },
     )
     token_advantage: str | None = field(
         default=None,
-        metadata={"help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
-                  "choices": [None, *TOKEN_ADVANTAGES]},  # fmt: skip
+        metadata={
+            "help": "Per-token advantage method: None, 'ucas', 'hapo', 'gtpo', 'd3s', 'tw_grpo' or 'tempo'.",
+            "choices": [None, *TOKEN_ADVANTAGES],
+        },
     )
     token_fn_output: str = field(
         default="advantages",
-        metadata={"help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
-                  "choices": list(TOKEN_FN_OUTPUTS)},  # fmt: skip
+        metadata={
+            "help": "What a token_advantage_fn returns: 'advantages' or 'weights'.",
+            "choices": list(TOKEN_FN_OUTPUTS),
+        },
     )
     token_shaping_stage: str = field(
         default="auto",
-        metadata={"help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
-                  "choices": list(TOKEN_SHAPING_STAGES)},  # fmt: skip
+        metadata={
+            "help": "Where per-token shaping runs: 'auto', 'loss' (training forward) or 'rollout'.",
+            "choices": list(TOKEN_SHAPING_STAGES),
+        },
     )
     # --- selection -----------------------------------------------------------------------------------------------
     entropy_top_ratio: float = field(default=0.2, metadata={"help": "rho: fraction of highest-entropy tokens kept."})
     entropy_selection: str = field(
         default="quantile",
-        metadata={"help": "'quantile' (paper, ties kept) or 'topk' (official code).", "choices": list(ENTROPY_SELECTIONS)},
+        metadata={
+            "help": "'quantile' (paper, ties kept) or 'topk' (official code).",
+            "choices": list(ENTROPY_SELECTIONS),
+        },
     )
     entropy_normalize: str = field(
         default="all",
-        metadata={"help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
-                  "choices": list(ENTROPY_NORMALIZATIONS)},  # fmt: skip
+        metadata={
+            "help": "Loss denominator: 'all' valid tokens (paper) or 'selected' (official code).",
+            "choices": list(ENTROPY_NORMALIZATIONS),
+        },
     )
     entropy_scope: str = field(
         default="global",
-        metadata={"help": "'global' threshold over all ranks, or 'local' (this rank).", "choices": list(ENTROPY_SCOPES)},
+        metadata={
+            "help": "'global' threshold over all ranks, or 'local' (this rank).",
+            "choices": list(ENTROPY_SCOPES),
+        },
     )
     band_coef: float = field(default=0.1, metadata={"help": "SPINE band coefficient lambda_band."})
     band_low: float = field(default=0.2, metadata={"help": "SPINE band lower entropy H_low (nats)."})
@@ -207,8 +242,11 @@ class TokenGRPOConfig(GRPOConfig):
     ucas_beta_neg: float = field(default=0.35, metadata={"help": "UCAS beta- (non-positive advantages)."})
     ucas_kappa: float = field(default=0.05, metadata={"help": "UCAS kappa, weight of the logit-certainty penalty."})
     ucas_confidence_agg: str = field(
-        default="sum", metadata={"help": "UCAS response confidence: 'sum' or 'mean'.",
-                                 "choices": list(UCAS_CONFIDENCE_AGGREGATIONS)},  # fmt: skip
+        default="sum",
+        metadata={
+            "help": "UCAS response confidence: 'sum' or 'mean'.",
+            "choices": list(UCAS_CONFIDENCE_AGGREGATIONS),
+        },
     )
     ucas_norm_adv_by_std: bool = field(default=True, metadata={"help": "UCAS: divide group z-scores by the std."})
     # --- HAPO ----------------------------------------------------------------------------------------------------
@@ -223,6 +261,9 @@ class TokenGRPOConfig(GRPOConfig):
     hapo_repo_sign_compat: bool = field(default=False, metadata={"help": "Reproduce the official HAPO sign bug."})
     hapo_fallback_include_padding: bool = field(
         default=False, metadata={"help": "Reproduce the official TLGA fallback test on padded tensors."}
+    )
+    hapo_dual_clip: float | None = field(
+        default=10.0, metadata={"help": "HAPO PPO dual-clip c for negative advantages (official 10; None: off)."}
     )
     # --- GTPO ----------------------------------------------------------------------------------------------------
     gtpo_conflict_weight: float = field(default=2.0, metadata={"help": "GTPO weight W of conflict tokens."})
@@ -283,7 +324,11 @@ class TokenGRPOConfig(GRPOConfig):
     rmt_length_reward_width: float | None = field(
         default=None, metadata={"help": "RMT length reward half-width (None: the budget)."}
     )
-    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT NTP coefficient on unselected tokens."})
+    rmt_ntp_coef: float = field(default=0.0, metadata={"help": "RMT next-token-prediction coefficient."})
+    rmt_ntp_source: str = field(
+        default="corpus",
+        metadata={"help": "RMT NTP tokens: 'corpus' (documents minus targets) or 'unselected' (rollout tokens)."},
+    )
     # --- CHORD ---------------------------------------------------------------------------------------------------
     chord: bool = field(default=False, metadata={"help": "CHORD: mix an expert SFT loss into GRPO."})
     chord_expert_dataset_name: str | None = field(
@@ -296,10 +341,17 @@ class TokenGRPOConfig(GRPOConfig):
     chord_mu_peak: float = field(default=0.5, metadata={"help": "CHORD mu peak."})
     chord_mu_valley: float = field(default=0.02, metadata={"help": "CHORD mu floor."})
     chord_weighting: str = field(
-        default="phi", metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)}
+        default="phi",
+        metadata={"help": "CHORD token weight: 'phi', 'none' or 'is'.", "choices": list(CHORD_WEIGHTINGS)},
     )
     chord_cutoff_prob: float = field(default=1.0, metadata={"help": "CHORD probability cutoff (1: off)."})
     chord_token_level_loss: bool = field(default=True, metadata={"help": "CHORD token-mean (True) or sequence mean."})
+
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
 
     @property
     def token_features_enabled(self) -> bool:
@@ -309,6 +361,7 @@ class TokenGRPOConfig(GRPOConfig):
             or self.token_advantage is not None
             or self.token_reward_source is not None
             or self.rmt_budget_init is not None
+            or self.rmt_ntp_coef != 0.0
             or self.chord
         )
 
@@ -330,8 +383,7 @@ class TokenGRPOConfig(GRPOConfig):
             ("rmt_exponent_form", self.rmt_exponent_form, RMT_EXPONENT_FORMS),
             ("chord_weighting", self.chord_weighting, CHORD_WEIGHTINGS),
         ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not supported; valid values: {', '.join(map(repr, choices))}.")
+            check_choice(name, value, choices)
         if self.gtpo_entropy_filter not in GTPO_ENTROPY_FILTERS:
             raise ValueError(
                 f"gtpo_entropy_filter={self.gtpo_entropy_filter!r}: only the official rule is available in the "
@@ -339,28 +391,15 @@ class TokenGRPOConfig(GRPOConfig):
                 "does not compute; call `trl_tokenlevel.ops.advantages.gtpo_token_advantages` with "
                 "`initial_mean_entropy` from a `token_advantage_fn` instead."
             )
-        for name in ("entropy_top_ratio", "d3s_sample_keep_ratio_start", "d3s_sample_keep_ratio_end",
-                     "d3s_token_keep_ratio_start", "d3s_token_keep_ratio_end", "band_quantile_low",
-                     "band_quantile_high"):  # fmt: skip
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
-        for name in ("band_coef", "band_low", "band_high", "ucas_beta_pos", "ucas_beta_neg", "ucas_kappa",
-                     "hapo_adv_beta", "hapo_clip_alpha", "gtpo_conflict_weight", "gtpo_entropy_scale", "tw_alpha",
-                     "tempo_lambda", "token_reward_scale", "token_reward_coef", "rmt_ntp_coef"):  # fmt: skip
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
-        if self.d3s_sample_keep_ratio_start <= 0:
-            raise ValueError("d3s_sample_keep_ratio_start must be > 0: D³S must keep at least one rollout per group.")
-        if not 0.0 <= self.hapo_temperature_tau < 1.0:
-            raise ValueError(f"hapo_temperature_tau must be in [0, 1), got {self.hapo_temperature_tau}.")
-        if self.tw_vocab_chunk < 1:
-            raise ValueError(f"tw_vocab_chunk must be >= 1, got {self.tw_vocab_chunk}.")
+        self._check_ranges()
         # Method knobs that do nothing without their method: refuse them rather than silently ignore them.
-        if self.rmt_ntp_coef != 0.0 and self.token_selection is None:
+        if self.rmt_ntp_source not in RMT_NTP_SOURCES:
+            raise ValueError(f"rmt_ntp_source={self.rmt_ntp_source!r}; valid values: {', '.join(RMT_NTP_SOURCES)}.")
+        if self.rmt_ntp_coef != 0.0 and self.rmt_ntp_source == "unselected" and self.token_selection is None:
             raise ValueError(
-                "rmt_ntp_coef > 0 trains next-token prediction on the completion tokens that the token selection left "
-                "out; set token_selection (e.g. 'entropy_quantile') or rmt_ntp_coef=0."
+                "rmt_ntp_coef > 0 with rmt_ntp_source='unselected' trains next-token prediction on the completion "
+                "tokens that the token selection left out; set token_selection (e.g. 'entropy_quantile'), "
+                "rmt_ntp_source='corpus' or rmt_ntp_coef=0."
             )
         if self.token_reward_source is None and (
             self.token_reward_model_name_or_path is not None or self.token_reward_ref_model_name_or_path is not None
@@ -390,10 +429,8 @@ class TokenGRPOConfig(GRPOConfig):
                     "Use loss_type='dapo' (or 'grpo'/'bnpo'/'cispo'/'vespo'/'sapo') with it."
                 )
         if self.rmt_budget_init is not None:
-            if self.rmt_budget_min < 1 or self.rmt_budget_init < self.rmt_budget_min:
-                raise ValueError("Need 1 <= rmt_budget_min <= rmt_budget_init.")
-            if not 0.0 < self.rmt_gamma < 1.0:
-                raise ValueError(f"rmt_gamma must be in (0, 1), got {self.rmt_gamma}.")
+            check_order("rmt_budget_min", self.rmt_budget_min, "rmt_budget_init", self.rmt_budget_init,
+                        "the budget decays from B_0 down to B_min")  # fmt: skip
         if self.token_advantage == "hapo":
             if self.hapo_adaptive_clip and self.loss_type not in CLIPPED_LOSS_TYPES:
                 raise ValueError(
@@ -403,18 +440,13 @@ class TokenGRPOConfig(GRPOConfig):
                 )
             if self.hapo_adaptive_clip and self.importance_sampling_level != "token":
                 raise ValueError("hapo_adaptive_clip=True needs importance_sampling_level='token' (per-token ratios).")
+            if self.hapo_dual_clip is not None:
+                self._check_hapo_dual_clip()
             if self.hapo_adaptive_temperature and (self.use_vllm or self.use_transformers_continuous_batching):
                 raise ValueError(
                     "hapo_adaptive_temperature=True needs transformers `generate` (a LogitsProcessor); vLLM and "
                     "continuous batching have no Python processor hook. Set hapo_adaptive_temperature=False."
                 )
-        if self.chord:
-            if not 0.0 < self.chord_expert_data_ratio < 1.0:
-                raise ValueError(f"chord_expert_data_ratio must be in (0, 1), got {self.chord_expert_data_ratio}.")
-            if not 0.0 < self.chord_cutoff_prob <= 1.0:
-                raise ValueError(f"chord_cutoff_prob must be in (0, 1], got {self.chord_cutoff_prob}.")
-            if self.chord_mu_warmup_steps < 0 or self.chord_mu_decay_steps < 0:
-                raise ValueError("chord_mu_warmup_steps and chord_mu_decay_steps must be >= 0.")
         if self.token_shaping_stage == "loss" and self.steps_per_generation != 1:
             raise ValueError(
                 f"token_shaping_stage='loss' shapes each micro-step from the training forward, which needs every "
@@ -422,6 +454,103 @@ class TokenGRPOConfig(GRPOConfig):
                 "it defaults to gradient_accumulation_steps). Set steps_per_generation=1, or "
                 "token_shaping_stage='rollout' (or 'auto')."
             )
+
+    def _check_hapo_dual_clip(self) -> None:
+        fix = "or set hapo_dual_clip=None"
+        if self.loss_type not in CLIPPED_LOSS_TYPES or self.importance_sampling_level != "token":
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} caps the per-token PPO surrogate: it needs a clipped loss_type "
+                f"{CLIPPED_LOSS_TYPES} and importance_sampling_level='token', got loss_type={self.loss_type!r} and "
+                f"importance_sampling_level={self.importance_sampling_level!r}; change them {fix}."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} and delta={self.delta} both cap the unclipped ratio (the trainer "
+                f"applies the dual clip through TRL's `delta`): set delta=None {fix}."
+            )
+        epsilon_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+        widest = 1 + epsilon_high * (1 + (self.hapo_clip_alpha if self.hapo_adaptive_clip else 0.0))
+        if not self.hapo_dual_clip > widest:
+            raise ValueError(
+                f"hapo_dual_clip={self.hapo_dual_clip} must exceed the widest upper clip bound 1 + ε_high·(1 + α) = "
+                f"{widest:g} (epsilon_high={epsilon_high}, hapo_clip_alpha={self.hapo_clip_alpha}): the dual clip "
+                f"caps ratios beyond the clip range (official c = 10); raise it {fix}."
+            )
+
+    def _check_ranges(self) -> None:
+        """Range of every numeric token-level knob (field, value, valid range and why in each message).
+
+        Checked whatever the method: a bad knob is a mistake even while its method is off (all defaults pass).
+        """
+        fractions = {
+            "entropy_top_ratio": "it is the fraction of valid tokens that carry the update (0 would train on none)",
+            "d3s_sample_keep_ratio_start": "it is the fraction of each group's rollouts kept (0 would keep none)",
+            "d3s_sample_keep_ratio_end": "it is the fraction of each group's rollouts kept (0 would keep none)",
+            "d3s_token_keep_ratio_start": "it is the fraction of tokens kept (0 would keep none)",
+            "d3s_token_keep_ratio_end": "it is the fraction of tokens kept (0 would keep none)",
+            "chord_cutoff_prob": "it is a probability cutoff (1 is off; 0 would clamp every log-probability to -inf)",
+        }
+        for name, why in fractions.items():
+            check_number(name, getattr(self, name), why, low=0.0, high=1.0, low_open=True)
+        quantiles = {
+            "band_quantile_low": "it is a quantile of the forking tokens' entropies",
+            "band_quantile_high": "it is a quantile of the forking tokens' entropies",
+            "hapo_entropy_pivot": "it is the quantile q of the log-entropies that HAPO pivots on",
+            "chord_mu_peak": "μ mixes (1 − μ)·GRPO + μ·SFT",
+            "chord_mu_valley": "μ mixes (1 − μ)·GRPO + μ·SFT",
+        }
+        for name, why in quantiles.items():
+            check_number(name, getattr(self, name), why, low=0.0, high=1.0)
+        non_negative = {
+            "band_coef": "it weights the SPINE band penalty (a negative weight pushes entropies out of the band)",
+            "band_low": "it is an entropy in nats (entropies are >= 0)",
+            "band_high": "it is an entropy in nats (entropies are >= 0)",
+            "ucas_beta_pos": "it sets the strength of UCAS's confidence modulation (a negative value reverses it)",
+            "ucas_beta_neg": "it sets the strength of UCAS's confidence modulation (a negative value reverses it)",
+            "ucas_kappa": "it weights UCAS's logit-certainty penalty (a negative weight rewards over-confidence)",
+            "hapo_adv_beta": "it sets how strongly HAPO redistributes the advantage over tokens",
+            "hapo_clip_alpha": "it widens HAPO's clip ranges (a negative value narrows them below PPO's)",
+            "gtpo_conflict_weight": "it multiplies the advantage of conflict tokens (a negative one flips their sign)",
+            "gtpo_entropy_threshold": "it is a mean entropy in nats (entropies are >= 0)",
+            "gtpo_entropy_scale": "it scales GTPO's entropy shaping",
+            "tempo_lambda": "it weights TEMPO's branch-point TD term",
+            "token_reward_scale": "it is RTO's β₁ on the DPO log-ratio (a negative value reverses the token rewards)",
+            "token_reward_clip": "it is the clip of |token reward| (0: no clip)",
+            "token_reward_coef": "it weights the token-reward return-to-go (a negative one reverses the rewards)",
+            "rmt_length_reward_weight": "it weights RMT's length reward",
+            "rmt_ntp_coef": "it weights the NTP loss on unselected tokens (a negative weight is unlikelihood "
+            "training, unbounded below)",
+        }
+        for name, why in non_negative.items():
+            check_number(name, getattr(self, name), why, low=0.0)
+        check_order("band_low", self.band_low, "band_high", self.band_high,
+                    "the SPINE band [H_low, H_high] would be empty")  # fmt: skip
+        check_order("band_quantile_low", self.band_quantile_low, "band_quantile_high", self.band_quantile_high,
+                    "the SPINE band's quantile range would be empty")  # fmt: skip
+        check_order("chord_mu_valley", self.chord_mu_valley, "chord_mu_peak", self.chord_mu_peak,
+                    "μ decays from its peak down to its floor")  # fmt: skip
+        check_number("hapo_temperature_tau", self.hapo_temperature_tau, "the sampling temperature T·(1 + τ·ĥ) with "
+                     "ĥ in [-1, 1] must stay positive", low=0.0, high=1.0, high_open=True)  # fmt: skip
+        check_number("hapo_dual_clip", self.hapo_dual_clip, "a ratio cap c <= 1 would cut inside PPO's clip range",
+                     low=1.0, low_open=True, optional=True)  # fmt: skip
+        check_number("tw_alpha", self.tw_alpha, "it is the largest TW-GRPO position weight (weights run from 1 to "
+                     "α; 1 is uniform GRPO, below 1 the most divergent tokens would weigh least)", low=1.0)  # fmt: skip
+        check_number("tw_vocab_chunk", self.tw_vocab_chunk, "it is a tile width in tokens", low=1, integer=True)
+        check_number("d3s_schedule_steps", self.d3s_schedule_steps, "it is a number of optimizer steps", low=1,
+                     integer=True, optional=True)  # fmt: skip
+        check_number("rmt_budget_init", self.rmt_budget_init, "it is a token budget", low=1, integer=True,
+                     optional=True)  # fmt: skip
+        check_number("rmt_budget_min", self.rmt_budget_min, "it is a token budget", low=1, integer=True)
+        check_number("rmt_gamma", self.rmt_gamma, "the budget decays geometrically as B_0·γ^x",
+                     low=0.0, high=1.0, low_open=True, high_open=True)  # fmt: skip
+        check_number("rmt_k", self.rmt_k, "it is the exponent of the budget schedule", low=0.0, low_open=True)
+        check_number("rmt_length_reward_width", self.rmt_length_reward_width, "it is the half-width of the "
+                     "triangular length reward, in tokens", low=0.0, low_open=True, optional=True)  # fmt: skip
+        check_number("chord_expert_data_ratio", self.chord_expert_data_ratio, "it is the share of expert rows "
+                     "beside the rollouts (1 would leave no rollouts)", low=0.0, high=1.0, low_open=True,
+                     high_open=True)  # fmt: skip
+        for name in ("chord_mu_warmup_steps", "chord_mu_decay_steps"):
+            check_number(name, getattr(self, name), "it is a number of optimizer steps", low=0, integer=True)
 
     @property
     def resolved_token_shaping_stage(self) -> str:

@@ -39,6 +39,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id
 
+from ..checks import check_same_vocabulary
 from ..generation.processors import AdaptiveTemperatureLogitsProcessor
 from ..ops.advantages import (
     TOKEN_ADVANTAGE_METHODS,
@@ -57,6 +58,7 @@ from ..ops.selection import all_gather_variable_length, high_entropy_token_mask,
 from ..ops.sft import chord_mu, chord_sft_loss
 from ..rewards.grpo_rewards import RMTLengthReward
 from ..signals.preference import token_implicit_rewards
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .hooks import capture_last_hidden_state, causal_lm_of
 from .token_grpo_config import TokenGRPOConfig
 
@@ -136,12 +138,19 @@ class _ExpertBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
 
-    def next(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_rows(self, count: int) -> list[tuple[list[int], list[int]]]:
+        """The next `count` (prompt ids, completion ids) rows: shuffled epochs, no repeat within an epoch."""
         picked = []
-        while len(picked) < self.rows_per_batch:
+        while len(picked) < count:
             if not self._order:
                 self._order = torch.randperm(len(self.rows), generator=self.generator).tolist()
             picked.append(self.rows[self._order.pop()])
+        return picked
+
+    def next(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.collate(self.next_rows(self.rows_per_batch), device)
+
+    def collate(self, picked, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prompt_width = max(len(p) for p, _ in picked)
         completion_width = max(len(c) for _, c in picked)
         batch = len(picked)
@@ -196,6 +205,22 @@ class TokenGRPOTrainer(GRPOTrainer):
     _name = "TokenGRPO"
     # `_paper` stays GRPO's (DeepSeekMath): every method here reshapes the GRPO objective token by token.
 
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (TRL's tests call them on stand-ins; a subclass may skip our __init__):
+    # token features are then off and every override defers to `GRPOTrainer`.
+    _token_enabled = False
+    token_advantage_fn = None
+    token_reward_model = None
+    token_reward_ref_model = None
+    _hapo_processor = None
+    _expert_batches = None
+    # Per-call state (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
+    _cached_forward = None
+    _pending_selection = None
+    _rollout_capture_request = None
+    _rollout_capture = None
+    _last_rewards_per_func = None
+
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -239,6 +264,8 @@ class TokenGRPOTrainer(GRPOTrainer):
         self._token_enabled = token_advantage_fn is not None or (
             token_args is not None and token_args.token_features_enabled
         )
+        if self._token_enabled:
+            check_policy(model, processing_class)
 
         # RMT's length reward is one more reward function, appended before TRL sets up the reward bookkeeping.
         if token_args is not None and token_args.rmt_budget_init is not None:
@@ -260,13 +287,6 @@ class TokenGRPOTrainer(GRPOTrainer):
                     reward_processing_classes = [reward_processing_classes]
                 reward_processing_classes = [*reward_processing_classes, None]
 
-        # Per-call state of the overrides (see `_get_per_token_logps_and_entropies`, `get_high_entropy_mask`).
-        self._cached_forward = None
-        self._pending_selection = None
-        self._rollout_capture_request = None
-        self._rollout_capture = None
-        self._last_rewards_per_func = None
-
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -283,15 +303,18 @@ class TokenGRPOTrainer(GRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
-        self._hapo_processor = None
-        self.token_reward_model = None
-        self.token_reward_ref_model = None
-        self._expert_batches = None
+        if nonfinite_guard_enabled(args, self._token_enabled):
+            self.add_callback(NonFiniteWeightsGuard())
         if not self._token_enabled:
             return
 
         self._stage = args.resolved_token_shaping_stage
         self._needs_hidden = args.token_advantage in _HIDDEN_STATE_METHODS
+        # What the rollout stage shapes once per generation batch: the advantages (group methods, token rewards). The
+        # token selection always runs in the update step, from the training forward (see `_compute_loss`).
+        self._shapes_rollout = self._stage == "rollout" and (
+            token_advantage_fn is not None or args.token_advantage is not None or uses_rto
+        )
         rows_per_shaping = args.per_device_train_batch_size
         if self._stage == "rollout":
             rows_per_shaping *= args.steps_per_generation
@@ -313,6 +336,16 @@ class TokenGRPOTrainer(GRPOTrainer):
             self._setup_token_reward_models(token_reward_model, token_reward_ref_model)
         if uses_chord:
             self._setup_chord(expert_dataset)
+        self._rmt_corpus_ntp = args.rmt_ntp_coef != 0.0 and args.rmt_ntp_source == "corpus"
+        if self._rmt_corpus_ntp:
+            columns = set(getattr(train_dataset, "column_names", None) or [])
+            missing = {"rmt_document_ids", "rmt_target_position"} - columns
+            if missing:
+                raise ValueError(
+                    f"rmt_ntp_coef={args.rmt_ntp_coef} with rmt_ntp_source='corpus' trains next-token prediction on the "
+                    f"corpus documents, but train_dataset lacks the columns {sorted(missing)}. Build the prompts with "
+                    "trl_tokenlevel.data.rmt.build_rmt_dataset, or set rmt_ntp_source='unselected'."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # Initialisation helpers
@@ -321,13 +354,8 @@ class TokenGRPOTrainer(GRPOTrainer):
     def _load_frozen(self, model: PreTrainedModel | str, name: str) -> PreTrainedModel:
         if isinstance(model, str):
             model = create_model_from_path(model, **dict(self.args.model_init_kwargs or {}))
-        policy_vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
-        other_vocab = model.get_output_embeddings().weight.shape[0]
-        if policy_vocab != other_vocab:
-            raise ValueError(
-                f"`{name}` has an LM head over {other_vocab} tokens but the policy's covers {policy_vocab}: token "
-                "rewards need the policy's tokenizer and vocabulary (a model fine-tuned from the same base)."
-            )
+        check_same_vocabulary(self.accelerator.unwrap_model(self.model), "model", model, name,
+                              "token rewards score the policy's tokens")  # fmt: skip
         if self.args.disable_dropout:
             disable_dropout_in_model(model)
         model.requires_grad_(False)
@@ -365,12 +393,16 @@ class TokenGRPOTrainer(GRPOTrainer):
             expert_dataset = load_dataset(
                 self.args.chord_expert_dataset_name, split=self.args.chord_expert_dataset_split
             )
+        # Expert rows per optimisation step, over every rank and micro-step: `expert / (expert + rollouts) = ratio`.
+        # Every rank draws the same rows (same seed) and trains its share, so the layout never changes the data.
         ratio = self.args.chord_expert_data_ratio
-        rows = max(1, round(self.args.per_device_train_batch_size * ratio / (1 - ratio)))
+        rollout_rows = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.accelerator.num_processes)  # fmt: skip
+        rows = max(1, round(rollout_rows * ratio / (1 - ratio)))
         self._expert_batches = _ExpertBatches(
-            expert_dataset, self._tokenizer, rows, self.max_completion_length,
-            seed=self.args.seed + self.accelerator.process_index,
-        )  # fmt: skip
+            expert_dataset, self._tokenizer, rows, self.max_completion_length, seed=self.args.seed
+        )
+        self._chord_window: list = []
 
     # ------------------------------------------------------------------------------------------------------------
     # Public hook
@@ -440,12 +472,12 @@ class TokenGRPOTrainer(GRPOTrainer):
                                            compute_entropy=False, **kwargs):  # fmt: skip
         # The training forward of `_compute_loss` was already run by us (to shape the batch from its entropy): hand
         # TRL's loss the same tensors instead of a second forward.
-        if self._cached_forward is not None and compute_entropy:
+        if isinstance(self._cached_forward, tuple) and compute_entropy:
             cached, self._cached_forward = self._cached_forward, None
             return cached
         # Rollout stage: TRL's own old-log-prob forward also yields the entropy (and the hidden states) we need.
         request = self._rollout_capture_request
-        if request is not None and model is self.model and not compute_entropy:
+        if isinstance(request, dict) and model is self.model and not compute_entropy:
             self._rollout_capture_request = None
             with self._maybe_capture_hidden(model, request["hidden"]) as store:
                 logps, entropies, aux = super()._get_per_token_logps_and_entropies(
@@ -554,7 +586,7 @@ class TokenGRPOTrainer(GRPOTrainer):
         if not self._token_enabled:
             return super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
-        if self._stage == "rollout" and self._trl_computes_old_logps():
+        if self._shapes_rollout and self._trl_computes_old_logps():
             self._rollout_capture_request = {"hidden": self._needs_hidden}
         self._rollout_capture = None
         try:
@@ -574,11 +606,13 @@ class TokenGRPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = None
         if self.token_reward_model is not None:
             out["tl_token_rewards"] = self._rto_token_rewards(out)
-        if self._stage == "rollout":
+        if self._rmt_corpus_ntp and all("rmt_document_ids" in row for row in inputs):
+            out.update(self._rmt_corpus_rows(inputs, device))
+        if self._shapes_rollout:
             if capture is None:
                 capture = self._rollout_forward(out, self._needs_hidden)
             logps, entropies, hidden = capture
-            self._shape_token_batch(out, logps, entropies, hidden, out.get("old_per_token_logps"))
+            self._shape_token_batch(out, logps, entropies, hidden, out.get("old_per_token_logps"), select=False)
         if self._hapo_processor is not None and self._hapo_processor.temperature_count:
             processor = self._hapo_processor
             self._metrics[mode]["token/hapo/sampling_temperature"].append(
@@ -624,9 +658,10 @@ class TokenGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * batch
         return tensor[start : start + batch, :width]
 
-    def _shape_token_batch(self, batch: dict, per_token_logps, entropies, hidden, old_per_token_logps) -> None:
-        """Write `(B, T)` advantages, the token selection (`tl_selected`), D³S's loss mask (`tool_mask`,
-        `num_items_in_batch`) and HAPO clip ranges."""
+    def _shape_token_batch(self, batch: dict, per_token_logps, entropies, hidden, old_per_token_logps,
+                           select: bool = True) -> None:  # fmt: skip
+        """Write `(B, T)` advantages, D³S's loss mask (`tool_mask`, `num_items_in_batch`), HAPO clip ranges and, with
+        `select`, the token selection (`tl_selected`; at the rollout stage it is made later, per update step)."""
         args = self.args
         mode = "train" if self.model.training else "eval"
         completion_ids = batch["completion_ids"]
@@ -692,18 +727,7 @@ class TokenGRPOTrainer(GRPOTrainer):
             token_advantages = token_advantages + args.token_reward_coef * _return_to_go(token_rewards, valid_bool)
             self._log_masked_stats("token/token_reward", token_rewards, valid_bool, mode, ("mean",))
 
-        # Token selection (80/20, SPINE): a per-token mask on the policy-gradient term only, carried as `tl_selected`
-        # and applied in `_compute_loss` through TRL's own `top_entropy_quantile` path (`per_token_loss *=
-        # entropy_mask` before aggregation, KL added after it on every valid token). The loss mask and TRL's
-        # `num_items_in_batch` keep every valid token: the paper's normaliser (`entropy_normalize="all"`).
-        selected = None
-        if args.token_selection is not None:
-            gather_fn = all_gather_variable_length if args.entropy_scope == "global" else None
-            selected = high_entropy_token_mask(entropy, valid_bool, rho=args.entropy_top_ratio,
-                                               entropy_selection=args.entropy_selection, gather_fn=gather_fn)  # fmt: skip
-            batch["tl_selected"] = selected
-            batch["tl_valid"] = valid_bool
-            self._log_selection(entropy, valid_bool, selected, mode)
+        batch["tl_valid"] = valid_bool  # the valid tokens before D³S's masking: the selection chooses among them
         # D³S drops rollouts and tokens from the loss itself (spec §6: dropped rollouts leave the batch, the loss is a
         # token-mean over the kept tokens), KL included: a loss mask in `tool_mask`, never `completion_mask` (also the
         # attention mask), with TRL's normaliser recounted over the kept tokens.
@@ -713,15 +737,46 @@ class TokenGRPOTrainer(GRPOTrainer):
             base = torch.ones_like(batch["completion_mask"]) if tool_mask is None else tool_mask
             batch["tool_mask"] = base * loss_mask.to(base.dtype)
             batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        if selected is not None and args.entropy_normalize == "selected":
-            # Global count of the selected loss tokens, over the same rows as `num_items_in_batch` (see
-            # `_selected_normalization_scale`).
-            batch["tl_num_selected"] = self.accelerator.gather((selected & loss_mask).sum()).sum()
-
         batch["advantages"] = token_advantages
-        policy_mask = loss_mask if selected is None else loss_mask & selected
         self._log_masked_stats("token/adv_before", stock_tokens, valid_bool, mode, ("mean", "std", "min", "max"))
-        self._log_masked_stats("token/adv_after", token_advantages, policy_mask, mode, ("mean", "std", "min", "max"))
+        if select or args.token_selection is None:
+            self._select_tokens(batch, entropy, mode)
+
+    def _select_tokens(self, batch: dict, entropy: torch.Tensor, mode: str) -> None:
+        """Token selection (80/20, SPINE) from the entropies of the current policy, and the `token/adv_after` metrics
+        over the tokens the policy gradient acts on.
+
+        A per-token mask on the policy-gradient term only, carried as `tl_selected` and applied in `_compute_loss`
+        through TRL's own `top_entropy_quantile` path (`per_token_loss *= entropy_mask` before aggregation, KL added
+        after it on every valid token). The loss mask and TRL's `num_items_in_batch` keep every valid token: the
+        paper's normaliser (`entropy_normalize="all"`). Runs in the update step (the training forward's entropies)
+        at either shaping stage, so with several micro-steps or iterations per generation batch each optimisation step
+        selects from its own policy and micro-batch, as the paper (and TRL's `top_entropy_quantile`) do.
+        """
+        args = self.args
+        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        loss_mask = mask.bool()
+        valid = batch.get("tl_valid", loss_mask)
+        advantages = batch["advantages"]
+        if advantages.dim() == 1:  # nothing was shaped per token: the stock advantages, broadcast
+            advantages = torch.where(loss_mask, advantages[:, None].to(entropy.dtype), torch.zeros_like(entropy))
+            batch["advantages"] = advantages
+            self._log_masked_stats("token/adv_before", advantages, loss_mask, mode, ("mean", "std", "min", "max"))
+        selected = None
+        if args.token_selection is not None:
+            gather_fn = all_gather_variable_length if args.entropy_scope == "global" else None
+            selected = high_entropy_token_mask(entropy, valid, rho=args.entropy_top_ratio,
+                                               entropy_selection=args.entropy_selection,
+                                               gather_fn=gather_fn)  # fmt: skip
+            batch["tl_selected"] = selected
+            batch["tl_valid"] = valid
+            self._log_selection(entropy, valid, selected, mode)
+            if args.entropy_normalize == "selected":
+                # Global count of the selected loss tokens, over the same rows as `num_items_in_batch` (see
+                # `_selected_normalization_scale`).
+                batch["tl_num_selected"] = self.accelerator.gather((selected & loss_mask).sum()).sum()
+        policy_mask = loss_mask if selected is None else loss_mask & selected
+        self._log_masked_stats("token/adv_after", advantages, policy_mask, mode, ("mean", "std", "min", "max"))
 
     @torch.no_grad()
     def _ucas_statistics(self, hidden, completion_ids, logps, valid):
@@ -790,11 +845,17 @@ class TokenGRPOTrainer(GRPOTrainer):
         per_token_logps, entropies, aux_loss, hidden = self._training_forward(model, inputs, capture_hidden)
         if self._stage == "loss":
             self._shape_token_batch(inputs, per_token_logps, entropies, hidden, inputs.get("old_per_token_logps"))
+        elif self.args.token_selection is not None:
+            self._select_tokens(inputs, entropies.detach().float(), mode)
         eps_low, eps_high = inputs.pop("tl_eps_low", None), inputs.pop("tl_eps_high", None)
-        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile
+        saved = self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta
         if eps_low is not None:
             # HAPO: TRL's clamp and clip metrics read these attributes; tensors make them per token.
             self.epsilon_low, self.epsilon_high = eps_low, eps_high
+        if self.args.token_advantage == "hapo" and self.args.hapo_dual_clip is not None:
+            # HAPO's dual clip c: TRL's `delta` caps the unclipped ratio at c, which is exactly the dual clip for
+            # c > 1 + ε_high' (config-checked; proof and reference in `ops.advantages.hapo_dual_clip_loss`).
+            self.args.delta = self.args.hapo_dual_clip
         selected = inputs.get("tl_selected")
         if selected is not None:
             # Token selection rides TRL's `top_entropy_quantile` path: any value < 1 makes TRL ask
@@ -810,29 +871,73 @@ class TokenGRPOTrainer(GRPOTrainer):
         finally:
             self._cached_forward = None
             self._pending_selection = None
-            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile = saved
+            self.epsilon_low, self.epsilon_high, self.top_entropy_quantile, self.args.delta = saved
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         valid = inputs.get("tl_valid")  # the valid tokens the selection chose from
         if self.args.token_selection == "entropy_band":
+            # The mean is over the forking tokens of every rank (DDP averages gradients, hence the division), so two
+            # processes train like one with the same global batch (tests/trainers/test_token_grpo_layout.py).
+            world = self.accelerator.num_processes
+            global_forking = self.accelerator.gather(selected.sum().reshape(1).float()).sum()
             penalty = spine_entropy_band_penalty(
                 entropies, selected, band_coef=self.args.band_coef, band_low=self.args.band_low,
                 band_high=self.args.band_high, band_mode=self.args.band_mode,
                 band_quantiles=(self.args.band_quantile_low, self.args.band_quantile_high),
+                normalizer=global_forking.clamp(min=1) / world,
+                gather_fn=all_gather_variable_length if world > 1 else None,
             )  # fmt: skip
             loss = loss + penalty / accumulation
             self._metrics[mode]["token/band_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         if self.args.rmt_ntp_coef != 0.0:
-            ntp = rmt_ntp_loss(per_token_logps, valid, selected, ntp_coef=self.args.rmt_ntp_coef)
-            loss = loss + ntp / accumulation
-            self._metrics[mode]["token/rmt_ntp_loss"].append(self.accelerator.gather(ntp.detach()).mean().item())
+            if self.args.rmt_ntp_source == "corpus":
+                ntp = self._rmt_corpus_ntp_loss(model, inputs)
+            else:
+                ntp = rmt_ntp_loss(per_token_logps, valid, selected, ntp_coef=self.args.rmt_ntp_coef)
+            if ntp is not None:
+                loss = loss + ntp / accumulation
+                self._metrics[mode]["token/rmt_ntp_loss"].append(self.accelerator.gather(ntp.detach()).mean().item())
         if self._expert_batches is not None and mode == "train":
-            loss = self._chord_mix(model, loss, accumulation, mode)
+            loss = self._chord_mix(model, loss, mode)
         return loss
+
+    def _rmt_corpus_rows(self, rows: list[dict], device) -> dict[str, torch.Tensor]:
+        """Each rollout row's corpus document (right-padded ids and mask) and RL target position, as `(B, ·)` tensors
+        that travel with the rows through TRL's shuffle and split."""
+        documents = [list(row["rmt_document_ids"]) for row in rows]
+        width = max(len(ids) for ids in documents)
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, document in enumerate(documents):
+            ids[i, : len(document)] = torch.tensor(document, dtype=torch.long, device=device)
+            mask[i, : len(document)] = 1
+        target = torch.tensor([int(row["rmt_target_position"]) for row in rows], dtype=torch.long, device=device)
+        return {"tl_rmt_doc_ids": ids, "tl_rmt_doc_mask": mask, "tl_rmt_target": target}
+
+    def _rmt_corpus_ntp_loss(self, model, inputs) -> torch.Tensor | None:
+        """RMT's NTP term on the corpus: `λ·mean(−log π(x_t|x_<t))` over the tokens of this micro-batch's distinct
+        documents other than their RL targets (`ops.advantages.rmt_ntp_loss`), scored by TRL's fused head in one more
+        forward with gradient (the unwrapped module, as CHORD's expert rows). None when the rows carry no document."""
+        ids = inputs.get("tl_rmt_doc_ids")
+        if ids is None:
+            return None
+        mask, target = inputs["tl_rmt_doc_mask"], inputs["tl_rmt_target"]
+        # The completions of one prompt share its document and target: score each distinct one once.
+        keys, inverse = torch.unique(torch.cat([ids, target[:, None]], dim=1), dim=0, return_inverse=True)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        first = torch.full((keys.shape[0],), ids.shape[0], device=ids.device).scatter_reduce(0, inverse, rows, "amin")
+        ids, mask, target = ids[first], mask[first], target[first]
+        logps, _, _ = super()._get_per_token_logps_and_entropies(
+            self.accelerator.unwrap_model(model), ids, mask, ids.shape[1] - 1
+        )
+        predicted = torch.arange(1, ids.shape[1], device=ids.device)[None, :]  # logps[:, j] scores token j + 1
+        return rmt_ntp_loss(logps, mask[:, 1:], predicted == target[:, None], ntp_coef=self.args.rmt_ntp_coef)
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         # During our `_compute_loss`, TRL's entropy-mask branch receives the token selection made at shaping time.
-        if self._pending_selection is not None:
+        # (A tensor check, not `is not None`: TRL's tests call this on a `Mock(spec=...)` whose attributes are Mocks.)
+        if isinstance(self._pending_selection, torch.Tensor):
             selected, self._pending_selection = self._pending_selection, None
             return selected.bool() & mask.bool()
         return super().get_high_entropy_mask(entropies, mask, threshold)
@@ -861,22 +966,53 @@ class TokenGRPOTrainer(GRPOTrainer):
             return (mask.sum(-1).float().clamp(min=1.0) / chosen.sum(-1).float().clamp(min=1.0)).unsqueeze(-1)
         return 1.0
 
-    def _chord_mix(self, model, loss, accumulation, mode):
-        """CHORD: `(1 − μ)·L_GRPO + μ·L_SFT` with φ-weighted expert NLL, μ from the warmup + cosine schedule."""
+    def _chord_window_shares(self) -> list:
+        """This rank's expert rows for each micro-step of the next optimisation step, with the step's global count.
+
+        The step's rows are dealt round-robin over (micro-step, rank) slots; the normaliser is their total number of
+        completion tokens (`chord_token_level_loss=True`) or of rows, known on every rank without communication since
+        every rank draws the same rows. A slot may be empty when there are fewer rows than slots (SFT term 0).
+        """
+        rows = self._expert_batches.next_rows(self._expert_batches.rows_per_batch)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        slots = self.current_gradient_accumulation_steps * world
+        shares = [rows[slot::slots] for slot in range(slots)]
+        normalizer = sum(len(c) for _, c in rows) if self.args.chord_token_level_loss else len(rows)
+        steps = self.current_gradient_accumulation_steps
+        return [(shares[micro * world + rank], float(normalizer)) for micro in range(steps)]
+
+    def _chord_mix(self, model, loss, mode):
+        """CHORD: `(1 − μ)·L_GRPO + μ·L_SFT` with φ-weighted expert NLL, μ from the warmup + cosine schedule.
+
+        `L_SFT` averages over the expert tokens (or rows) of the whole optimisation step, as the official per-side
+        renormalisation does: each micro-step adds its sum divided by the step's global count, times the number of
+        processes (DDP averages gradients over ranks), so gradient accumulation and several processes give the
+        one-batch loss. TRL's `L_GRPO` is already normalised over its own global batch.
+        """
         args = self.args
         mu = chord_mu(self.state.global_step, args.chord_mu_warmup_steps, args.chord_mu_decay_steps,
                       args.chord_mu_peak, args.chord_mu_valley)  # fmt: skip
-        input_ids, attention_mask, expert_mask = self._expert_batches.next(self.accelerator.device)
-        # The unwrapped module: a second call of the DDP wrapper before backward would re-arm its reducer; the
-        # gradients of both forwards still reach the same parameters and are all-reduced once.
-        expert_logps, _, _ = super()._get_per_token_logps_and_entropies(
-            self.accelerator.unwrap_model(model), input_ids, attention_mask, expert_mask.shape[1]
-        )
-        sft = chord_sft_loss(expert_logps, expert_mask, weighting=args.chord_weighting,
-                             cutoff_prob=args.chord_cutoff_prob, token_level=args.chord_token_level_loss)  # fmt: skip
+        if not self._chord_window:
+            self._chord_window = self._chord_window_shares()
+        rows, normalizer = self._chord_window.pop(0)
+        if rows:
+            input_ids, attention_mask, expert_mask = self._expert_batches.collate(rows, self.accelerator.device)
+            # The unwrapped module: a second call of the DDP wrapper before backward would re-arm its reducer; the
+            # gradients of both forwards still reach the same parameters and are all-reduced once.
+            expert_logps, _, _ = super()._get_per_token_logps_and_entropies(
+                self.accelerator.unwrap_model(model), input_ids, attention_mask, expert_mask.shape[1]
+            )
+            sft = chord_sft_loss(expert_logps, expert_mask, weighting=args.chord_weighting,
+                                 cutoff_prob=args.chord_cutoff_prob, token_level=args.chord_token_level_loss,
+                                 normalizer=normalizer)  # fmt: skip
+        else:
+            sft = loss.new_zeros(())
+        # Logged per micro-step as this share of the step's L_SFT (the micro-steps of a step add up to L_SFT).
         self._metrics[mode]["chord/mu"].append(mu)
-        self._metrics[mode]["chord/sft_loss"].append(self.accelerator.gather(sft.detach()).mean().item())
-        return (1.0 - mu) * loss + mu * sft / accumulation
+        self._metrics[mode]["chord/sft_loss"].append(
+            self.accelerator.reduce(sft.detach(), reduction="sum").item() * self.current_gradient_accumulation_steps
+        )
+        return (1.0 - mu) * loss + mu * sft * self.accelerator.num_processes
 
     # ------------------------------------------------------------------------------------------------------------
     # Diagnostics

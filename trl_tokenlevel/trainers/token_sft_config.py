@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
+
+from ..checks import check_choice, check_number
 
 # Token losses replace TRL's per-token NLL; a token selection masks whichever per-token loss is active.
 TOKEN_SFT_LOSS_TYPES = ("otr", "chord_phi", "weighted")
@@ -98,6 +99,14 @@ class TokenSFTConfig(SFTConfig):
         sstoken_select_scope (`str`, *optional*, defaults to `"sequence"`):
             Keep the top ρ of each `"sequence"`'s tokens, or of all the micro-batch's tokens (`"batch"`).
 
+        > Safety
+
+        stop_on_nonfinite (`bool` or `None`, *optional*, defaults to `None`):
+            After every optimizer step, check the trainable weights and raise `FloatingPointError` (naming the step,
+            the first bad parameter and the last checkpoint on disk) if any is NaN/inf, before the step is logged or
+            saved: no checkpoint of broken weights is written and checkpoint rotation never removes the last good one.
+            `None` turns it on for token-level methods and off for stock training (exactly TRL's behaviour).
+
     > [!NOTE]
     > Token-level losses need the fused per-token log-probabilities: they require `loss_type="nll"` (except a token
     > selection alone, which also masks `"dft"`) and `label_smoothing_factor=0`. ssToken selects per padded row, so it
@@ -170,8 +179,18 @@ class TokenSFTConfig(SFTConfig):
         metadata={"help": "ssToken top-rho scope: 'sequence' or 'batch'.", "choices": list(SSTOKEN_SCOPES)},
     )
 
+    stop_on_nonfinite: bool | None = field(
+        default=None,
+        metadata={"help": "Stop with an error as soon as an optimizer step leaves NaN/inf trainable weights, before a "
+                  "checkpoint of them is written (None: on for token-level methods, off for stock training)."},
+    )  # fmt: skip
+
     def __post_init__(self):
         super().__post_init__()
+        # Our own fields are checked whatever the method: a bad knob is a mistake even while its method is off.
+        self._check_otr()
+        self._check_chord()
+        self._check_sstoken()
         if self.token_loss_type is None and self.token_selection is None:
             return
         if self.token_loss_type is not None and self.token_loss_type not in TOKEN_SFT_LOSS_TYPES:
@@ -198,32 +217,29 @@ class TokenSFTConfig(SFTConfig):
                 f"label_smoothing_factor={self.label_smoothing_factor} needs the full logits, which token-level SFT "
                 "never builds. Set label_smoothing_factor=0."
             )
-        self._check_otr()
-        self._check_chord()
-        self._check_sstoken()
 
     def _check_otr(self) -> None:
         for name in ("otr_temperature", "otr_logprob_temperature"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}.")
-        if not (isinstance(self.otr_num_samples, int) and self.otr_num_samples >= 1):
-            raise ValueError(f"otr_num_samples (K) must be an integer >= 1, got {self.otr_num_samples!r}.")
-        if not (math.isfinite(self.otr_beta) and self.otr_beta < 1):
-            raise ValueError(
-                f"otr_beta must be a finite number < 1 (a wrong token must earn less than the ground truth, which "
-                f"earns 1), got {self.otr_beta}."
-            )
+            check_number(name, getattr(self, name), "the logits are divided by it", low=0.0, low_open=True)
+        check_number("otr_num_samples", self.otr_num_samples, "it is the number K of tokens sampled per position",
+                     low=1, integer=True)  # fmt: skip
+        check_number("otr_beta", self.otr_beta, "a wrong sampled token must earn less than the ground truth, which "
+                     "earns 1", high=1.0, high_open=True)  # fmt: skip
         for name, value, choices in (
             ("otr_estimator", self.otr_estimator, OTR_ESTIMATORS),
             ("otr_baseline", self.otr_baseline, OTR_BASELINES),
             ("otr_sampler", self.otr_sampler, OTR_SAMPLERS),
         ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r}; valid values: {', '.join(choices)}.")
-        for name in ("otr_coef", "otr_nll_coef"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
+            check_choice(name, value, choices)
+        check_number("otr_coef", self.otr_coef, "it weights the OTR loss (a negative weight would minimise the "
+                     "reward of the ground truth)", low=0.0)  # fmt: skip
+        check_number("otr_nll_coef", self.otr_nll_coef, "it weights the added NLL (a negative weight is "
+                     "unlikelihood training, unbounded below)", low=0.0)  # fmt: skip
+        if self.token_loss_type == "otr" and self.otr_coef == 0.0 and self.otr_nll_coef == 0.0:
+            raise ValueError(
+                "otr_coef=0.0 and otr_nll_coef=0.0: the loss is identically zero, so training would change nothing. "
+                "Set otr_coef > 0 (the paper's OTR loss) or otr_nll_coef > 0."
+            )
         if self.token_loss_type == "otr" and self.otr_estimator == "expected":
             # The expected form has no samples: refuse sampling knobs that would otherwise be silently ignored.
             if self.otr_baseline != "none" or self.otr_include_gold:
@@ -233,21 +249,21 @@ class TokenSFTConfig(SFTConfig):
                 )
 
     def _check_chord(self) -> None:
-        if self.chord_weighting not in CHORD_WEIGHTINGS:
-            raise ValueError(f"chord_weighting={self.chord_weighting!r}; valid values: {', '.join(CHORD_WEIGHTINGS)}.")
-        if not 0.0 < self.chord_cutoff_prob <= 1.0:
-            raise ValueError(f"chord_cutoff_prob must be in (0, 1], got {self.chord_cutoff_prob}.")
+        check_choice("chord_weighting", self.chord_weighting, CHORD_WEIGHTINGS)
+        check_number("chord_cutoff_prob", self.chord_cutoff_prob, "it is a probability cutoff (1 is off; 0 would "
+                     "clamp every log-probability to -inf)", low=0.0, high=1.0, low_open=True)  # fmt: skip
 
     def _check_sstoken(self) -> None:
-        if not 0.0 < self.sstoken_ratio <= 1.0:
-            raise ValueError(f"sstoken_ratio (rho) must be in (0, 1], got {self.sstoken_ratio}.")
-        if not 0.0 <= self.sstoken_gamma <= 1.0:
-            raise ValueError(f"sstoken_gamma must be in [0, 1], got {self.sstoken_gamma}.")
-        if not 0.0 <= self.sstoken_history_decay <= 1.0:
-            raise ValueError(f"sstoken_history_decay (alpha) must be in [0, 1], got {self.sstoken_history_decay}.")
+        check_number("sstoken_ratio", self.sstoken_ratio, "it is the fraction ρ of each response's tokens kept (0 "
+                     "would keep none)", low=0.0, high=1.0, low_open=True)  # fmt: skip
+        check_number("sstoken_gamma", self.sstoken_gamma, "it mixes the two scores, (1 − γ)·REL + γ·attention",
+                     low=0.0, high=1.0)  # fmt: skip
+        check_number("sstoken_history_decay", self.sstoken_history_decay, "it is the EMA decay α of the history "
+                     "model (1 freezes it)", low=0.0, high=1.0)  # fmt: skip
+        check_number("sstoken_attention_layer", self.sstoken_attention_layer, "it indexes a decoder layer "
+                     "(negative counts from the end)", integer=True)  # fmt: skip
         for name in ("sstoken_norm_scope", "sstoken_select_scope"):
-            if getattr(self, name) not in SSTOKEN_SCOPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; valid values: {', '.join(SSTOKEN_SCOPES)}.")
+            check_choice(name, getattr(self, name), SSTOKEN_SCOPES)
         if self.token_selection == "sstoken" and (self.packing or self.eval_packing or self.padding_free):
             raise ValueError(
                 "token_selection='sstoken' selects tokens per padded row (one response per row) and reads a "

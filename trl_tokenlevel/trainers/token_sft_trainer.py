@@ -25,6 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import get_config_model_id
 
 from ..data.sft_columns import ROW_ID_COLUMN, TOKEN_WEIGHTS_COLUMN, DataCollatorForTokenSFT, prepare_token_weights
+from ..data.token_columns import column_names
 from ..ops.chunked import backbone_hidden_states, chunked_token_logprobs, lm_head_params
 from ..ops.sft import (
     attention_prompt_mass,
@@ -41,6 +42,7 @@ from ..ops.sft import (
     ss_token_scores,
     ss_token_select,
 )
+from .guards import NonFiniteWeightsGuard, check_policy, nonfinite_guard_enabled
 from .token_sft_config import TokenSFTConfig
 
 HISTORY_CHECKPOINT_NAME = "sstoken_history.safetensors"
@@ -80,6 +82,14 @@ class TokenSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "trl-tokenlevel"]
     _name = "TokenSFT"
+    # Defaults of the state the overrides read, at class level so that each overridden TRL method also works on an
+    # object that has only TRL's attributes (stock SFT: every override defers to `SFTTrainer`).
+    token_loss_type = None
+    token_selection = None
+    _token_mode = False
+    otr_generator = None
+    _history_model = None
+    _history_pairs = ()
 
     def __init__(
         self,
@@ -114,6 +124,7 @@ class TokenSFTTrainer(SFTTrainer):
         self._history_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
 
         if self._token_mode:
+            check_policy(model, processing_class)
             if compute_loss_func is not None:
                 raise ValueError(
                     "`compute_loss_func` replaces the loss with one computed from full logits, which token-level SFT "
@@ -139,6 +150,8 @@ class TokenSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        if nonfinite_guard_enabled(args, self._token_mode):
+            self.add_callback(NonFiniteWeightsGuard())
         if not self._token_mode:
             return
 
@@ -309,15 +322,18 @@ class TokenSFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if self.token_loss_type != "weighted":
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        column_names = dataset.column_names or []
-        if TOKEN_WEIGHTS_COLUMN not in column_names:
+        columns = column_names(dataset)
+        if TOKEN_WEIGHTS_COLUMN not in columns:
             raise ValueError(
                 f"token_loss_type='weighted' needs a {TOKEN_WEIGHTS_COLUMN!r} column (one float per loss token), but "
-                f"the {dataset_name} dataset has columns {column_names}. Build it from "
+                f"the {dataset_name} dataset has columns {columns}. Build it from "
                 "`trl_tokenlevel.data.sft_columns.tokenize_sft_dataset(dataset, tokenizer)['labels']`."
             )
+        # Row numbers of the user's dataset for error messages (a stream's rows are checked lazily, as they come).
         if isinstance(dataset, Dataset):
             dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+        else:
+            dataset = dataset.map(lambda _, index: {ROW_ID_COLUMN: index}, with_indices=True)
         # TRL's preparation up to the labels, with nothing truncated, packed or shuffled yet: the weights are checked
         # against the full tokenization, then truncated/packed together with the ids (`prepare_token_weights`).
         untruncated = _ArgsView(args, max_length=None, shuffle_dataset=False)
@@ -462,6 +478,15 @@ class TokenSFTTrainer(SFTTrainer):
         Returns `(samples [N, K], raw logits at [samples, gold] [N, K + 1] or None)`.
         """
         args = self.args
+        # A sampler fed NaN/inf logits fails deep in torch ("invalid multinomial distribution") or, for Gumbel-max,
+        # silently draws garbage: name the cause instead.
+        for what, tensor in (("hidden states", rows), ("LM-head weights", head["weight"])):
+            if not bool(torch.isfinite(tensor).all()):
+                raise FloatingPointError(
+                    f"OTR cannot sample at step {self.state.global_step}: the policy's {what} are not finite (NaN/inf), "
+                    "so its logits are not a distribution. The weights diverged in an earlier step: lower the learning "
+                    "rate or set max_grad_norm, and resume from the last checkpoint."
+                )
         if args.otr_sampler == "gumbel":
             # `gumbel_max_sample_chunked` projects `W h + b`: fold the logit scale into the temperature.
             samples = gumbel_max_sample_chunked(
@@ -469,11 +494,20 @@ class TokenSFTTrainer(SFTTrainer):
                 temperature=args.otr_temperature / head["logit_scale"], generator=self.otr_generator,
             )  # fmt: skip
             return samples, None
-        return sample_tokens_tiled(
-            rows, head["weight"], head["bias"], args.otr_num_samples, args.otr_temperature,
-            logit_scale=head["logit_scale"], softcap=head["softcap"], generator=self.otr_generator,
-            extra_indices=gold.unsqueeze(-1),
-        )  # fmt: skip
+        try:
+            return sample_tokens_tiled(
+                rows, head["weight"], head["bias"], args.otr_num_samples, args.otr_temperature,
+                logit_scale=head["logit_scale"], softcap=head["softcap"], generator=self.otr_generator,
+                extra_indices=gold.unsqueeze(-1),
+            )  # fmt: skip
+        except RuntimeError as error:
+            if "multinomial" not in str(error):
+                raise
+            raise FloatingPointError(
+                f"OTR cannot sample at step {self.state.global_step}: the policy's logits overflow to non-finite "
+                f"values at otr_temperature={args.otr_temperature}. Raise otr_temperature, lower the learning rate or "
+                "train in fp32/bf16 instead of fp16."
+            ) from error
 
     def _otr_position_losses(self, mode, log_probs, valid, labels, hidden) -> torch.Tensor:
         """OTR loss `[N]` at the N valid positions, from the hidden states the fused forward produced."""

@@ -74,7 +74,9 @@ def _draw(task: str, rng: random.Random, digits: int, length: int) -> Problem:
         words = [rng.choice(_COUNT_WORDS) for _ in range(length + 2)]
         target = rng.choice(words)
         listed = " ".join(words)
-        return Problem(task, f"How many times is {target} in: {listed}", str(words.count(target)), f"count:{target}:{listed}")
+        return Problem(
+            task, f"How many times is {target} in: {listed}", str(words.count(target)), f"count:{target}:{listed}"
+        )
     raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
 
 
