@@ -46,8 +46,12 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
 
 def verdict(difference: dict[str, Any], expected_sign: int) -> str:
     """`reproduced` when the 95% CI of the paired difference excludes 0 on the claimed side, `not reproduced` when it
-    excludes 0 on the other side, else `inconclusive`."""
-    if difference["ci95"] is None:
+    excludes 0 on the other side, else `inconclusive`.
+
+    A zero-width interval (every seed gave the same value: the seeds do not vary what is measured, e.g. a fixed
+    evaluation set scored by a deterministic builder) estimates no uncertainty, so it is `inconclusive` too.
+    """
+    if not has_spread(difference):
         return "inconclusive"
     low, high = difference["mean"] - difference["ci95"], difference["mean"] + difference["ci95"]
     if expected_sign * low > 0 and expected_sign * high > 0:
@@ -55,6 +59,11 @@ def verdict(difference: dict[str, Any], expected_sign: int) -> str:
     if expected_sign * low < 0 and expected_sign * high < 0:
         return "not reproduced"
     return "inconclusive"
+
+
+def has_spread(interval: dict[str, Any]) -> bool:
+    """Whether the per-seed values differ (a CI of width 0 from identical values says nothing about uncertainty)."""
+    return interval["ci95"] is not None and len(set(interval["values"])) > 1
 
 
 def environment() -> dict[str, Any]:
@@ -114,9 +123,10 @@ def validate_result(result: dict[str, Any]) -> None:
 
 
 def format_interval(value: dict[str, Any], digits: int = 3) -> str:
-    """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed."""
-    ci = "n/a" if value["ci95"] is None else f"{value['ci95']:.{digits}f}"
-    return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']})"
+    """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed or no spread."""
+    ci = f"{value['ci95']:.{digits}f}" if has_spread(value) else "n/a"
+    note = "" if value["n"] == 1 or has_spread(value) else ", same value every seed"
+    return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']}{note})"
 
 
 SET_ENV = "BENCH_CLAIMS_SET"  # JSON object of config overrides, filled by `python -m bench.claims run --set key=value`

@@ -2,13 +2,13 @@
 
 Setting (`CONFIGS` holds every number):
 
-- **Data, on-policy.** SmolLM2-135M-Instruct samples `samples_per_prompt` answers at temperature 1 to 2-shot chat
-  prompts of a task it half-solves (default: sort three 2-digit numbers, ~19% greedy), and each prompt with both a
-  right and a wrong sample gives one pair (chosen = a right sample, rejected = a wrong one;
-  `onpolicy.build_preference_pairs`). Rejected answers hold the model's own mistakes. No SFT warm-up: the task is
-  chosen so the untouched model already yields pairs, and the untouched model is the sampling policy and the DPO
-  reference. Pairs of `train` problems train; pairs of `valid` problems are the held-out analysis pairs (token
-  credit); greedy accuracy is measured on `test` problems. The three splits are hash-disjoint.
+- **Data, on-policy rejected answers.** SmolLM2-135M-Instruct samples `samples_per_prompt` answers at temperature 1
+  to 2-shot chat prompts of a task it half-solves (default: sort three 2-digit numbers, ~19% greedy). Each prompt
+  with a wrong sample gives one pair (`onpolicy.build_preference_pairs`): rejected = one of the model's own wrong
+  answers; chosen = a right sample, or with `fallback_to_gold` the gold answer when no sample was right (the result's
+  `config.pool.gold_chosen` counts those rows). No SFT warm-up: the untouched model is the sampling policy and the DPO
+  reference. Pairs of `train` problems train; pairs of `valid` problems are the held-out analysis pairs (token credit,
+  chosen likelihood); greedy accuracy is measured on `test` problems. The three splits are hash-disjoint.
 - **Training.** Every method trains a LoRA adapter (the reference is the adapter-disabled base) with the same seed,
   data order, steps and learning rate; only `token_loss_type` and its signal columns differ. Seeds change the
   training-pair subset/order and the LoRA initialisation; the pair pool is sampled once (from the base model).
@@ -17,8 +17,8 @@ Setting (`CONFIGS` holds every number):
   `weighted` run's weights on both sides) are `signals.add_critical_token_weights` from a positive and a negative
   LoRA fine-tune of the base on the chosen / rejected answers (as the cDPO paper does).
 - **Metrics.** Held-out greedy accuracy; KL(π_θ‖π_ref) summed over the tokens of the policy's own greedy answers
-  (sequential KL, TDPO's measure), mean over held-out prompts; and on the held-out analysis pairs, for every trained policy at the main beta,
-  the change of log π(chosen) (DPO's collapse of the chosen likelihood) and its per-token
+  (sequential KL, TDPO's measure), mean over held-out prompts; and on the held-out analysis pairs, for every policy
+  trained at the main beta, the change of log π(chosen) (DPO's collapse of the chosen likelihood) and its per-token
   implicit reward β·log π_θ/π_ref on rejected answers (From r to Q*, `TokenDPOTrainer.compute_token_rewards`): how
   often the most negative token is the first wrong token, and what share of the negative mass sits on, before and
   after it. The signal columns themselves are scored in the `signals` experiment.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +116,16 @@ def preference_pool(config: dict, model, tokenizer) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(pool), encoding="utf-8")
     return pool
+
+
+def pool_summary(pool: dict[str, Any]) -> dict[str, Any]:
+    """Pairs per split, how many have the gold answer as chosen (no sample was right), the samples' accuracy."""
+    return {
+        "pairs": {split: len(pool[split]) for split in ("train", "valid")},
+        "gold_chosen": {split: sum(row["chosen_source"] == "gold" for row in pool[split]) for split in ("train", "valid")},
+        "sample_accuracy": pool["sample_accuracy"],
+        "sampling_s": pool["sampling_s"],
+    }
 
 
 def _dataset(rows: list[dict], extra: dict[str, list] | None = None):
@@ -277,7 +287,10 @@ def credit_location(values: list[list[float]], first_wrong: list[int], sign: int
             shares["before"].append(sum(mass[:wrong]) / total)
             shares["at"].append(mass[wrong] / total)
             shares["after"].append(sum(mass[wrong + 1 :]) / total)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
     return {"top1": mean(top1), "chance": mean(chance), **{k: mean(v) for k, v in shares.items()}}
 
 
@@ -357,8 +370,7 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         per_seed.setdefault(name, []).append(float(value))
 
     for seed in seeds:
-        rng = __import__("random").Random(seed)
-        rows = rng.sample(pool["train"], min(config["train_pairs"], len(pool["train"])))
+        rows = random.Random(seed).sample(pool["train"], min(config["train_pairs"], len(pool["train"])))
         state: dict[str, Any] = {}
         seed_points = {"dpo": [], "tdpo2": []}
         for method, beta in runs:
@@ -401,8 +413,7 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     return {
         "experiment": "preference",
         "config": {**config, "model": "SmolLM2-135M-Instruct (de-quantised Q4_1 GGUF)",
-                   "pool_pairs": {"train": len(pool["train"]), "valid": len(pool["valid"])},
-                   "pool_sample_accuracy": pool["sample_accuracy"], "pool_sampling_s": pool["sampling_s"],
+                   "pool": pool_summary(pool),
                    "runs_per_seed": [f"{m}@beta={b}" for m, b in runs]},  # fmt: skip
         "seeds": list(seeds),
         "metrics": metrics,

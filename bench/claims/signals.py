@@ -1,6 +1,6 @@
 """Token signals on the preference data: do the builders put their extreme values on the token that decides correctness?
 
-On the held-out on-policy pairs of the `preference` experiment (pairs of `valid` problems; the rejected answer is the
+On the held-out on-policy analysis pairs of the `preference` experiment (pairs of `valid` problems; the rejected answer is the
 base model's own wrong sample), each builder of `trl_tokenlevel.signals` scores every rejected completion token, and
 we ask whether its most extreme value lands on the first wrong token (`tasks.first_wrong_token`, the token where the
 answer departs from the gold one; later tokens follow from it).
@@ -30,14 +30,23 @@ import torch
 from bench.claims.common import experiment_config, mean_ci, paired_difference, verdict
 from bench.claims.preference import (
     CONFIGS as PREFERENCE_CONFIGS,
+)
+from bench.claims.preference import (
     _dataset,
     first_wrong_tokens,
+    pool_summary,
     preference_pool,
     train_preference,
     train_sft_model,
 )
 
 KS = (1, 3)
+# The preference experiment's settings (same cached pair pool), with fewer builder-training steps in the full run so
+# it fits beside the preference run on the shared CPU; every setting is recorded in the result's config.
+CONFIGS = {
+    "full": {**PREFERENCE_CONFIGS["full"], "signal_sft_steps": 2, "steps": 2},
+    "quick": dict(PREFERENCE_CONFIGS["quick"]),
+}
 # (builder, column, sign): sign +1 ranks the largest values first, -1 the most negative first.
 BUILDERS = {
     "cdpo_critical_weights": ("rejected_token_weights", +1),
@@ -73,14 +82,14 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     from trl_tokenlevel.data import tokenize_preference_dataset
     from trl_tokenlevel.models import demo_model_path, load_demo_model
 
-    config = experiment_config(PREFERENCE_CONFIGS, quick)
+    config = experiment_config(CONFIGS, quick)
     torch.set_num_threads(config["threads"])
     start = time.perf_counter()
     model_path = demo_model_path(use_hub=False)
     base, tokenizer = load_demo_model(model_path, use_hub=False)
     base.to(config["device"]).eval()
     pool = preference_pool(config, base, tokenizer)
-    rows = pool["valid"]
+    rows = pool["valid"][: config["analysis_pairs"]]
     analysis = _dataset(rows)
     first_wrong = first_wrong_tokens(rows, tokenize_preference_dataset(analysis, tokenizer), tokenizer)
     treg = signals.add_contrastive_prompt_rewards(analysis, base, tokenizer)["rejected_token_rewards"]
@@ -124,7 +133,8 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
         })  # fmt: skip
     return {
         "experiment": "signals",
-        "config": {**config, "ks": list(KS), "analysis_pairs": len(rows), "cdpo_eos_weight_one": False},
+        "config": {**config, "ks": list(KS), "analysis_pairs": len(rows), "cdpo_eos_weight_one": False,
+                   "pool": pool_summary(pool)},
         "seeds": list(seeds),
         "metrics": metrics,
         "claims": claims,

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.claims.common import CLAIMS_DIR, format_interval, validate_result, write_result
+from bench.claims.common import (
+    CLAIMS_DIR,
+    format_interval,
+    has_spread,
+    validate_result,
+    write_result,
+)
 
 CLAIMS_PACKAGE_DIR = Path(__file__).resolve().parent
 QUICK_DIR = CLAIMS_DIR / "quick"  # quick runs land here (git-ignored), never over full results
@@ -46,11 +53,12 @@ def run_experiment(name: str, quick: bool, seeds: list[int], out_dir: Path | Non
     figures = result.pop("figures", {})
     validate_result(result)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for filename, figure in figures.items():
-        figure.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
+    if figures:
         import matplotlib.pyplot as plt
 
-        plt.close(figure)
+        for filename, figure in figures.items():
+            figure.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
+            plt.close(figure)
     return write_result(name, result, out_dir)
 
 
@@ -75,8 +83,10 @@ def claims_table(results: list[dict[str, Any]], plot_prefix: str = "") -> str:
     for result in results:
         for claim in result["claims"]:
             plot = f"[plot]({plot_prefix}{claim['plot']})" if claim.get("plot") else ""
+            # Results written before `verdict` treated zero-spread intervals as inconclusive get the same rule here.
+            shown = claim["verdict"] if has_spread(claim["result"]) or claim["result"]["n"] == 1 else "inconclusive"
             cells = [claim["claim"], claim["paper"], claim["setting"], claim["metric"], format_interval(claim["result"]),
-                     f"**{claim['verdict']}**", plot]
+                     f"**{shown}**", plot]
             lines.append("| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "| experiment | seeds | wall time (min) | machine | commit |", "|---|---|---|---|---|"]
     for result in results:
@@ -98,7 +108,8 @@ def report(directory: Path = CLAIMS_DIR, readme: Path = README) -> Path:
     table_path.write_text("# Claims table\n\n" + header + claims_table(results), encoding="utf-8")
     if readme.exists():
         text = readme.read_text(encoding="utf-8")
-        relative = directory.resolve().relative_to(readme.resolve().parent).as_posix() + "/"
+        relative = os.path.relpath(directory.resolve(), readme.resolve().parent)
+        relative = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         section = f"{BEGIN}\n{header}{claims_table(results, plot_prefix=relative)}{END}"
         if BEGIN in text and END in text:
             text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
