@@ -54,7 +54,7 @@ GRPO = {
     "entropy_band": {"token_selection": "entropy_band"},
     "ucas": {"token_advantage": "ucas"},
     "hapo": {"token_advantage": "hapo"},
-    "gtpo": {"token_advantage": "gtpo"},
+    "gtpo": {"token_advantage": "gtpo", "gtpo_entropy_threshold": 10.0, "loss_type": "grpo", "entropy_normalize": "selected"},
     "d3s": {"token_advantage": "d3s"},
     "tw_grpo": {"token_advantage": "tw_grpo"},
     "tempo": {"token_advantage": "tempo"},
@@ -154,8 +154,9 @@ for name in methods.split(","):
     trainer = BUILD[kind](name, f"{out}/{name}")
     trainer.train()
     params = torch.cat([gathered(p.detach()).flatten() for p in trainer.model.parameters()]).double()
-    # Modules trained beside the model (SparsePO's mask networks, replicated) must match too.
-    beside = [p.detach().flatten() for mask in getattr(trainer, "sparsepo_masks", None) or () for p in mask.parameters()]
+    # Modules trained or updated beside the model (SparsePO's mask networks, ssToken's history model) must match too.
+    besides = [*(getattr(trainer, "sparsepo_masks", None) or ()), getattr(trainer, "history_model", None)]
+    beside = [gathered(p.detach()).flatten() for module in besides if module is not None for p in module.parameters()]
     ref = getattr(trainer, "ref_model", None)
     results[name] = {
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
