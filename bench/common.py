@@ -2,13 +2,25 @@
 
 Every benchmark follows the same pattern: the parent process builds a model (random weights from a config, saved to a
 temporary directory) and a dataset once, then measures each configuration in its own fresh subprocess (so peak memory
-is per configuration and no allocator state leaks between them), in alternating order over several rounds (to cancel
-drift), and writes one JSON file under `bench/results/`. Nothing here touches the network.
+is per configuration and no allocator state leaks between them), in alternating order over at least three rounds (to
+cancel drift), excluding warm-up steps, and writes one JSON file under `bench/results/` with the commit, the package
+versions and the device. Nothing here touches the network.
+
+Measurement rules shared by every script:
+- CPU peak memory is the kernel's high-water mark of the measuring process itself (`VmHWM` in `/proc/self/status`,
+  reset after construction by `clear_refs`), read inside the worker. (`ru_maxrss` of a fresh subprocess also counts
+  the parent's peak, inherited at fork, so small shapes would all report the same value.)
+- GPU peak memory: both `max_memory_allocated` and `max_memory_reserved` after a reset.
+- Bytes are stored as bytes and reported in GiB (2**30) or MiB (2**20), named as such.
+- Ratios to the baseline come with their spread: per-round paired ratios (median, min, max).
+- In-loop component timings (`ComponentTimer`) add up the time spent inside named functions during the measured
+  steps (process CPU time on CPU), which is far less sensitive to a shared machine than end-to-end step times.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -75,7 +87,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "mem_total_gb": _mem_total_gb(),
+        "load_avg_1m_at_start": os.getloadavg()[0],
+        "mem_total_gib": _mem_total_gib(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -85,6 +98,11 @@ def machine_info(device: str) -> dict[str, Any]:
         "datasets": datasets.__version__,
         "device": device,
     }
+    for name in ("peft", "numpy", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
     try:
         import trl_tokenlevel
 
@@ -95,11 +113,11 @@ def machine_info(device: str) -> dict[str, Any]:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
-        info["gpu_mem_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
 
 
-def _mem_total_gb() -> float | None:
+def _mem_total_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -111,7 +129,10 @@ def _mem_total_gb() -> float | None:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout (read-only), plus a marker when the working tree has changes."""
+    """HEAD of the checkout (read-only), plus a marker when the working tree has changes; `BENCH_GIT_COMMIT` when the
+    benchmark runs from an exported copy of a commit (no `.git`)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -149,19 +170,96 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak RSS since process start or the last `reset_peak_rss()` (`ru_maxrss`, which reads the same counter)."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
+    """Peak RSS of this process since its start or the last `reset_peak_rss()`: `VmHWM` of `/proc/self/status`.
+
+    Not `ru_maxrss`: after fork + exec the kernel carries the parent's high-water mark into the child's `ru_maxrss`, so
+    a worker started by a large parent would report the parent's peak.
+    """
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: best effort
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024
+    return kb * 1024
 
 
 def reset_peak_rss() -> bool:
-    """Reset the peak-RSS high-water mark (`echo 5 > /proc/self/clear_refs`); False where unsupported."""
+    """Reset `VmHWM` to the current RSS (`echo 5 > /proc/self/clear_refs`); False where unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
     return True
+
+
+def release_free_heap() -> None:
+    """Return glibc's free heap pages to the OS (`malloc_trim(0)`), so that a following RSS peak counts new memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryProbe:
+    """Peak memory of one phase (training), measured inside the process that runs it.
+
+    `start()` after construction; `result()` at the end returns bytes: CPU `rss_before`, `rss_peak` (VmHWM since the
+    reset) and `rss_peak_delta`; on CUDA also `cuda_alloc_before/peak/peak_delta` (`max_memory_allocated`) and
+    `cuda_reserved_before/peak` (`max_memory_reserved`, what the caching allocator took from the device).
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def start(self) -> None:
+        gc.collect()
+        release_free_heap()
+        self.rss_before = rss_bytes()
+        self.reset_ok = reset_peak_rss()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.alloc_before = torch.cuda.memory_allocated()
+            self.reserved_before = torch.cuda.memory_reserved()
+
+    def result(self) -> dict[str, Any]:
+        peak = peak_rss_bytes()
+        out = {"rss_before_bytes": self.rss_before, "rss_peak_bytes": peak, "rss_peak_delta_bytes": peak - self.rss_before,
+               "peak_reset_ok": self.reset_ok, "cpu_peak_source": "VmHWM of the worker (/proc/self/status)"}  # fmt: skip
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            out.update(
+                cuda_alloc_before_bytes=self.alloc_before,
+                cuda_alloc_peak_bytes=torch.cuda.max_memory_allocated(),
+                cuda_alloc_peak_delta_bytes=torch.cuda.max_memory_allocated() - self.alloc_before,
+                cuda_reserved_before_bytes=self.reserved_before,
+                cuda_reserved_peak_bytes=torch.cuda.max_memory_reserved(),
+            )
+        return out
+
+
+# Memory keys reported per configuration: (result key, label). CPU keys are always there, CUDA keys on CUDA.
+CPU_MEMORY_KEYS = (("rss_peak_bytes", "peak RSS"), ("rss_peak_delta_bytes", "peak RSS over construction"))
+CUDA_MEMORY_KEYS = (
+    ("cuda_alloc_peak_bytes", "peak allocated"),
+    ("cuda_alloc_peak_delta_bytes", "peak allocated over construction"),
+    ("cuda_reserved_peak_bytes", "peak reserved"),
+)
+
+
+def gib(num_bytes: float) -> float:
+    return num_bytes / 2**30
+
+
+def mib(num_bytes: float) -> float:
+    return num_bytes / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,6 +325,68 @@ def make_step_timer(cuda: bool = False):
     return StepTimer()
 
 
+class ComponentTimer:
+    """In-loop component timings: time spent inside named functions during each optimizer step.
+
+    `wrap(name, owner, attribute)` replaces `owner.attribute` (a function, a bound method, or the `forward`/`backward`
+    staticmethod of an `autograd.Function`, which autograd looks up on the class at call time) with a timed version;
+    times of all wrapped callables with the same name add up. It is also a `TrainerCallback`: each optimizer step's
+    totals are recorded at the step's end, so `per_step(skip)` excludes the warm-up steps. The clock is process CPU
+    time (all threads) on CPU, and wall time after `cuda.synchronize()` on CUDA (which adds synchronizations: use it
+    on CUDA only where step times are not the measurement). A nested call of the same component counts once.
+    """
+
+    def __init__(self, cuda: bool = False):
+        from transformers import TrainerCallback
+
+        self.cuda = cuda
+        self.current: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+        self._active: set[str] = set()
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.current = {}
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.steps.append(dict(timer.current))
+
+        self.callback = _Callback()
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+    def wrap(self, name: str, owner: Any, attribute: str) -> None:
+        raw = owner.__dict__.get(attribute, None) if isinstance(owner, type) else None
+        function = raw.__func__ if isinstance(raw, staticmethod) else getattr(owner, attribute)
+        timer = self
+
+        def timed(*args, **kwargs):
+            if name in timer._active:  # a nested call of the same component is already being timed
+                return function(*args, **kwargs)
+            timer._active.add(name)
+            started = timer._now()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timer.current[name] = timer.current.get(name, 0.0) + timer._now() - started
+                timer._active.discard(name)
+
+        setattr(owner, attribute, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
+
+    def per_step(self, skip: int) -> dict[str, list[float]]:
+        """`{name: [seconds per measured step]}` (0 for steps where a component did not run)."""
+        steps = self.steps[skip:]
+        names = sorted({name for step in steps for name in step})
+        return {name: [step.get(name, 0.0) for step in steps] for name in names}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Statistics, ordering, subprocesses
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,6 +411,82 @@ def summarize(values: list[float]) -> dict[str, float]:
         "max": ordered[-1],
         "rel_iqr": (q3 - q1) / median if median else 0.0,
     }
+
+
+def aggregate_runs(runs: dict[str, list[dict]], baseline: str = "stock") -> dict[str, dict]:
+    """Per configuration: every time series pooled over rounds (median, quartiles) with its per-round medians, every
+    memory value (median, min, max over rounds), and ratios to `baseline` with their spread.
+
+    A run result holds `times` (`{key: [seconds per measured step]}`), `memory` (`MemoryProbe.result()`) and
+    `load_avg_before`; `runs[name][i]` is round i (every round runs every configuration, so rounds pair up).
+    Time ratios: `pooled` (ratio of pooled medians) and the per-round paired ratios (`paired_median`, `paired_min`,
+    `paired_max`); memory ratios: ratio of medians and per-round ratios.
+    """
+    per_config: dict[str, dict] = {}
+    for name, results in runs.items():
+        keys = sorted({key for r in results for key in r["times"]})
+        times = {}
+        for key in keys:
+            pooled = [v for r in results for v in r["times"].get(key, [])]
+            times[key] = {**summarize(pooled),
+                          "round_medians": [statistics.median(r["times"][key]) if r["times"].get(key) else 0.0
+                                            for r in results]}  # fmt: skip
+        memory = {}
+        for key in results[0]["memory"]:
+            if key.endswith("_bytes"):
+                values = [r["memory"][key] for r in results]
+                memory[key] = {"median": statistics.median(values), "min": min(values), "max": max(values),
+                               "runs": values}  # fmt: skip
+        per_config[name] = {"times": times, "memory": memory, "load_avg_1m": [r["load_avg_before"] for r in results],
+                            "rounds": len(results)}  # fmt: skip
+    base = per_config[baseline]
+    for entry in per_config.values():
+        ratios: dict[str, dict] = {}
+        for key, series in entry["times"].items():
+            reference = base["times"].get(key)
+            if not reference or not reference["median"]:
+                continue
+            paired = [a / b for a, b in zip(series["round_medians"], reference["round_medians"]) if b]
+            ratios[key] = {"pooled": series["median"] / reference["median"], **_spread(paired)}
+        for key, values in entry["memory"].items():
+            reference = base["memory"].get(key)
+            if not reference or not reference["median"]:
+                continue
+            paired = [a / b for a, b in zip(values["runs"], reference["runs"]) if b]
+            ratios[key] = {"pooled": values["median"] / reference["median"], **_spread(paired)}
+        entry["ratios"] = ratios
+    return per_config
+
+
+def _spread(paired: list[float]) -> dict[str, float]:
+    if not paired:
+        return {}
+    return {"paired_median": statistics.median(paired), "paired_min": min(paired), "paired_max": max(paired),
+            "paired_rounds": paired}  # fmt: skip
+
+
+def ratio_cell(ratio: dict | None) -> str:
+    """`1.234x (1.20-1.26)`: the pooled ratio and the min-max of the per-round paired ratios."""
+    if not ratio:
+        return "-"
+    if "paired_min" not in ratio or ratio["paired_min"] == ratio["paired_max"]:
+        return f"{ratio['pooled']:.3f}x"
+    return f"{ratio['pooled']:.3f}x ({ratio['paired_min']:.2f}-{ratio['paired_max']:.2f})"
+
+
+def parse_sweep(spec: str | None, default: tuple[int, int]) -> list[tuple[int, int]]:
+    """`"2x256,4x512"` -> `[(2, 256), (4, 512)]` (batch x sequence); `None` -> `[default]`."""
+    if not spec:
+        return [default]
+    shapes = []
+    for item in spec.split(","):
+        try:
+            batch, length = (int(part) for part in item.lower().split("x"))
+        except ValueError:
+            message = f"--sweep expects BATCHxLENGTH items separated by commas (e.g. 2x256,4x512), got {item!r}"
+            raise SystemExit(message) from None
+        shapes.append((batch, length))
+    return shapes
 
 
 def round_orders(configs: list[str], rounds: int) -> list[list[str]]:

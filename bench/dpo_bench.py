@@ -8,14 +8,14 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from common import (
+    ComponentTimer,
+    MemoryProbe,
     make_step_timer,
-    peak_rss_bytes,
-    reset_peak_rss,
-    rss_bytes,
     synthetic_preference_rows,
 )
 
@@ -40,11 +40,26 @@ def make_parser(doc: str, configs: dict, default_configs: list[str], batch_help:
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int, help="measured optimizer steps per run")
     run.add_argument("--warmup", type=int, help="unmeasured optimizer steps before them")
-    run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order")
+    run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order (>= 3)")
+    run.add_argument(
+        "--sweep",
+        help="batch x sequence shapes to run one after the other, e.g. 1x256,2x512 (each\n"
+        "overrides --batch/--seq-len; default: the single preset shape)",
+    )
+    run.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (loss forward, backward, LM-head/KL kernels) in every\n"
+        "measured step; default on for CPU, off for CUDA (they synchronize the device)",
+    )
     run.add_argument("--configs", default=",".join(default_configs), help=f"comma-separated subset of {list(configs)}")
-    run.add_argument("--threads", type=int,
-                     help="OMP/MKL/torch threads in every run (CPU default 1: on a small shared machine two OpenMP\n"
-                          "threads slow down erratically whenever another process takes a core)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="OMP/MKL/torch threads in every run (CPU default 1: on a small shared machine two OpenMP\n"
+        "threads slow down erratically whenever another process takes a core)",
+    )
     run.add_argument("--logging-steps", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--worker-timeout", type=float, default=3600)
@@ -66,8 +81,10 @@ def resolve_args(parser, args, presets: dict, configs: dict):
     unknown = [c for c in args.configs if c not in configs]
     if unknown or "stock" not in args.configs:
         parser.error(f"--configs must include 'stock' and name only {list(configs)}; got unknown {unknown}")
-    if args.warmup < 1 or args.steps < 2:
-        parser.error("need --warmup >= 1 (optimizer state allocation) and --steps >= 2")
+    if args.warmup < 1 or args.steps < 2 or args.rounds < 3:
+        parser.error("need --warmup >= 1 (optimizer state allocation), --steps >= 2 and --rounds >= 3")
+    if args.components is None:
+        args.components = args.device == "cpu"
     return args
 
 
@@ -165,58 +182,180 @@ def prepare_worker(p: dict) -> None:
     datasets.disable_progress_bars()
 
 
+# In-loop component names -> table labels. "head" is every LM-head pass over the vocabulary, forward and backward:
+# TRL's fused log-prob kernel (policy and reference), TRL's chunked divergence, our chunked KL / TVD and the fused pass.
+COMPONENT_LABELS = {
+    "fwd_bwd": "loss fwd+bwd",
+    "head": "LM-head/KL kernels",
+    "loss_fwd": "loss fwd",
+    "backward": "backward",
+}
+
+
+def wrap_dpo_components(timer: ComponentTimer, trainer) -> None:
+    import trl.kernels.chunked_divergence as trl_divergence
+    import trl.kernels.chunked_logprob as trl_logprob
+
+    from trl_tokenlevel.ops import chunked, fused
+    from trl_tokenlevel.trainers import token_dpo_trainer
+
+    timer.wrap("loss_fwd", trainer, "compute_loss")
+    timer.wrap("backward", trainer.accelerator, "backward")
+    for function in (trl_logprob.ChunkedLogProbFunction, trl_divergence.ChunkedDivergenceFunction,
+                     chunked._ChunkedKLFunction, fused._FusedFunction):  # fmt: skip
+        timer.wrap("head", function, "forward")
+        timer.wrap("head", function, "backward")
+    timer.wrap("head", token_dpo_trainer, "chunked_total_variation")
+
+
 def measured_training(p: dict, build_trainer):
     """Build the trainer, reset the memory peaks, train with a step timer; return `(trainer, result)`.
 
-    Step times are intervals between optimizer-step ends after `p["warmup"]` steps. Memory: CPU peak RSS during
-    training minus RSS after construction (and absolute); CUDA `max_memory_allocated` after a reset (and absolute).
+    `result["times"]`: per measured step (after `p["warmup"]` steps) the wall interval between optimizer-step ends
+    (`step_s`), the same in process CPU time (`cpu_step_s`), its compute and data parts, and with `p["components"]`
+    the in-loop components (`COMPONENT_LABELS`). `result["memory"]`: `MemoryProbe` (VmHWM of this worker; CUDA
+    allocated and reserved peaks).
     """
-    import torch
-
     cuda = p["device"] == "cuda"
     load_avg_before = os.getloadavg()[0]
     started = time.perf_counter()
     trainer = build_trainer(p)
     construct_s = time.perf_counter() - started
 
-    gc.collect()
-    rss_after_construct = rss_bytes()
-    rss_peak_construct = peak_rss_bytes()
-    peak_reset_ok = reset_peak_rss()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_after_construct = torch.cuda.memory_allocated()
-
     timer = make_step_timer(cuda)
     trainer.add_callback(timer)
+    components = None
+    if p["components"]:
+        components = ComponentTimer(cuda)
+        wrap_dpo_components(components, trainer)
+        trainer.add_callback(components.callback)
+    probe = MemoryProbe(cuda)
+    probe.start()
     trainer.train()
+    memory = probe.result()
 
-    result = {
-        "config": p["config"],
-        "round": p["round"],
-        "construct_s": construct_s,
+    times = {
         "step_s": timer.step_times(p["warmup"]),
         "cpu_step_s": timer.cpu_step_times(p["warmup"]),
         "compute_s": timer.compute_times(p["warmup"]),
         "data_s": timer.data_times(p["warmup"]),
+    }
+    if components is not None:
+        parts = components.per_step(p["warmup"])
+        steps = len(times["step_s"])
+        for name in ("loss_fwd", "backward", "head"):
+            times[name] = parts.get(name, [0.0] * steps)
+        times["fwd_bwd"] = [a + b for a, b in zip(times["loss_fwd"], times["backward"])]
+    result = {
+        "config": p["config"],
+        "round": p["round"],
+        "construct_s": construct_s,
+        "times": times,
+        "memory": memory,
         "warmup_step_s": timer.step_times(0)[: p["warmup"]],
-        "rss_after_construct_bytes": rss_after_construct,
-        "rss_peak_construct_bytes": rss_peak_construct,
-        "rss_peak_train_bytes": peak_rss_bytes(),
-        "peak_reset_ok": peak_reset_ok,
         "load_avg_before": load_avg_before,
         "load_avg_after": os.getloadavg()[0],
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "logged_metrics": sorted({k for e in trainer.state.log_history for k in e}),
     }
-    result["rss_peak_delta_bytes"] = result["rss_peak_train_bytes"] - rss_after_construct
-    if cuda:
-        result["cuda_after_construct_bytes"] = cuda_after_construct
-        result["cuda_peak_abs_bytes"] = torch.cuda.max_memory_allocated()
-        result["cuda_peak_delta_bytes"] = result["cuda_peak_abs_bytes"] - cuda_after_construct
-        result["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
-    if len(result["step_s"]) != p["steps"]:
-        raise RuntimeError(f"expected {p['steps']} measured steps, got {len(result['step_s'])}")
+    if len(times["step_s"]) != p["steps"]:
+        raise RuntimeError(f"expected {p['steps']} measured steps, got {len(times['step_s'])}")
     return trainer, result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent: one measured sweep (every shape, every round, every configuration in a fresh worker) and the main table
+# ---------------------------------------------------------------------------------------------------------------------
+
+PAYLOAD_KEYS = ("device", "dtype", "seq_len", "batch", "warmup", "steps", "seed", "threads", "gradient_checkpointing",
+                "logging_steps", "components", "breakdown")  # fmt: skip
+
+
+def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_data, payload_for) -> list[dict]:
+    """For each `--sweep` shape: build model and data, run `--rounds` rounds of every configuration in alternating
+    order (one fresh worker each), aggregate. Returns one entry per shape: shape, data statistics, orders,
+    per-configuration summaries (`common.aggregate_runs`) and the raw runs."""
+    from common import aggregate_runs, parse_sweep, round_orders, run_worker, worker_env
+
+    env = worker_env(args.threads)
+    shapes = []
+    for batch, seq_len in parse_sweep(args.sweep, (args.batch, args.seq_len)):
+        args.batch, args.seq_len = batch, seq_len
+        shape_dir = workdir / f"b{batch}_l{seq_len}"
+        (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
+        data_info = build_model_and_data(args, shape_dir)
+        print(f"  shape batch={batch} seq_len={seq_len}: model {data_info['num_params'] / 1e6:.1f}M params, "
+              f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
+        runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+        orders = round_orders(args.configs, args.rounds)
+        for round_index, order in enumerate(orders):
+            for name in order:
+                payload = {
+                    "config": name,
+                    **configs[name],
+                    **payload_for(name, data_info, shape_dir),
+                    **{key: getattr(args, key) for key in PAYLOAD_KEYS},
+                    "round": round_index,
+                    "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                    "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                }
+                result = run_worker(script, payload, env, timeout=args.worker_timeout)
+                runs[name].append(result)
+                memory = result["memory"]
+                peak = memory.get("cuda_alloc_peak_bytes", memory["rss_peak_bytes"])
+                print(f"    round {round_index} {name:20s} step {1e3 * statistics.median(result['times']['step_s']):8.1f} "
+                      f"ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  peak "
+                      f"{peak / 2**30:.3f} GiB  load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+        per_config = aggregate_runs(runs)
+        for name, results in runs.items():  # the after-training breakdown, if any: medians over rounds
+            if results[0].get("breakdown"):
+                per_config[name]["breakdown"] = {key: statistics.median(r["breakdown"][key] for r in results)
+                                                 for key in results[0]["breakdown"]}  # fmt: skip
+        shapes.append({
+            "shape": {"batch": batch, "seq_len": seq_len},
+            "data": {k: v for k, v in data_info.items() if k not in ("paths", "model_path")},
+            "orders": orders,
+            "configs": per_config,
+            "runs": runs,
+        })  # fmt: skip
+    return shapes
+
+
+TARGET_LABELS = {"step_s": "wall", "cpu_step_s": "cpu", "rss_peak_bytes": "rss", "cuda_alloc_peak_bytes": "alloc"}
+
+
+def main_table(per_config: dict, cuda: bool, targets: dict | None = None) -> str:
+    """Times (ms, medians over all measured steps of all rounds) and memory (GiB, medians over rounds), each with its
+    ratio to stock and the min-max of the per-round paired ratios. `targets`: config -> {ratio key: bound}."""
+    from common import format_table, ratio_cell
+
+    first = next(iter(per_config.values()))
+    time_keys = [("step_s", "step ms"), ("cpu_step_s", "CPU step ms")]
+    time_keys += [(key, f"{COMPONENT_LABELS[key]} ms") for key in ("fwd_bwd", "head") if key in first["times"]]
+    memory_keys = [("rss_peak_bytes", "peak RSS GiB"), ("rss_peak_delta_bytes", "RSS over constr. GiB")]
+    if cuda:
+        memory_keys = [("cuda_alloc_peak_bytes", "peak alloc GiB"), ("cuda_alloc_peak_delta_bytes",
+                       "alloc over constr. GiB"), ("cuda_reserved_peak_bytes", "peak reserved GiB")]  # fmt: skip
+    headers = ["config"]
+    for _, label in (*time_keys, *memory_keys):
+        headers += [label, "x stock (rounds)"]
+    if targets:
+        headers.append("targets")
+    rows = []
+    for name, entry in per_config.items():
+        row = [name]
+        for key, _ in time_keys:
+            series = entry["times"].get(key)
+            row += [f"{1e3 * series['median']:.1f}" if series else "-", ratio_cell(entry["ratios"].get(key))]
+        for key, _ in memory_keys:
+            values = entry["memory"].get(key)
+            row += [f"{values['median'] / 2**30:.3f}" if values else "-", ratio_cell(entry["ratios"].get(key))]
+        if targets:
+            checks = []
+            for key, bound in (targets.get(name) or {}).items():
+                ratio = entry["ratios"].get(key)
+                ok = ratio is not None and ratio["pooled"] <= bound
+                checks.append(f"{TARGET_LABELS.get(key, key)}<={bound}x:{'y' if ok else 'N'}")
+            row.append(" ".join(checks) or "-")
+        rows.append(row)
+    return format_table(headers, rows)

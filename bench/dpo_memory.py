@@ -1,39 +1,43 @@
-"""Peak memory and step time of the full-distribution token losses against stock DPO and a naive full-logits TDPO2.
+"""Step time and peak memory of the full-distribution token losses against stock DPO and a naive full-logits TDPO2.
 
 Configurations (same model init, same data and data order, same optimizer and schedule):
 
-    stock        trl.DPOTrainer                                           sequence log-probs (fused LM head)
-    naive_tdpo2  NaiveTDPO2Trainer (below, a DPOTrainer subclass)         [2B, L, V] logits of policy and reference
-    tdpo2        TokenDPOTrainer(token_loss_type="tdpo2")                 chunked KL(pi_ref||pi_theta) from hidden states
-    sparsepo     TokenDPOTrainer(token_loss_type="sparsepo")              the same plus the learned token-mask network
-    aligndistil  TokenDPOTrainer(token_loss_type="aligndistil",           chunked TVD + reverse KL to the extrapolated
-                 aligndistil_teachers=(dpo_teacher, reverse_teacher))     teacher; chosen responses only, no reference
+    stock                trl.DPOTrainer                                    sequence log-probs (TRL's fused LM head)
+    tdpo2                TokenDPOTrainer(token_loss_type="tdpo2",          the fused pass (`ops.fused`): backbones only,
+                                         token_kernel="torch")             one tiled pass over both heads
+    tdpo2_twopass        ... token_kernel="trl"                            TRL's fused log-prob head (policy, reference)
+                                                                           + TRL's chunked divergence for the KL
+    sparsepo[_twopass]   token_loss_type="sparsepo"                        the same plus the learned token-mask network
+    aligndistil[_twopass] token_loss_type="aligndistil",                   chunked TVD + reverse KL to the extrapolated
+                         aligndistil_teachers=(dpo, reverse)               teacher; chosen responses only, no reference
+    naive_tdpo2          NaiveTDPO2Trainer (below, a DPOTrainer subclass)  [2B, L, V] logits of policy and reference
 
-`naive_tdpo2` is what the official TDPO code does (and the reference the chunked path must beat): the policy and the
-reference run their ordinary forward (`model(input_ids, attention_mask).logits`, i.e. TRL's patched forward with
-`fused_lm_head=False`), returning `[2B, L, V]` logits; per-token log-ratios come from them (gather - logsumexp), the
-per-token KL from `ops.preference.per_token_kl_from_logits`, and the loss from `ops.preference.tdpo_loss`, in fp32.
+`naive_tdpo2` is what the official TDPO code does: ordinary forwards (`fused_lm_head=False`) returning `[2B, L, V]`
+logits, fp32 log-ratios, `ops.preference.per_token_kl_from_logits` and `ops.preference.tdpo_loss`.
 
 The parent builds a Qwen2-shaped model with random weights from a config (and, for AlignDistil, two teachers of the
-same shape with other seeds; they play the DPO and reverse-DPO models), a byte-level BPE tokenizer trained in memory on
-pseudo-words, and synthetic preference rows of `--seq-len` tokens, all saved once to a temporary directory. Every
-configuration then runs in its own fresh subprocess, in alternating order over `--rounds` rounds, training `--warmup` +
-`--steps` optimizer steps and reporting the measured steps only.
+same shape with other seeds), a byte-level BPE tokenizer trained in memory on pseudo-words, and synthetic preference
+rows, saved once per shape (`--sweep BATCHxLEN,...`). Every configuration runs in its own fresh subprocess, in
+alternating order over `--rounds` (>= 3) rounds, training `--warmup` + `--steps` optimizer steps; only the measured
+steps count.
 
-Measured per configuration:
-  * step time: wall time between consecutive optimizer-step ends after warmup (batch fetch + collation + forward/
-    backward + optimizer + the previous step's logging), and the same interval in process CPU time;
-  * memory: CPU, the peak RSS while training (kernel high-water mark, reset after model+trainer construction) minus the
-    RSS after construction, and the absolute peak; CUDA, `torch.cuda.max_memory_allocated()` after a reset, minus the
-    allocation after construction, and absolute;
-  * breakdown, after training and outside the timed loop: `compute_loss` and `backward` of one batch (CPU time on CPU,
-    synchronized wall on CUDA) with their parts timed (reference forward, chunked KL / TVD kernels, teacher forwards,
-    naive logits and KL), and the memory peak of that forward and of forward+backward above the memory before it.
-Ratios are to stock DPO (pooled medians over all measured steps of all rounds, plus per-round paired ratios) and, for
-memory, to the naive TDPO2 too. Targets (issue, GPU): TDPO2 peak memory <= 1.15x stock DPO and step time <= 1.25x.
+Measured per configuration (`bench/common.py` rules):
+  * in-loop component timings in every measured step (CPU default): `compute_loss` + `backward` ("loss fwd+bwd") and
+    the LM-head/KL kernels alone (TRL's log-prob kernel, TRL's divergence, our chunked KL/TVD, the fused pass; forward
+    and backward), in process CPU time: the token loss itself, insensitive to the rest of a shared machine;
+  * step time: wall interval between optimizer-step ends, and the same interval in process CPU time;
+  * memory: CPU, `VmHWM` of the worker (reset after construction), absolute and over construction; CUDA,
+    `max_memory_allocated` (absolute and over construction) and `max_memory_reserved`;
+  * breakdown (`--breakdown`), after training: one batch's `compute_loss`/`backward` with parts timed, the bytes
+    autograd saves for the backward and the forward/backward memory peaks.
+Ratios are to stock DPO: ratio of pooled medians, with the min-max of the per-round paired ratios.
 
-    python bench/dpo_memory.py                      # CPU defaults: 256 x 4 layers, vocab 32000, 2 pairs x 512 tokens
-    python bench/dpo_memory.py --device cuda        # Qwen2.5-0.5B shape, 4 pairs x 1024 tokens, bf16, grad ckpt
+Targets (issue 13): CPU, TDPO2 and SparsePO <= 1.3x CPU time and <= 1.1x peak memory; CUDA, <= 1.10x step time and
+<= 1.05x peak memory (AlignDistil <= 1.25x / 1.2x).
+
+    python bench/dpo_memory.py                          # CPU: 256 x 4 layers, vocab 16384, 2 pairs x 128 tokens
+    python bench/dpo_memory.py --sweep 1x256,2x512      # batch x sequence sweep
+    python bench/dpo_memory.py --device cuda            # Qwen2.5-0.5B shape, 4 pairs x 1024 tokens, bf16, grad ckpt
 """
 
 from __future__ import annotations
@@ -57,48 +61,55 @@ from common import (  # noqa: E402
     machine_info,
     peak_rss_bytes,
     pseudo_words,
+    release_free_heap,
     reset_peak_rss,
-    round_orders,
     rss_bytes,
-    run_worker,
-    summarize,
-    worker_env,
     write_json,
 )
 from dpo_bench import (  # noqa: E402
+    main_table,
     make_parser,
     measured_training,
     prepare_worker,
     resolve_args,
+    run_sweep,
     save_random_qwen2,
     synthetic_preference_data,
     training_kwargs,
 )
 
-# Issue targets for TDPO2 against stock DPO (GPU); reported for every configuration and on CPU too.
-TARGET_MEMORY_RATIO = 1.15
-TARGET_TIME_RATIO = 1.25
-
 # Configuration -> how the worker builds it.
 CONFIGS = {
     "stock": {"trainer": "stock"},
+    "tdpo2": {"trainer": "token", "token_loss_type": "tdpo2", "token_kernel": "torch"},
+    "tdpo2_twopass": {"trainer": "token", "token_loss_type": "tdpo2", "token_kernel": "trl"},
+    "sparsepo": {"trainer": "token", "token_loss_type": "sparsepo", "token_kernel": "torch"},
+    "sparsepo_twopass": {"trainer": "token", "token_loss_type": "sparsepo", "token_kernel": "trl"},
+    "aligndistil": {"trainer": "token", "token_loss_type": "aligndistil", "token_kernel": "torch"},
+    "aligndistil_twopass": {"trainer": "token", "token_loss_type": "aligndistil", "token_kernel": "trl"},
     "naive_tdpo2": {"trainer": "naive_tdpo2"},
-    "tdpo2": {"trainer": "token", "token_loss_type": "tdpo2"},
-    "sparsepo": {"trainer": "token", "token_loss_type": "sparsepo"},
-    "aligndistil": {"trainer": "token", "token_loss_type": "aligndistil"},
 }
-DEFAULT_CONFIGS = list(CONFIGS)
+DEFAULT_CONFIGS = ["stock", "tdpo2", "tdpo2_twopass", "sparsepo", "aligndistil", "naive_tdpo2"]
 TEACHER_SEEDS = (1, 2)  # offsets from --seed of the AlignDistil DPO / reverse-DPO teachers
 
-# Shape presets. CPU: a few minutes on 2 cores, with a vocabulary large enough that [2B, L, V] fp32 logits matter
-# (2 pairs x 512 tokens x 32000 x 4 bytes = 262 MB per logits tensor). CUDA: Qwen2.5-0.5B's shape (random weights)
-# at 1024 tokens, 4 pairs, bf16, gradient checkpointing (8 x 1024 x 151936 logits: 2.5 GB in bf16, 5 GB in fp32).
+# Issue 13 targets, as bounds on ratios to stock (keys of `common.aggregate_runs` ratios).
+TARGETS = {
+    "cpu": {name: {"cpu_step_s": 1.3, "rss_peak_bytes": 1.1} for name in ("tdpo2", "sparsepo")},
+    "cuda": {
+        **{name: {"step_s": 1.10, "cuda_alloc_peak_bytes": 1.05} for name in ("tdpo2", "sparsepo")},
+        "aligndistil": {"step_s": 1.25, "cuda_alloc_peak_bytes": 1.2},
+    },
+}
+
+# Shape presets. CPU: small enough for a loaded 2-core machine, with a vocabulary large enough that the LM head
+# dominates as in real models (Qwen2.5-0.5B: vocab 151936 x hidden 896). CUDA: Qwen2.5-0.5B's shape (random weights) at 4 pairs x 1024
+# tokens, bf16, gradient checkpointing.
 PRESETS = {
-    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=32000, tokenizer_vocab=8192,
-                seq_len=512, batch=2, warmup=1, steps=3, rounds=2, dtype="float32", gradient_checkpointing=False,
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=16384, tokenizer_vocab=8192,
+                seq_len=128, batch=2, warmup=1, steps=3, rounds=3, dtype="float32", gradient_checkpointing=False,
                 threads=1),
     "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
-                 seq_len=1024, batch=4, warmup=3, steps=10, rounds=2, dtype="bfloat16", gradient_checkpointing=True,
+                 seq_len=1024, batch=4, warmup=2, steps=6, rounds=3, dtype="bfloat16", gradient_checkpointing=True,
                  threads=4),
 }  # fmt: skip
 
@@ -107,10 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS,
                               "preference pairs per step (2x sequences; AlignDistil: chosen only)",
                               "JSON path (default bench/results/dpo_memory_<device>.json)")  # fmt: skip
-    run.add_argument("--token-kernel", default="auto",
-                     help="TokenDPOConfig.token_kernel (auto: trl on CUDA, torch on CPU)")
-    run.add_argument("--breakdown", type=int, default=1,
-                     help="after training, time compute_loss/backward and their parts this many times per run (0: off)")
+    run.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        help="after training, time compute_loss/backward and their parts this many times per run (0: off)",
+    )
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 
 
@@ -195,7 +208,7 @@ def naive_tdpo2_trainer_class():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parent: build models and data once, run the workers, aggregate
+# Parent: build models and data once per shape, run the workers, print the tables
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -206,7 +219,7 @@ def build_model_and_data(args, workdir: Path) -> dict:
     if len(tokenizer) > args.vocab:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but --vocab is {args.vocab}")
     seeds = {"model": args.seed}
-    if "aligndistil" in args.configs:
+    if any(name.startswith("aligndistil") for name in args.configs):
         seeds["dpo_teacher"] = args.seed + TEACHER_SEEDS[0]
         seeds["reverse_teacher"] = args.seed + TEACHER_SEEDS[1]
     paths = {name: workdir / name for name in seeds}
@@ -222,107 +235,12 @@ def build_model_and_data(args, workdir: Path) -> dict:
     }
 
 
-def aggregate(args, runs: dict[str, list[dict]]) -> dict:
-    """Per-configuration summaries and ratios to stock (and, for memory, to the naive TDPO2)."""
-    cuda = args.device == "cuda"
-    per_config = {}
-    for name, results in runs.items():
-        entry = {
-            **CONFIGS[name],
-            "step_s": summarize([s for r in results for s in r["step_s"]]),
-            "cpu_step_s": summarize([s for r in results for s in r["cpu_step_s"]]),
-            "compute_s": summarize([s for r in results for s in r["compute_s"]]),
-            "step_s_round_medians": [statistics.median(r["step_s"]) for r in results],
-            "cpu_step_s_round_medians": [statistics.median(r["cpu_step_s"]) for r in results],
-            "construct_s": statistics.median(r["construct_s"] for r in results),
-            "sequences_per_step": results[0]["sequences_per_step"],
-            "final_loss": [r["losses"][-1] if r["losses"] else None for r in results],
-            "load_avg_1m": [r["load_avg_before"] for r in results],
-        }
-        for key in results[0].get("breakdown", {}):
-            entry.setdefault("breakdown", {})[key] = statistics.median(r["breakdown"][key] for r in results)
-        if cuda:
-            entry["mem_peak_delta_mb"] = statistics.median(r["cuda_peak_delta_bytes"] / 2**20 for r in results)
-            entry["mem_peak_abs_mb"] = statistics.median(r["cuda_peak_abs_bytes"] / 2**20 for r in results)
-            entry["mem_after_construct_mb"] = statistics.median(
-                r["cuda_after_construct_bytes"] / 2**20 for r in results
-            )
-            entry["cuda_reserved_peak_mb"] = statistics.median(r["cuda_reserved_peak_bytes"] / 2**20 for r in results)
-        else:
-            entry["mem_peak_delta_mb"] = statistics.median(r["rss_peak_delta_bytes"] / 2**20 for r in results)
-            entry["mem_peak_abs_mb"] = statistics.median(r["rss_peak_train_bytes"] / 2**20 for r in results)
-            entry["mem_after_construct_mb"] = statistics.median(r["rss_after_construct_bytes"] / 2**20 for r in results)
-            entry["rss_peak_construct_mb"] = statistics.median(r["rss_peak_construct_bytes"] / 2**20 for r in results)
-            entry["peak_reset_ok"] = all(r["peak_reset_ok"] for r in results)
-        entry["mem_peak_delta_mb_runs"] = [
-            (r["cuda_peak_delta_bytes"] if cuda else r["rss_peak_delta_bytes"]) / 2**20 for r in results
-        ]
-        per_config[name] = entry
-
-    stock, naive = per_config["stock"], per_config.get("naive_tdpo2")
-
-    def ratio(a, b):
-        return a / b if b else None
-
-    for name, entry in per_config.items():
-        paired = [a / b for a, b in zip(entry["step_s_round_medians"], stock["step_s_round_medians"])]
-        cpu_paired = [a / b for a, b in zip(entry["cpu_step_s_round_medians"], stock["cpu_step_s_round_medians"])]
-        entry["ratios"] = {
-            "step_time": ratio(entry["step_s"]["median"], stock["step_s"]["median"]),
-            "step_time_paired_rounds": paired,
-            "step_time_paired_median": statistics.median(paired),
-            "step_cpu_time": ratio(entry["cpu_step_s"]["median"], stock["cpu_step_s"]["median"]),
-            "step_cpu_time_paired_rounds": cpu_paired,
-            "mem_peak_delta": ratio(entry["mem_peak_delta_mb"], stock["mem_peak_delta_mb"]),
-            "mem_peak_abs": ratio(entry["mem_peak_abs_mb"], stock["mem_peak_abs_mb"]),
-            "mem_peak_delta_vs_naive": ratio(entry["mem_peak_delta_mb"], naive["mem_peak_delta_mb"]) if naive else None,
-            "mem_peak_abs_vs_naive": ratio(entry["mem_peak_abs_mb"], naive["mem_peak_abs_mb"]) if naive else None,
-            "step_time_vs_naive": ratio(entry["step_s"]["median"], naive["step_s"]["median"]) if naive else None,
-        }
-        r = entry["ratios"]
-        # On CUDA the issue's memory number is max_memory_allocated (absolute); the delta (training memory above the
-        # weights) is the stricter reading and the one that matters on CPU, where the absolute RSS holds the libraries.
-        entry["within_target"] = {
-            "step_time": r["step_time"] <= TARGET_TIME_RATIO,
-            "step_cpu_time": r["step_cpu_time"] <= TARGET_TIME_RATIO,
-            "mem_peak_abs": r["mem_peak_abs"] <= TARGET_MEMORY_RATIO,
-            "mem_peak_delta": r["mem_peak_delta"] is not None and r["mem_peak_delta"] <= TARGET_MEMORY_RATIO,
-        }
-    return per_config
-
-
-def print_table(args, per_config: dict) -> str:
-    mem = "GPU alloc" if args.device == "cuda" else "RSS"
-    headers = ["config", "step ms", "IQR ms", "x stock", "paired x (min-max)", "CPU step ms", "CPU x",
-               f"peak {mem} Δ MB", "x stock", "x naive", f"peak {mem} MB", "x stock", "x naive",
-               f"<={TARGET_TIME_RATIO}x wall/cpu, <={TARGET_MEMORY_RATIO}x mem abs/Δ"]  # fmt: skip
-    rows = []
-
-    def fmt(value, spec=".3f"):
-        return "-" if value is None else format(value, spec)
-
-    for name, e in per_config.items():
-        r, ok = e["ratios"], e["within_target"]
-        paired = r["step_time_paired_rounds"]
-        rows.append([
-            name,
-            f"{1e3 * e['step_s']['median']:.1f}",
-            f"{1e3 * (e['step_s']['p75'] - e['step_s']['p25']):.1f}",
-            fmt(r["step_time"]),
-            f"{r['step_time_paired_median']:.3f} ({min(paired):.3f}-{max(paired):.3f})",
-            f"{1e3 * e['cpu_step_s']['median']:.1f}",
-            fmt(r["step_cpu_time"]),
-            f"{e['mem_peak_delta_mb']:.1f}",
-            fmt(r["mem_peak_delta"]),
-            fmt(r["mem_peak_delta_vs_naive"]),
-            f"{e['mem_peak_abs_mb']:.1f}",
-            fmt(r["mem_peak_abs"]),
-            fmt(r["mem_peak_abs_vs_naive"]),
-            "/".join("y" if ok[k] else "N" for k in ("step_time", "step_cpu_time"))
-            + ", " + "/".join("y" if ok[k] else "N" for k in ("mem_peak_abs", "mem_peak_delta")),
-        ])  # fmt: skip
-    table = format_table(headers, rows)
-
+def print_tables(args, shape_result: dict) -> str:
+    per_config = shape_result["configs"]
+    shape = shape_result["shape"]
+    table = f"batch {shape['batch']} x {shape['seq_len']} tokens:\n" + main_table(
+        per_config, args.device == "cuda", TARGETS[args.device]
+    )
     clock = "CUDA-synced wall" if args.device == "cuda" else "CPU time"
     parts = [key for key in BREAKDOWN_LABELS if any(key in e.get("breakdown", {}) for e in per_config.values())]
     if parts:
@@ -331,8 +249,8 @@ def print_table(args, per_config: dict) -> str:
                 for name, e in per_config.items()]  # fmt: skip
         table += (
             f"\n\nOne batch outside the measured loop ({clock} ms; parts are inside 'loss fwd'; 'saved for bwd' = "
-            f"distinct storages autograd keeps for the backward, parameters excluded; 'mem' = peak {mem} above the "
-            "memory before compute_loss):\n" + format_table(headers, rows)
+            "distinct storages autograd keeps for the backward, parameters excluded; 'mem' = peak above the memory "
+            "before compute_loss):\n" + format_table(headers, rows)
         )
     print(table)
     return table
@@ -357,71 +275,39 @@ def main(argv=None) -> int:
     out = args.out or RESULTS_DIR / f"dpo_memory_{args.device}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo_memory_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "runs").mkdir(exist_ok=True)
-    shape_keys = (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "token_kernel")
-    shape = {key: getattr(args, key) for key in shape_keys}
-    print(f"dpo_memory: device={args.device} shape={shape} configs={args.configs} workdir={workdir}", file=sys.stderr)
+    settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "sweep",
+                                                     "components", "breakdown", "configs", "device")}  # fmt: skip
+    print(f"dpo_memory: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
-        data_info = build_model_and_data(args, workdir)
-        print(f"  model {data_info['num_params'] / 1e6:.1f}M params, {data_info['num_rows']} rows of "
-              f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
-        env = worker_env(args.threads)
-        script = Path(__file__).resolve()
-        runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-        orders = round_orders(args.configs, args.rounds)
-        for round_index, order in enumerate(orders):
-            for name in order:
-                payload = {
-                    "config": name,
-                    **CONFIGS[name],
-                    "round": round_index,
-                    "paths": data_info["paths"],
-                    "data_path": str(workdir / "data"),
-                    "output_dir": str(workdir / "runs" / f"{name}_{round_index}"),
-                    "result_path": str(workdir / "runs" / f"{name}_{round_index}.json"),
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "seq_len": args.seq_len,
-                    "batch": args.batch,
-                    "warmup": args.warmup,
-                    "steps": args.steps,
-                    "seed": args.seed,
-                    "threads": args.threads,
-                    "gradient_checkpointing": args.gradient_checkpointing,
-                    "logging_steps": args.logging_steps,
-                    "token_kernel": args.token_kernel,
-                    "breakdown": args.breakdown,
-                }
-                result = run_worker(script, payload, env, timeout=args.worker_timeout)
-                runs[name].append(result)
-                peak = result["cuda_peak_abs_bytes"] if args.device == "cuda" else result["rss_peak_train_bytes"]
-                step_ms = 1e3 * statistics.median(result["step_s"])
-                print(f"  round {round_index} {name:11s} step {step_ms:8.1f} ms  peak {peak / 2**20:8.1f} MB  "
-                      f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-        per_config = aggregate(args, runs)
-        table = print_table(args, per_config)
+        machine = machine_info(args.device)
+
+        def payload_for(name, data_info, shape_dir):
+            return {"paths": data_info["paths"], "data_path": str(shape_dir / "data")}
+
+        shapes = run_sweep(args, Path(__file__).resolve(), workdir, CONFIGS, build_model_and_data, payload_for)
+        tables = [print_tables(args, shape) for shape in shapes]
         report = {
             "benchmark": "dpo_memory",
             "description": (
-                "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil) and a naive full-logits "
-                "TDPO2 (DPOTrainer subclass: ordinary forwards returning [2B, L, V] logits, per_token_kl_from_logits, "
-                "tdpo_loss) vs stock trl.DPOTrainer: same model init, data, order and optimizer; each configuration "
-                "in a fresh subprocess, alternating order over rounds. Step time = interval between optimizer-step ends "
-                "after warmup. Memory = peak during training minus after construction (delta) and absolute (CPU: RSS "
-                "high-water mark; CUDA: max_memory_allocated). AlignDistil trains on chosen responses only, against "
-                "two frozen teachers of the policy's shape (random weights, other seeds), without a reference model."
+                "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil with the fused pass; "
+                "*_twopass = TRL's log-prob head + TRL's chunked divergence) and a naive full-logits TDPO2 vs stock "
+                "trl.DPOTrainer: same model init, data, order and optimizer; each configuration in a fresh "
+                "subprocess, alternating order over rounds, warm-up steps excluded. Times per measured step; memory "
+                "per run (CPU: VmHWM of the worker; CUDA: max allocated and reserved). AlignDistil trains on chosen "
+                "responses only, against two frozen teachers of the policy's shape, without a reference model."
             ),
-            "targets": {"tdpo2_mem_peak_vs_stock": TARGET_MEMORY_RATIO, "tdpo2_step_time_vs_stock": TARGET_TIME_RATIO},
-            "machine": machine_info(args.device),
-            "shape": {**shape, "device": args.device, "configs": args.configs, "model": "Qwen2ForCausalLM (random)",
-                      "attn_implementation": "sdpa", "optimizer": "adamw_torch",
-                      **{k: v for k, v in data_info.items() if k != "paths"}},  # fmt: skip
-            "orders": orders,
+            "targets": TARGETS[args.device],
+            "machine": machine,
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "attn_implementation": "sdpa",
+                "optimizer": "adamw_torch",
+            },  # fmt: skip
             "wall_s": time.time() - started,
-            "table": table,
-            "configs": per_config,
-            "runs": runs,
+            "tables": tables,
+            "shapes": shapes,
         }
         path = write_json(out, report)
         print(f"wrote {path}", file=sys.stderr)
@@ -473,16 +359,6 @@ def worker(payload_path: Path) -> int:
     return 0
 
 
-def release_free_heap() -> None:
-    """Return glibc's free heap pages to the OS (`malloc_trim(0)`), so that a following RSS peak counts new memory."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # Breakdown keys -> table labels. Trainer methods and module-level kernels are wrapped on the instance / the module
 # (in the worker process only, after training). Each is a part of `loss_fwd`; the chunked kernels' recomputation runs
 # inside `backward`.
@@ -493,16 +369,19 @@ BREAKDOWN_LABELS = {
     "_reference_logits": "ref fwd (logits)",
     "_policy_logits": "policy fwd (logits)",
     "_token_terms": "naive KL+logratio",
-    "_distribution_signals": "chunked KL (+masks)",
+    "_distribution_signals": "two-pass KL (+masks)",
+    "_fused_distribution_forward": "fused pass (+backbones, masks)",
     "backbone_hidden_states": "teacher fwd",
     "chunked_total_variation": "chunked TVD",
     "chunked_token_kl": "chunked KL kernel",
-    "saved_for_backward_mb": "saved for bwd MB",
-    "mem_fwd_mb": "mem fwd MB",
-    "mem_fwd_bwd_mb": "mem fwd+bwd MB",
+    "fused_token_statistics": "fused kernel fwd",
+    "saved_for_backward_mib": "saved for bwd MiB",
+    "mem_fwd_mib": "mem fwd MiB",
+    "mem_fwd_bwd_mib": "mem fwd+bwd MiB",
 }
-TRAINER_PARTS = ("_reference_forward", "_reference_logits", "_policy_logits", "_token_terms", "_distribution_signals")
-KERNEL_PARTS = ("backbone_hidden_states", "chunked_total_variation", "chunked_token_kl")
+TRAINER_PARTS = ("_reference_forward", "_reference_logits", "_policy_logits", "_token_terms", "_distribution_signals",
+                 "_fused_distribution_forward")  # fmt: skip
+KERNEL_PARTS = ("backbone_hidden_states", "chunked_total_variation", "chunked_token_kl", "fused_token_statistics")
 
 
 def breakdown(trainer, p: dict, cuda: bool) -> dict:
@@ -573,7 +452,7 @@ def breakdown(trainer, p: dict, cuda: bool) -> dict:
             mem_reset()
             saved: dict[int, int] = {}
 
-            def pack(tensor):
+            def pack(tensor, saved=saved):
                 if tensor.device.type != "meta":
                     storage = tensor.untyped_storage()
                     saved[storage.data_ptr()] = storage.nbytes()
@@ -593,11 +472,11 @@ def breakdown(trainer, p: dict, cuda: bool) -> dict:
             values = {"loss_fwd": t1 - t0, "backward": t2 - t1, **parts}
             for key, value in values.items():
                 samples.setdefault(key, []).append(1e3 * value)
-            samples.setdefault("mem_fwd_mb", []).append((fwd_peak - before) / 2**20)
+            samples.setdefault("mem_fwd_mib", []).append((fwd_peak - before) / 2**20)
             params = {param.untyped_storage().data_ptr() for param in model.parameters()}
             saved_bytes = sum(nbytes for ptr, nbytes in saved.items() if ptr not in params)
-            samples.setdefault("saved_for_backward_mb", []).append(saved_bytes / 2**20)
-            samples.setdefault("mem_fwd_bwd_mb", []).append((fwd_bwd_peak - before) / 2**20)
+            samples.setdefault("saved_for_backward_mib", []).append(saved_bytes / 2**20)
+            samples.setdefault("mem_fwd_bwd_mib", []).append((fwd_bwd_peak - before) / 2**20)
     finally:
         for name in TRAINER_PARTS:
             trainer.__dict__.pop(name, None)

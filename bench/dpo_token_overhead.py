@@ -1,4 +1,4 @@
-"""Step time and peak memory of `TokenDPOTrainer` token losses against stock `trl.DPOTrainer`.
+"""Step time and peak memory of `TokenDPOTrainer` token-scalar losses against stock `trl.DPOTrainer`.
 
 Configurations (same model init, same data and data order, same optimizer and schedule):
 
@@ -8,24 +8,20 @@ Configurations (same model init, same data and data order, same optimizer and sc
     cdpo      TokenDPOTrainer(token_loss_type="cdpo")            rejected_token_weights only (cDPO's only_neg default)
     treg      TokenDPOTrainer(token_loss_type="treg")            chosen/rejected_token_rewards (opt-in: --configs)
 
-The parent builds a Qwen2-shaped model with random weights from a config (saved once to a temporary directory), a
-byte-level BPE tokenizer trained in memory on pseudo-words, and synthetic preference rows of `--seq-len` tokens, then
-runs every configuration in its own fresh subprocess, in alternating order over `--rounds` rounds. Each subprocess
-trains `--warmup` + `--steps` optimizer steps and reports the measured steps only.
+The parent builds a Qwen2-shaped model with random weights from a config, a byte-level BPE tokenizer trained in memory
+on pseudo-words, and synthetic preference rows, once per shape (`--sweep BATCHxLEN,...`), then runs every configuration
+in its own fresh subprocess, in alternating order over `--rounds` (>= 3) rounds; each trains `--warmup` + `--steps`
+optimizer steps and reports the measured steps only.
 
-Measured per configuration:
-  * step time: wall time between consecutive optimizer-step ends (batch fetch + collation + forward/backward + optimizer
-    + the previous step's logging), split into compute (step begin -> end) and data+log (the rest);
-  * step CPU time: the same interval in process CPU time (robust to other load when `--threads 1`);
-  * breakdown, after training and outside the timed loop: fetch (Arrow -> Python) and collate time per batch, and
-    `compute_loss` / `backward` with the token trainer's reference forward, token loss, token stats and DPO metrics
-    timed separately (`--breakdown` repetitions);
-  * memory: CPU peak RSS during training (the kernel's high-water mark, reset after model+trainer construction) minus
-    the RSS after construction, and the absolute peak; CUDA `torch.cuda.max_memory_allocated()` after a reset, minus
-    the allocation after construction, and absolute.
-Ratios are to stock DPO: pooled medians over all measured steps of all rounds, plus the per-round paired ratio.
+Measured per configuration (`bench/common.py` rules): in-loop component timings of every measured step (CPU default:
+`compute_loss` + `backward`, and the LM-head kernels, in process CPU time), the wall and CPU-time interval between
+optimizer-step ends, peak memory (CPU: `VmHWM` of the worker; CUDA: max allocated and reserved), and after training
+a breakdown: batch fetch and collation per batch, and `compute_loss` / `backward` with the token trainer's reference
+forward, token loss, token stats and DPO metrics timed separately (`--breakdown` repetitions). Ratios to stock come
+with the min-max of the per-round paired ratios. Target: <= 1.05x stock.
 
     python bench/dpo_token_overhead.py                      # CPU defaults, a few minutes on 2 cores
+    python bench/dpo_token_overhead.py --sweep 1x256,2x512  # batch x sequence sweep
     python bench/dpo_token_overhead.py --device cuda        # Qwen2.5-0.5B shape, 1024 tokens, bf16, grad checkpointing
 """
 
@@ -48,17 +44,15 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     pseudo_words,
-    round_orders,
-    run_worker,
-    summarize,
-    worker_env,
     write_json,
 )
 from dpo_bench import (  # noqa: E402
+    main_table,
     make_parser,
     measured_training,
     prepare_worker,
     resolve_args,
+    run_sweep,
     save_random_qwen2,
     synthetic_preference_data,
     training_kwargs,
@@ -80,10 +74,10 @@ DEFAULT_CONFIGS = ["stock", "weighted", "tgdpo", "cdpo"]
 # step. CUDA: the shape of Qwen2.5-0.5B (random weights) at 1024 tokens in bf16 with gradient checkpointing.
 PRESETS = {
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192, tokenizer_vocab=8192,
-                seq_len=384, batch=2, warmup=2, steps=6, rounds=2, dtype="float32", gradient_checkpointing=False,
+                seq_len=128, batch=2, warmup=1, steps=4, rounds=3, dtype="float32", gradient_checkpointing=False,
                 threads=1),
     "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
-                 seq_len=1024, batch=4, warmup=3, steps=15, rounds=2, dtype="bfloat16", gradient_checkpointing=True,
+                 seq_len=1024, batch=4, warmup=2, steps=6, rounds=3, dtype="bfloat16", gradient_checkpointing=True,
                  threads=4),
 }  # fmt: skip
 
@@ -92,14 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser, run = make_parser(__doc__, CONFIGS, DEFAULT_CONFIGS, "preference pairs per step (2x sequences)",
                               "JSON path (default bench/results/dpo_token_overhead_<device>.json)")  # fmt: skip
     run.add_argument("--collate-repeats", type=int, default=3, help="passes over the data for the collation timing")
-    run.add_argument("--breakdown", type=int, default=2,
-                     help="after training, time compute_loss/backward and the token trainer's parts this many\n"
-                          "times per run (0: off)")
+    run.add_argument(
+        "--breakdown",
+        type=int,
+        default=1,
+        help="after training, time compute_loss/backward and the token trainer's parts this many\n"
+        "times per run (0: off)",
+    )
     return resolve_args(parser, parser.parse_args(argv), PRESETS, CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parent: build model and data once, run the workers, aggregate
+# Parent: build model and data once per shape, run the workers, print the tables
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -127,119 +125,28 @@ def build_model_and_data(args, workdir: Path) -> dict:
     return {"model_path": str(model_path), "num_params": num_params, **stats}
 
 
-def aggregate(args, runs: dict[str, list[dict]]) -> dict:
-    """Per-configuration summaries and ratios to stock."""
-    cuda = args.device == "cuda"
-    per_config = {}
-    for name, results in runs.items():
-        steps = [s for r in results for s in r["step_s"]]
-        entry = {
-            "token_loss_type": CONFIGS[name][0],
-            "columns": list(CONFIGS[name][1]),
-            "step_s": summarize(steps),
-            "cpu_step_s": summarize([s for r in results for s in r["cpu_step_s"]]),
-            "compute_s": summarize([s for r in results for s in r["compute_s"]]),
-            "data_and_log_s": summarize([s for r in results for s in r["data_s"]]),
-            "step_s_round_medians": [statistics.median(r["step_s"]) for r in results],
-            "cpu_step_s_round_medians": [statistics.median(r["cpu_step_s"]) for r in results],
-            "fetch_ms_per_batch": statistics.median(r["fetch_ms_median"] for r in results),
-            "collate_ms_per_batch": statistics.median(r["collate_ms_median"] for r in results),
-            "construct_s": statistics.median(r["construct_s"] for r in results),
-            "breakdown_ms": {
-                key: statistics.median(r["breakdown_ms"][key] for r in results)
-                for key in results[0].get("breakdown_ms", {})
-            },
-            "tokens_per_step": results[0]["tokens_per_step"],
-            "final_loss": [r["losses"][-1] if r["losses"] else None for r in results],
-            "load_avg_1m": [r["load_avg_before"] for r in results],
-        }
-        if cuda:
-            entry["mem_peak_delta_mb"] = statistics.median(r["cuda_peak_delta_bytes"] / 2**20 for r in results)
-            entry["mem_peak_abs_mb"] = statistics.median(r["cuda_peak_abs_bytes"] / 2**20 for r in results)
-            entry["cuda_reserved_peak_mb"] = statistics.median(r["cuda_reserved_peak_bytes"] / 2**20 for r in results)
-        else:
-            entry["mem_peak_delta_mb"] = statistics.median(r["rss_peak_delta_bytes"] / 2**20 for r in results)
-            entry["mem_peak_abs_mb"] = statistics.median(r["rss_peak_train_bytes"] / 2**20 for r in results)
-            entry["rss_after_construct_mb"] = statistics.median(r["rss_after_construct_bytes"] / 2**20 for r in results)
-            entry["rss_peak_construct_mb"] = statistics.median(r["rss_peak_construct_bytes"] / 2**20 for r in results)
-            entry["peak_reset_ok"] = all(r["peak_reset_ok"] for r in results)
-        entry["mem_peak_delta_mb_runs"] = [
-            (r["cuda_peak_delta_bytes"] if cuda else r["rss_peak_delta_bytes"]) / 2**20 for r in results
-        ]
-        per_config[name] = entry
-
-    stock = per_config["stock"]
-    for name, entry in per_config.items():
-        paired = [a / b for a, b in zip(entry["step_s_round_medians"], stock["step_s_round_medians"])]
-        step_ratio = entry["step_s"]["median"] / stock["step_s"]["median"]
-        delta_ratio = entry["mem_peak_delta_mb"] / stock["mem_peak_delta_mb"] if stock["mem_peak_delta_mb"] else None
-        abs_ratio = entry["mem_peak_abs_mb"] / stock["mem_peak_abs_mb"]
-        entry["ratios"] = {
-            "step_time": step_ratio,
-            "step_time_paired_rounds": paired,
-            "step_time_paired_median": statistics.median(paired),
-            "step_cpu_time": entry["cpu_step_s"]["median"] / stock["cpu_step_s"]["median"],
-            "step_cpu_time_paired_rounds": [
-                a / b for a, b in zip(entry["cpu_step_s_round_medians"], stock["cpu_step_s_round_medians"])
-            ],
-            "compute_time": entry["compute_s"]["median"] / stock["compute_s"]["median"],
-            "mem_peak_delta": delta_ratio,
-            "mem_peak_abs": abs_ratio,
-        }
-        entry["within_target"] = {
-            "step_time": step_ratio <= TARGET_RATIO,
-            "step_cpu_time": entry["ratios"]["step_cpu_time"] <= TARGET_RATIO,
-            "mem_peak": (delta_ratio is None or delta_ratio <= TARGET_RATIO) and abs_ratio <= TARGET_RATIO,
-        }
-    return per_config
+def targets(args) -> dict:
+    time_key = "step_s" if args.device == "cuda" else "cpu_step_s"
+    memory_key = "cuda_alloc_peak_bytes" if args.device == "cuda" else "rss_peak_bytes"
+    return {name: {time_key: TARGET_RATIO, memory_key: TARGET_RATIO} for name in CONFIGS if name != "stock"}
 
 
-def print_table(args, per_config: dict) -> str:
-    mem = "GPU alloc" if args.device == "cuda" else "RSS"
-    headers = ["config", "step ms", "IQR ms", "x stock", "paired x (min-max)", "CPU step ms", "CPU x",
-               f"peak {mem} Δ MB", "x stock", f"peak {mem} MB", "x stock", f"<={TARGET_RATIO}x wall/cpu/mem"]  # fmt: skip
-    rows = []
-    for name, e in per_config.items():
-        r = e["ratios"]
-        paired = r["step_time_paired_rounds"]
-        ok = e["within_target"]
-        rows.append([
-            name,
-            f"{1e3 * e['step_s']['median']:.1f}",
-            f"{1e3 * (e['step_s']['p75'] - e['step_s']['p25']):.1f}",
-            f"{r['step_time']:.3f}",
-            f"{r['step_time_paired_median']:.3f} ({min(paired):.3f}-{max(paired):.3f})",
-            f"{1e3 * e['cpu_step_s']['median']:.1f}",
-            f"{r['step_cpu_time']:.3f}",
-            f"{e['mem_peak_delta_mb']:.1f}",
-            f"{r['mem_peak_delta']:.3f}" if r["mem_peak_delta"] is not None else "-",
-            f"{e['mem_peak_abs_mb']:.1f}",
-            f"{r['mem_peak_abs']:.3f}",
-            "/".join("y" if ok[k] else "N" for k in ("step_time", "step_cpu_time", "mem_peak")),
-        ])  # fmt: skip
-    table = format_table(headers, rows)
+BREAKDOWN_LABELS = {"fetch_ms": "fetch ms", "collate_ms": "collate ms", "loss_forward": "loss fwd ms",
+                    "backward": "backward ms", "_reference_forward": "ref fwd ms", "_token_level_loss": "token loss ms",
+                    "_log_token_stats": "token stats ms", "_log_dpo_metrics": "dpo metrics ms"}  # fmt: skip
 
-    stock = per_config["stock"]
+
+def print_tables(args, shape_result: dict) -> str:
+    per_config, shape = shape_result["configs"], shape_result["shape"]
+    table = f"batch {shape['batch']} x {shape['seq_len']} tokens:\n" + main_table(
+        per_config, args.device == "cuda", targets(args)
+    )
     clock = "CUDA-synced wall" if args.device == "cuda" else "CPU time"
-    headers = ["config", "fetch ms", "collate ms", "Δ fetch+collate", "data+log ms (loop, wall)", "loss fwd ms",
-               "backward ms", "ref fwd ms", "token loss ms", "token stats ms", "dpo metrics ms"]  # fmt: skip
-    rows = []
-    for name, e in per_config.items():
-        b = e["breakdown_ms"]
-        extra = (e["fetch_ms_per_batch"] + e["collate_ms_per_batch"]
-                 - stock["fetch_ms_per_batch"] - stock["collate_ms_per_batch"])  # fmt: skip
-
-        def cell(key):
-            return f"{b[key]:.2f}" if key in b else "-"
-
-        rows.append([
-            name, f"{e['fetch_ms_per_batch']:.2f}", f"{e['collate_ms_per_batch']:.2f}", f"{extra:+.2f}",
-            f"{1e3 * e['data_and_log_s']['median']:.2f}", cell("loss_forward"), cell("backward"),
-            cell("_reference_forward"), cell("_token_level_loss"), cell("_log_token_stats"), cell("_log_dpo_metrics"),
-        ])  # fmt: skip
+    rows = [[name, *(f"{e['breakdown'][key]:.2f}" if key in e.get("breakdown", {}) else "-" for key in BREAKDOWN_LABELS)]
+            for name, e in per_config.items()]  # fmt: skip
     table += (
         f"\n\nPer-step breakdown ({clock}, outside the measured loop; fetch/collate per batch in CPU time; "
-        "'token loss' includes 'token stats'):\n" + format_table(headers, rows)
+        "'token loss' includes 'token stats'):\n" + format_table(["config", *BREAKDOWN_LABELS.values()], rows)
     )
     print(table)
     return table
@@ -263,67 +170,41 @@ def main(argv=None) -> int:
     out = args.out or RESULTS_DIR / f"dpo_token_overhead_{args.device}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo_token_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "runs").mkdir(exist_ok=True)
-    shape = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed")}
-    print(f"dpo_token_overhead: device={args.device} shape={shape} configs={args.configs} workdir={workdir}",
-          file=sys.stderr)  # fmt: skip
+    settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "sweep",
+                                                     "components", "breakdown", "collate_repeats", "configs",
+                                                     "device")}  # fmt: skip
+    print(f"dpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
-        data_info = build_model_and_data(args, workdir)
-        print(f"  model {data_info['num_params'] / 1e6:.1f}M params, {data_info['num_rows']} rows of "
-              f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
-        env = worker_env(args.threads)
-        script = Path(__file__).resolve()
-        runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-        orders = round_orders(args.configs, args.rounds)
-        for round_index, order in enumerate(orders):
-            for name in order:
-                payload = {
-                    "config": name,
-                    "round": round_index,
-                    "token_loss_type": CONFIGS[name][0],
-                    "model_path": data_info["model_path"],
-                    "data_path": str(workdir / "data" / name),
-                    "output_dir": str(workdir / "runs" / f"{name}_{round_index}"),
-                    "result_path": str(workdir / "runs" / f"{name}_{round_index}.json"),
-                    "device": args.device,
-                    "dtype": args.dtype,
-                    "seq_len": args.seq_len,
-                    "batch": args.batch,
-                    "warmup": args.warmup,
-                    "steps": args.steps,
-                    "seed": args.seed,
-                    "threads": args.threads,
-                    "gradient_checkpointing": args.gradient_checkpointing,
-                    "logging_steps": args.logging_steps,
-                    "collate_repeats": args.collate_repeats,
-                    "breakdown": args.breakdown,
-                }
-                result = run_worker(script, payload, env, timeout=args.worker_timeout)
-                runs[name].append(result)
-                print(f"  round {round_index} {name:9s} step {1e3 * statistics.median(result['step_s']):8.1f} ms  "
-                      f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-        per_config = aggregate(args, runs)
-        table = print_table(args, per_config)
+        machine = machine_info(args.device)
+
+        def payload_for(name, data_info, shape_dir):
+            return {"model_path": data_info["model_path"], "data_path": str(shape_dir / "data" / name),
+                    "collate_repeats": args.collate_repeats}  # fmt: skip
+
+        configs = {name: {"token_loss_type": CONFIGS[name][0]} for name in CONFIGS}
+        shapes = run_sweep(args, Path(__file__).resolve(), workdir, configs, build_model_and_data, payload_for)
+        tables = [print_tables(args, shape) for shape in shapes]
         report = {
             "benchmark": "dpo_token_overhead",
             "description": (
-                "TokenDPOTrainer token losses vs stock trl.DPOTrainer: same model init, data, order and optimizer; "
-                "each configuration in a fresh subprocess, alternating order over rounds. Step time = interval between "
-                "optimizer-step ends after warmup. Memory = peak during training minus after construction (delta) "
-                "and absolute (CPU: RSS high-water mark; CUDA: max_memory_allocated)."
+                "TokenDPOTrainer token-scalar losses vs stock trl.DPOTrainer: same model init, data, order and "
+                "optimizer; each configuration in a fresh subprocess, alternating order over rounds, warm-up steps "
+                "excluded. Times per measured step; memory per run (CPU: VmHWM of the worker; CUDA: max allocated "
+                "and reserved)."
             ),
-            "target_ratio": TARGET_RATIO,
-            "machine": machine_info(args.device),
-            "shape": {**shape, "device": args.device, "configs": args.configs, "model": "Qwen2ForCausalLM (random)",
-                      "attn_implementation": "sdpa", "optimizer": "adamw_torch", **data_info},  # fmt: skip
-            "orders": orders,
+            "targets": targets(args),
+            "machine": machine,
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "attn_implementation": "sdpa",
+                "optimizer": "adamw_torch",
+            },  # fmt: skip
             "wall_s": time.time() - started,
-            "table": table,
-            "configs": per_config,
-            "runs": runs,
+            "tables": tables,
+            "shapes": shapes,
         }
-        report["shape"].pop("model_path", None)
         path = write_json(out, report)
         print(f"wrote {path}", file=sys.stderr)
     finally:
@@ -358,8 +239,7 @@ def worker(payload_path: Path) -> int:
     p = json.loads(Path(payload_path).read_text())
     prepare_worker(p)
     trainer, result = measured_training(p, build_trainer)
-    cuda = p["device"] == "cuda"
-    result.update(breakdown(trainer, p, cuda))
+    result["breakdown"] = breakdown(trainer, p, p["device"] == "cuda")
     Path(p["result_path"]).write_text(json.dumps(result))
     return 0
 
@@ -401,11 +281,9 @@ def breakdown(trainer, p: dict, cuda: bool) -> dict:
             collate_ms.append(1e3 * (t2 - t1))
             tokens.append(int(batch["attention_mask"].sum()))
     out = {
-        "fetch_ms_median": statistics.median(fetch_ms),
-        "collate_ms_median": statistics.median(collate_ms),
+        "fetch_ms": statistics.median(fetch_ms),
+        "collate_ms": statistics.median(collate_ms),
         "tokens_per_step": statistics.median(tokens),
-        "batch_keys": sorted(batch),
-        "breakdown_clock": "cuda-synchronized wall" if cuda else "process CPU time",
     }
     if p["breakdown"] < 1:
         return out
@@ -439,7 +317,7 @@ def breakdown(trainer, p: dict, cuda: bool) -> dict:
             samples.setdefault(key, []).append(1e3 * value)
     for name in TOKEN_PARTS:
         trainer.__dict__.pop(name, None)  # drop the instance wrappers
-    out["breakdown_ms"] = {key: statistics.median(values) for key, values in samples.items()}
+    out.update({key: statistics.median(values) for key, values in samples.items()})
     return out
 
 

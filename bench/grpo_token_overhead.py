@@ -18,14 +18,17 @@ a seeded generator per prompt and sample index, variable lengths ending in EOS),
 training work plus our shaping; generation time, which would dilute the ratio, is out of the measurement (HAPO's
 adaptive-temperature sampler therefore is not timed here). Every configuration runs in its own fresh subprocess, in
 alternating order over `--rounds` rounds; each trains `--warmup` + `--steps` optimizer steps and reports the measured
-steps. Ratios are to stock: pooled medians, and per-round paired medians. Because a shared machine makes wall and even
-CPU time of separate processes drift by 10% or more, each token run also measures the process CPU time spent inside
-the shaping (`_shape_token_batch`) per step; `1 + shaping / stock step` is the load-robust overhead (it does not see
-loss-side extras such as SPINE's backward through the entropy). Target: at most 1.05x for methods without extra models
-or full-distribution passes.
+steps. Ratios are to stock: pooled medians, with the min-max of the per-round paired ratios. Because a shared machine
+makes wall and even CPU time of separate processes drift by 10% or more, every run also records in-loop component
+timings per measured step (`bench/common.py`; CPU default): the token shaping (`_shape_token_batch`), `compute_loss`
+and `backward`, in process CPU time; `1 + shaping / stock step` is the load-robust overhead of the shaping (it does not
+see loss-side extras such as SPINE's backward through the entropy, which the `loss fwd+bwd` ratio does). Memory: CPU
+`VmHWM` of the worker; CUDA max allocated and reserved. Target: at most 1.05x for methods without extra models or
+full-distribution passes.
 
     python bench/grpo_token_overhead.py                     # CPU defaults, several minutes on 2 cores
-    python bench/grpo_token_overhead.py --configs stock,entropy_quantile,hapo --rounds 3
+    python bench/grpo_token_overhead.py --configs stock,entropy_quantile,hapo --sweep 8x64,8x128
+    python bench/grpo_token_overhead.py --device cuda       # Qwen2.5-0.5B shape, bf16, 16 completions of <= 512 tokens
 """
 
 from __future__ import annotations
@@ -45,17 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     RESULTS_DIR,
+    ComponentTimer,
+    MemoryProbe,
+    aggregate_runs,
     build_word_tokenizer,
     format_table,
     machine_info,
     make_step_timer,
-    peak_rss_bytes,
+    parse_sweep,
     pseudo_words,
-    reset_peak_rss,
+    ratio_cell,
     round_orders,
-    rss_bytes,
     run_worker,
-    summarize,
     worker_env,
     write_json,
 )
@@ -78,41 +82,57 @@ DEFAULT_CONFIGS = list(CONFIGS)
 
 PRESETS = {
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=8192, tokenizer_vocab=8192,
-                prompt_len=64, completion_len=128, batch=8, num_generations=4, warmup=2, steps=6, rounds=3,
-                threads=1),
+                prompt_len=32, completion_len=64, batch=8, num_generations=4, warmup=1, steps=3, rounds=3,
+                threads=1, dtype="float32"),
+    "cuda": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tokenizer_vocab=16384,
+                 prompt_len=128, completion_len=512, batch=16, num_generations=4, warmup=2, steps=5, rounds=3,
+                 threads=4, dtype="bfloat16"),
 }  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    shape = parser.add_argument_group("shape (defaults: PRESETS['cpu'])")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    shape = parser.add_argument_group("shape (defaults: PRESETS[--device])")
+    shape.add_argument("--dtype", choices=["float32", "bfloat16"])
     for name in ("hidden", "layers", "heads", "kv-heads", "intermediate", "vocab", "tokenizer-vocab", "prompt-len",
                  "completion-len", "batch", "num-generations"):  # fmt: skip
         shape.add_argument(f"--{name}", type=int)
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int, help="measured optimizer steps per run")
     run.add_argument("--warmup", type=int, help="unmeasured optimizer steps before them")
-    run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order")
+    run.add_argument("--rounds", type=int, help="runs per configuration, in alternating order (>= 3)")
+    run.add_argument("--sweep", help="batch x completion-length shapes, e.g. 8x64,8x128 (default: the preset's)")
+    run.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)",
+    )
     run.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     run.add_argument("--threads", type=int, help="OMP/torch threads in every run (default 1)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--worker-timeout", type=float, default=3600)
-    run.add_argument("--out", type=Path, help="JSON path (default bench/results/grpo_token_overhead_cpu.json)")
+    run.add_argument("--out", type=Path, help="JSON path (default bench/results/grpo_token_overhead_<device>.json)")
     run.add_argument("--workdir", type=Path, help="keep model/data/logs here instead of a temporary directory")
     run.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
-    for key, value in PRESETS["cpu"].items():
+    for key, value in PRESETS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.components is None:
+        args.components = args.device == "cpu"
     args.tokenizer_vocab = min(args.tokenizer_vocab, args.vocab)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or "stock" not in args.configs:
         parser.error(f"--configs must include 'stock' and name only {list(CONFIGS)}; got unknown {unknown}")
-    if args.warmup < 1 or args.steps < 2 or args.batch % args.num_generations:
-        parser.error("need --warmup >= 1, --steps >= 2 and --batch a multiple of --num-generations")
+    if args.warmup < 1 or args.steps < 2 or args.rounds < 3 or args.batch % args.num_generations:
+        parser.error("need --warmup >= 1, --steps >= 2, --rounds >= 3 and --batch a multiple of --num-generations")
     return args
 
 
@@ -131,11 +151,11 @@ def build_model_and_data(args, workdir: Path) -> dict:
     config = Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max(2048, args.prompt_len + args.completion_len), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip
     torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model_path = workdir / "model"
@@ -159,61 +179,42 @@ def build_model_and_data(args, workdir: Path) -> dict:
             "tokenizer_size": len(tokenizer)}  # fmt: skip
 
 
-def aggregate(runs: dict[str, list[dict]]) -> dict:
-    per_config = {}
-    for name, results in runs.items():
-        per_config[name] = {
-            "overrides": CONFIGS[name][0],
-            "target_applies": CONFIGS[name][1],
-            "step_s": summarize([s for r in results for s in r["step_s"]]),
-            "cpu_step_s": summarize([s for r in results for s in r["cpu_step_s"]]),
-            "step_s_round_medians": [statistics.median(r["step_s"]) for r in results],
-            "cpu_step_s_round_medians": [statistics.median(r["cpu_step_s"]) for r in results],
-            "mem_peak_delta_mb": statistics.median(r["rss_peak_delta_bytes"] / 2**20 for r in results),
-            "mem_peak_abs_mb": statistics.median(r["rss_peak_train_bytes"] / 2**20 for r in results),
-            "final_loss": [r["losses"][-1] if r["losses"] else None for r in results],
-            "load_avg_1m": [r["load_avg_before"] for r in results],
-            "shaping_cpu_ms_per_step": statistics.median(1e3 * r["shaping_cpu_s_per_step"] for r in results),
-        }
-    stock = per_config["stock"]
+def shaping_overhead(per_config: dict) -> None:
+    """`1 + shaping CPU per step / stock CPU step`: the load-robust overhead of the shaping alone."""
+    stock = per_config["stock"]["times"]["cpu_step_s"]["median"]
     for entry in per_config.values():
-        paired = [a / b for a, b in zip(entry["step_s_round_medians"], stock["step_s_round_medians"])]
-        paired_cpu = [a / b for a, b in zip(entry["cpu_step_s_round_medians"], stock["cpu_step_s_round_medians"])]
-        entry["ratios"] = {
-            "step_time": entry["step_s"]["median"] / stock["step_s"]["median"],
-            "step_time_paired_rounds": paired,
-            "step_time_paired_median": statistics.median(paired),
-            "step_cpu_time": entry["cpu_step_s"]["median"] / stock["cpu_step_s"]["median"],
-            "step_cpu_time_paired_median": statistics.median(paired_cpu),
-            "mem_peak_abs": entry["mem_peak_abs_mb"] / stock["mem_peak_abs_mb"],
-            # Stock's step plus the CPU time measured inside the shaping: insensitive to the machine's other load, but
-            # blind to loss-side extras (SPINE's backward through the entropy, CHORD's expert forward).
-            "shaping_overhead": 1.0 + entry["shaping_cpu_ms_per_step"] / (1e3 * stock["cpu_step_s"]["median"]),
-        }
-        entry["within_target"] = {
-            "step_time": entry["ratios"]["step_time"] <= TARGET_RATIO,
-            "step_cpu_time": entry["ratios"]["step_cpu_time"] <= TARGET_RATIO,
-            "shaping_overhead": entry["ratios"]["shaping_overhead"] <= TARGET_RATIO,
-        }
-    return per_config
+        shaping = entry["times"].get("shaping")
+        entry["shaping_overhead"] = 1.0 + shaping["median"] / stock if shaping else None
 
 
-def print_table(per_config: dict) -> str:
-    headers = ["config", "step ms", "IQR ms", "x stock", "paired x (min-max)", "CPU-time x", "shaping ms", "1+shaping x",
-               "peak RSS MB", "x stock", f"<={TARGET_RATIO}x wall/cpu/shaping"]  # fmt: skip
+def print_table(args, shape_result: dict) -> str:
+    per_config, shape = shape_result["configs"], shape_result["shape"]
+    cuda = args.device == "cuda"
+    time_keys = [("step_s", "step ms"), ("cpu_step_s", "CPU step ms")]
+    if args.components:
+        time_keys.append(("fwd_bwd", "loss fwd+bwd ms"))
+    memory_keys = [("cuda_alloc_peak_bytes", "peak alloc GiB"), ("cuda_reserved_peak_bytes", "peak reserved GiB")] \
+        if cuda else [("rss_peak_bytes", "peak RSS GiB"), ("rss_peak_delta_bytes", "RSS over constr. GiB")]  # fmt: skip
+    headers = ["config"]
+    for _, label in (*time_keys, *memory_keys):
+        headers += [label, "x stock (rounds)"]
+    headers += ["shaping ms", "1+shaping x", f"<={TARGET_RATIO}x"]
     rows = []
     for name, e in per_config.items():
-        r, ok = e["ratios"], e["within_target"]
-        paired = r["step_time_paired_rounds"]
-        rows.append([
-            name, f"{1e3 * e['step_s']['median']:.1f}", f"{1e3 * (e['step_s']['p75'] - e['step_s']['p25']):.1f}",
-            f"{r['step_time']:.3f}", f"{r['step_time_paired_median']:.3f} ({min(paired):.3f}-{max(paired):.3f})",
-            f"{r['step_cpu_time']:.3f}", f"{e['shaping_cpu_ms_per_step']:.1f}", f"{r['shaping_overhead']:.3f}",
-            f"{e['mem_peak_abs_mb']:.1f}", f"{r['mem_peak_abs']:.3f}",
-            ("/".join("y" if ok[k] else "N" for k in ("step_time", "step_cpu_time", "shaping_overhead")))
-            + ("" if e["target_applies"] else " (n/a)"),
-        ])  # fmt: skip
-    table = format_table(headers, rows)
+        row = [name]
+        for key, _ in time_keys:
+            series = e["times"].get(key)
+            row += [f"{1e3 * series['median']:.1f}" if series else "-", ratio_cell(e["ratios"].get(key))]
+        for key, _ in memory_keys:
+            row += [f"{e['memory'][key]['median'] / 2**30:.3f}", ratio_cell(e["ratios"].get(key))]
+        shaping = e["times"].get("shaping")
+        row += [f"{1e3 * shaping['median']:.1f}" if shaping else "-",
+                f"{e['shaping_overhead']:.3f}" if e["shaping_overhead"] else "-"]  # fmt: skip
+        time_key = "step_s" if cuda else "cpu_step_s"
+        ok = e["ratios"][time_key]["pooled"] <= TARGET_RATIO
+        row.append(("y" if ok else "N") + ("" if CONFIGS[name][1] else " (n/a)"))
+        rows.append(row)
+    table = f"batch {shape['batch']} x completions <= {shape['completion_len']} tokens:\n" + format_table(headers, rows)
     print(table)
     return table
 
@@ -223,58 +224,78 @@ def main(argv=None) -> int:
     if args.worker is not None:
         return worker(args.worker)
     import datasets
+    import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("grpo_token_overhead: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+        return 0
     datasets.disable_progress_bars()
-    out = args.out or RESULTS_DIR / "grpo_token_overhead_cpu.json"
+    out = args.out or RESULTS_DIR / f"grpo_token_overhead_{args.device}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo_token_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "runs").mkdir(exist_ok=True)
-    shape = {key: getattr(args, key) for key in (*PRESETS["cpu"], "seed")}
-    print(f"grpo_token_overhead: shape={shape} configs={args.configs} workdir={workdir}", file=sys.stderr)
+    settings = {
+        key: getattr(args, key) for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device")
+    }
+    print(f"grpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
-        data_info = build_model_and_data(args, workdir)
+        machine = machine_info(args.device)
         env = worker_env(args.threads)
         script = Path(__file__).resolve()
-        runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-        orders = round_orders(args.configs, args.rounds)
-        for round_index, order in enumerate(orders):
-            for name in order:
-                payload = {
-                    "config": name, "round": round_index, "overrides": CONFIGS[name][0],
-                    "model_path": data_info["model_path"], "data_path": str(workdir / "data"),
-                    "output_dir": str(workdir / "runs" / f"{name}_{round_index}"),
-                    "result_path": str(workdir / "runs" / f"{name}_{round_index}.json"),
-                    **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations", "warmup",
-                                                            "steps", "seed", "threads")},
-                }  # fmt: skip
-                result = run_worker(script, payload, env, timeout=args.worker_timeout)
-                runs[name].append(result)
-                print(f"  round {round_index} {name:17s} step {1e3 * statistics.median(result['step_s']):8.1f} ms  "
-                      f"cpu {1e3 * statistics.median(result['cpu_step_s']):8.1f} ms  load {result['load_avg_before']:.2f}",
-                      file=sys.stderr)  # fmt: skip
-        per_config = aggregate(runs)
-        table = print_table(per_config)
+        shapes = []
+        for batch, completion_len in parse_sweep(args.sweep, (args.batch, args.completion_len)):
+            args.batch, args.completion_len = batch, completion_len
+            shape_dir = workdir / f"b{batch}_c{completion_len}"
+            (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
+            data_info = build_model_and_data(args, shape_dir)
+            runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+            orders = round_orders(args.configs, args.rounds)
+            for round_index, order in enumerate(orders):
+                for name in order:
+                    payload = {
+                        "config": name, "round": round_index, "overrides": CONFIGS[name][0],
+                        "model_path": data_info["model_path"], "data_path": str(shape_dir / "data"),
+                        "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                        "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                        **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations", "warmup",
+                                                                "steps", "seed", "threads", "device", "dtype",
+                                                                "components")},
+                    }  # fmt: skip
+                    result = run_worker(script, payload, env, timeout=args.worker_timeout)
+                    runs[name].append(result)
+                    times = result["times"]
+                    print(f"  round {round_index} {name:17s} step {1e3 * statistics.median(times['step_s']):8.1f} ms  "
+                          f"cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
+                          f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+            per_config = aggregate_runs(runs)
+            shaping_overhead(per_config)
+            shape_result = {"shape": {"batch": batch, "completion_len": completion_len},
+                            "data": {k: v for k, v in data_info.items() if k != "model_path"}, "orders": orders,
+                            "configs": per_config, "runs": runs}  # fmt: skip
+            shape_result["table"] = print_table(args, shape_result)
+            shapes.append(shape_result)
         report = {
             "benchmark": "grpo_token_overhead",
             "description": (
                 "TokenGRPOTrainer token methods vs stock trl.GRPOTrainer on identical replayed rollouts (rollout_func): "
                 "same model init, prompts, completions, data order, optimizer and seed; each configuration in a fresh "
-                "subprocess, alternating order over rounds. Step time = interval between optimizer-step ends after "
-                "warmup (scoring + loss forward/backward + optimizer + shaping + logging). Memory = CPU RSS "
-                "high-water mark during training."
+                "subprocess, alternating order over rounds, warm-up steps excluded. Step time = interval between "
+                "optimizer-step ends (scoring + loss forward/backward + optimizer + shaping + logging); in-loop "
+                "components per step; memory: CPU VmHWM of the worker, CUDA max allocated and reserved."
             ),
             "target_ratio": TARGET_RATIO,
-            "machine": machine_info("cpu"),
-            "shape": {**shape, "configs": args.configs, "model": "Qwen2ForCausalLM (random)", "loss_type": "dapo",
-                      "beta": 0.0, "logging_steps": 1, **data_info},  # fmt: skip
-            "orders": orders,
+            "machine": machine,
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "loss_type": "dapo",
+                "beta": 0.0,
+                "logging_steps": 1,
+            },  # fmt: skip
             "wall_s": time.time() - started,
-            "table": table,
-            "configs": per_config,
-            "runs": runs,
+            "tables": [shape["table"] for shape in shapes],
+            "shapes": shapes,
         }
-        report["shape"].pop("model_path", None)
         print(f"wrote {write_json(out, report)}", file=sys.stderr)
     finally:
         if args.workdir is None:
@@ -332,54 +353,51 @@ def worker(payload_path: Path) -> int:
     def reward(completion_ids, **kwargs):
         return [(sum(ids) % 97) / 97 for ids in completion_ids]
 
+    cuda = p["device"] == "cuda"
     common = dict(
         output_dir=p["output_dir"], per_device_train_batch_size=p["batch"], num_generations=p["num_generations"],
         max_completion_length=p["completion_len"], max_steps=p["warmup"] + p["steps"], learning_rate=1e-5,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-        dataloader_pin_memory=False, disable_tqdm=True, seed=p["seed"], use_cpu=True, shuffle_dataset=False,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=p["dtype"] == "bfloat16",
+        gradient_checkpointing=cuda, dataloader_pin_memory=cuda, disable_tqdm=True, seed=p["seed"], use_cpu=not cuda,
+        shuffle_dataset=False, model_init_kwargs={"dtype": p["dtype"]},
     )  # fmt: skip
     if p["overrides"] is None:
         trainer_cls, args = GRPOTrainer, GRPOConfig(**common)
     else:
         trainer_cls, args = TokenGRPOTrainer, TokenGRPOConfig(**common, **p["overrides"])
-    timer = make_step_timer()
+    timer = make_step_timer(cuda)
     construct_start = time.perf_counter()
     trainer = trainer_cls(model=p["model_path"], reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer],
                           rollout_func=replay_rollout_func(tokenizer, p["completion_len"], p["seed"]))  # fmt: skip
     construct_s = time.perf_counter() - construct_start
-    # Load-robust view of the overhead: process CPU time spent inside the token shaping itself, per optimizer step.
-    shaping = {"cpu_s": 0.0, "calls": 0}
-    if hasattr(trainer, "_shape_token_batch"):
-        shape_batch = trainer._shape_token_batch
-
-        def timed_shape(*shape_args, **shape_kwargs):
-            started = time.process_time()
-            try:
-                return shape_batch(*shape_args, **shape_kwargs)
-            finally:
-                shaping["cpu_s"] += time.process_time() - started
-                shaping["calls"] += 1
-
-        trainer._shape_token_batch = timed_shape
-    gc.collect()
-    rss_after_construct = rss_bytes()
-    peak_reset_ok = reset_peak_rss()
+    components = None
+    if p["components"]:
+        components = ComponentTimer(cuda)
+        components.wrap("loss_fwd", trainer, "compute_loss")
+        components.wrap("backward", trainer.accelerator, "backward")
+        if hasattr(trainer, "_shape_token_batch"):
+            components.wrap("shaping", trainer, "_shape_token_batch")
+        trainer.add_callback(components.callback)
+    probe = MemoryProbe(cuda)
+    probe.start()
     load_avg = os.getloadavg()[0]
     trainer.train()
+    times = {"step_s": timer.step_times(p["warmup"]), "cpu_step_s": timer.cpu_step_times(p["warmup"])}
+    if components is not None:
+        parts = components.per_step(p["warmup"])
+        for name in ("loss_fwd", "backward", "shaping"):
+            if name in parts:
+                times[name] = parts[name]
+        times["fwd_bwd"] = [a + b for a, b in zip(times["loss_fwd"], times["backward"])]
     result = {
         "config": p["config"],
         "round": p["round"],
-        "step_s": timer.step_times(p["warmup"]),
-        "cpu_step_s": timer.cpu_step_times(p["warmup"]),
+        "times": times,
+        "memory": probe.result(),
         "construct_s": construct_s,
-        "rss_after_construct_bytes": rss_after_construct,
-        "rss_peak_train_bytes": peak_rss_bytes(),
-        "rss_peak_delta_bytes": peak_rss_bytes() - rss_after_construct,
-        "peak_reset_ok": peak_reset_ok,
         "load_avg_before": load_avg,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        "shaping_cpu_s_per_step": shaping["cpu_s"] / max(1, p["warmup"] + p["steps"]),
     }
     Path(p["result_path"]).write_text(json.dumps(result))
     return 0

@@ -1,14 +1,18 @@
 """Step time and peak memory of token-level SFT (OTR, ssToken) against stock `trl.SFTTrainer`.
 
-One model (random weights from a config) and one synthetic prompt-completion dataset are built once; each configuration
-then trains for the same number of steps on the same data in its own fresh subprocess, so peak memory is per
-configuration. Every configuration uses eager attention (ssToken's attention score needs it), so the stock baseline
-runs the same model. Results, with machine and library versions, go to
-`bench/results/sft_token_overhead_<device>.json`; ratios are against `stock`.
+One Qwen2-shaped model (random weights from a config) and one synthetic prompt-completion dataset are built once per
+shape (`--sweep BATCHxLENGTH,...`); each configuration then trains the same steps on the same data in its own fresh
+subprocess, in alternating order over `--rounds` (>= 3) rounds, warm-up steps excluded. Every configuration uses eager
+attention (ssToken's attention score needs it), so the stock baseline runs the same model. Measured
+(`bench/common.py` rules): in-loop component timings per measured step (CPU default: `compute_loss` + `backward` in
+process CPU time), the wall and CPU-time interval between optimizer-step ends, and peak memory (CPU: `VmHWM` of the
+worker; CUDA: max allocated and reserved). Results, with machine, commit and library versions, go to
+`bench/results/sft_token_overhead_<device>.json`; ratios are against `stock`, with the min-max of per-round ratios.
 
 ```bash
-python bench/sft_token_overhead.py                 # CPU, the "small" preset
-python bench/sft_token_overhead.py --device cuda --preset medium
+python bench/sft_token_overhead.py                          # CPU, the "small" preset
+python bench/sft_token_overhead.py --sweep 2x128,4x256      # batch x (prompt + completion) tokens
+python bench/sft_token_overhead.py --device cuda --preset qwen0.5b
 ```
 Targets: OTR <= 1.3x stock step time and <= 1.1x stock peak memory.
 """
@@ -17,26 +21,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.common import (  # noqa: E402
+from common import (  # noqa: E402
     RESULTS_DIR,
+    ComponentTimer,
+    MemoryProbe,
+    aggregate_runs,
     build_word_tokenizer,
     format_table,
     machine_info,
     make_step_timer,
-    peak_rss_bytes,
+    parse_sweep,
     pseudo_words,
-    reset_peak_rss,
+    ratio_cell,
     round_orders,
-    rss_bytes,
     run_worker,
-    summarize,
     worker_env,
     write_json,
 )
@@ -49,27 +57,33 @@ CONFIGS = {
     "sstoken": {"token_selection": "sstoken", "sstoken_history_decay": 1.0},  # frozen history model, gamma = 0.5
     "sstoken_ema": {"token_selection": "sstoken", "sstoken_history_decay": 0.9},  # the default
 }
+TARGETS = {"otr": {"time": 1.3, "memory": 1.1}}
 PRESETS = {
-    # hidden, layers, vocab, batch, prompt tokens, completion tokens
-    "small": dict(hidden=256, layers=8, vocab=4096, batch=4, prompt=32, completion=96),
-    "medium": dict(hidden=1024, layers=8, vocab=32768, batch=8, prompt=128, completion=384),
-}
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, vocab=4096, batch=4, prompt=32,
+                  completion=96, dtype="float32", gradient_checkpointing=False),
+    "medium": dict(hidden=1024, layers=8, heads=8, kv_heads=4, intermediate=2048, vocab=32768, batch=8, prompt=128,
+                   completion=384, dtype="float32", gradient_checkpointing=False),
+    # Qwen2.5-0.5B's shape (random weights); the tokenizer covers the first 16384 ids of the 151936-wide head.
+    "qwen0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, batch=8, prompt=128,
+                     completion=896, dtype="bfloat16", gradient_checkpointing=True),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parent: build model and data once, run each configuration in a subprocess
+# Parent: build model and data once per shape, run each configuration in a subprocess
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_assets(preset: dict, workdir: Path, num_rows: int, seed: int = 0) -> tuple[str, str]:
     import random
 
-    from trl_tokenlevel.tiny import build_tiny_model, save_tiny_pair
+    from dpo_bench import save_random_qwen2
 
     words = pseudo_words(4000, seed)
-    tokenizer = build_word_tokenizer(words, vocab_size=preset["vocab"], seed=seed)
-    model = build_tiny_model(tokenizer, hidden_size=preset["hidden"], num_layers=preset["layers"], seed=seed)
-    model_dir = save_tiny_pair(model, tokenizer, str(workdir / "model"))
+    tokenizer = build_word_tokenizer(words, vocab_size=min(preset["vocab"], 16384), seed=seed)
+    shape = SimpleNamespace(**preset, seq_len=preset["prompt"] + preset["completion"])
+    model_dir = workdir / "model"
+    save_random_qwen2(shape, tokenizer, model_dir, seed)
 
     rng = random.Random(seed)
 
@@ -81,80 +95,134 @@ def build_assets(preset: dict, workdir: Path, num_rows: int, seed: int = 0) -> t
             for _ in range(num_rows)]  # fmt: skip
     data_path = workdir / "data.jsonl"
     data_path.write_text("\n".join(json.dumps(row) for row in rows))
-    return model_dir, str(data_path)
+    return str(model_dir), str(data_path)
 
 
-def main() -> None:
+def print_table(cuda: bool, shape_result: dict) -> str:
+    per_config, shape = shape_result["configs"], shape_result["shape"]
+    time_key = "step_s" if cuda else "cpu_step_s"
+    memory_key = "cuda_alloc_peak_bytes" if cuda else "rss_peak_bytes"
+    time_keys = [("step_s", "step ms"), ("cpu_step_s", "CPU step ms"), ("fwd_bwd", "loss fwd+bwd ms")]
+    memory_keys = [("cuda_alloc_peak_bytes", "peak alloc GiB"), ("cuda_reserved_peak_bytes", "peak reserved GiB")] \
+        if cuda else [("rss_peak_bytes", "peak RSS GiB"), ("rss_peak_delta_bytes", "RSS over constr. GiB")]  # fmt: skip
+    headers = ["config"]
+    for _, label in (*time_keys, *memory_keys):
+        headers += [label, "x stock (rounds)"]
+    headers.append("targets")
+    rows = []
+    for name, e in per_config.items():
+        row = [name]
+        for key, _ in time_keys:
+            series = e["times"].get(key)
+            row += [f"{1e3 * series['median']:.1f}" if series else "-", ratio_cell(e["ratios"].get(key))]
+        for key, _ in memory_keys:
+            row += [f"{e['memory'][key]['median'] / 2**30:.3f}", ratio_cell(e["ratios"].get(key))]
+        target = TARGETS.get(name)
+        if target:
+            ok_time = e["ratios"][time_key]["pooled"] <= target["time"]
+            ok_memory = e["ratios"][memory_key]["pooled"] <= target["memory"]
+            row.append(f"time<={target['time']}x:{'y' if ok_time else 'N'} mem<={target['memory']}x:"
+                       f"{'y' if ok_memory else 'N'}")  # fmt: skip
+        else:
+            row.append("-")
+        rows.append(row)
+    table = f"batch {shape['batch']} x {shape['max_length']} tokens:\n" + format_table(headers, rows)
+    print(table)
+    return table
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first --warmup excluded)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="runs per configuration (alternating order)")
+    parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured optimizer steps before them")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration (alternating order, >= 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: stable on shared CPUs)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--sweep",
+        help="batch x (prompt + completion) shapes, e.g. 2x128,4x256 (prompt keeps the "
+        "preset's share); default: the preset's shape",
+    )
+    parser.add_argument(
+        "--components",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)",
+    )
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/sft_token_overhead_<device>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
         return worker(cli.worker)
+    if cli.rounds < 3 or cli.steps < 2 or cli.warmup < 1:
+        parser.error("need --rounds >= 3, --steps >= 2 and --warmup >= 1")
+    import torch
 
-    preset = PRESETS[cli.preset]
+    if cli.device == "cuda" and not torch.cuda.is_available():
+        print("sft_token_overhead: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+        return 0
+    components = cli.device == "cpu" if cli.components is None else cli.components
+    base = PRESETS[cli.preset]
     configs = ["stock", *[c for c in cli.configs if c != "stock"]]
     env = worker_env(cli.threads)
-    runs: dict[str, list[dict]] = {name: [] for name in configs}
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        model_dir, data_path = build_assets(preset, workdir, num_rows=preset["batch"] * cli.steps)
-        for round_index, order in enumerate(round_orders(configs, cli.rounds)):
-            for name in order:
-                payload = dict(config=name, model_dir=model_dir, data_path=data_path, device=cli.device,
-                               steps=cli.steps, warmup=cli.warmup, batch=preset["batch"],
-                               max_length=preset["prompt"] + preset["completion"],
-                               result_path=str(workdir / f"{name}-{round_index}.json"))  # fmt: skip
-                print(f"round {round_index}: {name} ...", flush=True)
-                runs[name].append(run_worker(Path(__file__), payload, env, timeout=3600))
-
-    def median(name: str, key: str) -> float:
-        values = sorted(run[key] for run in runs[name])
-        return values[len(values) // 2]
-
-    summary = {}
-    for name in configs:
-        summary[name] = {
-            "step_time_s": median(name, "step_time_median_s"),
-            "peak_memory_bytes": median(name, "peak_memory_bytes"),
-            "train_memory_bytes": median(name, "train_memory_bytes"),
-        }
-    for name in configs:
-        base = summary["stock"]
-        summary[name]["time_ratio"] = summary[name]["step_time_s"] / base["step_time_s"]
-        summary[name]["peak_memory_ratio"] = summary[name]["peak_memory_bytes"] / base["peak_memory_bytes"]
-        summary[name]["train_memory_ratio"] = summary[name]["train_memory_bytes"] / max(base["train_memory_bytes"], 1)
+    started = time.time()
+    machine = machine_info(cli.device)
+    shapes = []
+    workdir = Path(tempfile.mkdtemp(prefix="sft_token_overhead_"))
+    try:
+        for batch, length in parse_sweep(cli.sweep, (base["batch"], base["prompt"] + base["completion"])):
+            prompt = max(4, round(length * base["prompt"] / (base["prompt"] + base["completion"])))
+            preset = {**base, "batch": batch, "prompt": prompt, "completion": length - prompt}
+            shape_dir = workdir / f"b{batch}_l{length}"
+            shape_dir.mkdir()
+            model_dir, data_path = build_assets(preset, shape_dir, num_rows=batch * (cli.warmup + cli.steps))
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            orders = round_orders(configs, cli.rounds)
+            for round_index, order in enumerate(orders):
+                for name in order:
+                    payload = dict(config=name, round=round_index, model_dir=model_dir, data_path=data_path,
+                                   device=cli.device, steps=cli.steps, warmup=cli.warmup, batch=batch,
+                                   max_length=length, dtype=preset["dtype"], components=components,
+                                   gradient_checkpointing=preset["gradient_checkpointing"], threads=cli.threads,
+                                   result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
+                    result = run_worker(Path(__file__).resolve(), payload, env, timeout=3600)
+                    runs[name].append(result)
+                    print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(result['times']['step_s']):8.1f}"
+                          f" ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  "
+                          f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+            shape_result = {"shape": {"batch": batch, "max_length": length, "prompt": prompt},
+                            "orders": orders, "configs": aggregate_runs(runs), "runs": runs}  # fmt: skip
+            shape_result["table"] = print_table(cli.device == "cuda", shape_result)
+            shapes.append(shape_result)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
     result = {
         "benchmark": "sft_token_overhead",
-        "description": "Token-level SFT vs stock SFTTrainer: median step time and peak memory, same model and data.",
-        "machine": machine_info(cli.device),
-        "settings": {**vars(cli), "preset_values": preset, "configs": {n: CONFIGS[n] for n in configs},
-                     "attn_implementation": "eager", "threads": cli.threads},  # fmt: skip
-        "memory_note": (
-            "cpu: peak_memory = peak RSS during training (the high-water mark is reset after trainer construction); "
-            "train_memory = that peak minus the RSS just before training. cuda: torch.cuda.max_memory_allocated "
-            "during training, and the same minus the memory allocated before training."
+        "description": (
+            "Token-level SFT vs stock SFTTrainer, same model and data, each configuration in a fresh subprocess, "
+            "alternating order over rounds, warm-up steps excluded; times per measured step, memory per run "
+            "(CPU: VmHWM of the worker, reset after construction; CUDA: max allocated and reserved)."
         ),
-        "targets": {"otr_time_ratio_max": 1.3, "otr_peak_memory_ratio_max": 1.1},
-        "summary": summary,
-        "runs": runs,
+        "machine": machine,
+        "settings": {
+            **{k: v for k, v in vars(cli).items() if k not in ("worker", "out")},
+            "preset_values": base,
+            "components": components,
+            "config_overrides": {n: CONFIGS[n] for n in configs},
+            "attn_implementation": "eager",
+            "model": "Qwen2ForCausalLM (random)",
+        },  # fmt: skip
+        "targets": TARGETS,
+        "wall_s": time.time() - started,
+        "tables": [shape["table"] for shape in shapes],
+        "shapes": shapes,
     }
-    path = write_json(RESULTS_DIR / f"sft_token_overhead_{cli.device}.json", result)
-    rows = [
-        [name, f"{s['step_time_s'] * 1000:.1f}", f"{s['time_ratio']:.2f}x", f"{s['peak_memory_bytes'] / 2**20:.0f}",
-         f"{s['peak_memory_ratio']:.3f}x", f"{s['train_memory_bytes'] / 2**20:.1f}", f"{s['train_memory_ratio']:.2f}x"]
-        for name, s in summary.items()
-    ]  # fmt: skip
-    headers = ["config", "step ms", "time", "peak MiB", "peak", "train MiB", "train"]
-    print(format_table(headers, rows))
+    path = write_json(cli.out or RESULTS_DIR / f"sft_token_overhead_{cli.device}.json", result)
     print(f"written to {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,7 +230,9 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def worker(payload_path: str) -> None:
+def worker(payload_path: str) -> int:
+    import os
+
     payload = json.loads(Path(payload_path).read_text())
     import torch
     from datasets import Dataset
@@ -172,6 +242,7 @@ def worker(payload_path: str) -> None:
     from trl_tokenlevel.trainers.token_sft_config import TokenSFTConfig
     from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer
 
+    torch.set_num_threads(payload["threads"])
     cuda = payload["device"] == "cuda"
     rows = [json.loads(line) for line in Path(payload["data_path"]).read_text().splitlines()]
     dataset = Dataset.from_list(rows)
@@ -180,50 +251,55 @@ def worker(payload_path: str) -> None:
     args = dict(
         output_dir=str(Path(payload["result_path"]).with_suffix(".out")),
         per_device_train_batch_size=payload["batch"],
-        max_steps=payload["steps"],
+        max_steps=payload["warmup"] + payload["steps"],
         max_length=payload["max_length"],
         learning_rate=1e-4,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        dataloader_pin_memory=False,
+        bf16=payload["dtype"] == "bfloat16",
+        gradient_checkpointing=payload["gradient_checkpointing"],
+        dataloader_pin_memory=cuda,
         disable_tqdm=True,
         use_cpu=not cuda,
         seed=0,
-        model_init_kwargs={"attn_implementation": "eager"},
+        model_init_kwargs={"attn_implementation": "eager", "dtype": payload["dtype"]},
     )
     config_cls, trainer_cls = (SFTConfig, SFTTrainer) if overrides is None else (TokenSFTConfig, TokenSFTTrainer)
     timer = make_step_timer(cuda=cuda)
+    started = time.perf_counter()
     trainer = trainer_cls(model=payload["model_dir"], args=config_cls(**args, **(overrides or {})),
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])  # fmt: skip
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = rss_bytes()
-        reset_peak_rss()
-    start = time.perf_counter()
+    construct_s = time.perf_counter() - started
+    components = None
+    if payload["components"]:
+        components = ComponentTimer(cuda)
+        components.wrap("loss_fwd", trainer, "compute_loss")
+        components.wrap("backward", trainer.accelerator, "backward")
+        trainer.add_callback(components.callback)
+    probe = MemoryProbe(cuda)
+    probe.start()
+    load_avg = os.getloadavg()[0]
     trainer.train()
-    wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
-    step_times = timer.step_times(skip=payload["warmup"])
-    metrics = {k: v for k, v in trainer.state.log_history[-2].items() if isinstance(v, (int, float))}
+    memory = probe.result()
+    warmup = payload["warmup"]
+    times = {"step_s": timer.step_times(warmup), "cpu_step_s": timer.cpu_step_times(warmup),
+             "compute_s": timer.compute_times(warmup)}  # fmt: skip
+    if components is not None:
+        parts = components.per_step(warmup)
+        times["fwd_bwd"] = [a + b for a, b in zip(parts["loss_fwd"], parts["backward"])]
     result = {
         "config": payload["config"],
-        "step_time_median_s": summarize(step_times)["median"],
-        "step_times": summarize(step_times),
-        "compute_times": summarize(timer.compute_times(skip=payload["warmup"])),
-        "train_wall_s": wall,
-        "peak_memory_bytes": peak,
-        "memory_before_train_bytes": before,
-        "train_memory_bytes": peak - before,
-        "last_logged_metrics": metrics,
+        "round": payload["round"],
+        "times": times,
+        "memory": memory,
+        "construct_s": construct_s,
+        "load_avg_before": load_avg,
+        "last_logged_metrics": {k: v for k, v in trainer.state.log_history[-2].items() if isinstance(v, (int, float))},
     }
     Path(payload["result_path"]).write_text(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

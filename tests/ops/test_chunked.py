@@ -22,7 +22,6 @@ from trl_tokenlevel.ops.chunked import (
     resolve_backend,
 )
 
-
 # fp32 tolerances: forward values are O(1) and the tiles are fp32, so only the summation order differs.
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 FP64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -196,9 +195,7 @@ def test_kl_never_builds_tiles_larger_than_requested(monkeypatch):
 
 def test_kl_spec_toy_batch():
     """preference.md §0.2: KL_t(ref || theta) on the toy batch, as identity-head hidden states."""
-    policy = torch.tensor(
-        [[1.0, 0.0, -1.0], [0.5, 0.2, 0.3], [0.0, 1.0, 0.0], [0.3, -0.2, 0.1]], dtype=torch.float64
-    )
+    policy = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.3], [0.0, 1.0, 0.0], [0.3, -0.2, 0.1]], dtype=torch.float64)
     ref = torch.tensor([[0, 0, 0], [0.2, 0.2, 0.6], [0.5, 0.5, 0], [0, 0, 0]], dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64)
     kl = chunked_token_kl(policy, eye, None, ref, eye, None, direction="forward", vocab_chunk=2, token_chunk=3)
@@ -641,11 +638,15 @@ def test_tw_grpo_registry_without_full_distributions():
     the entry; `tw_weight_grad=True` needs the full log-probabilities."""
     hidden, weight, bias, mask, group_ids, kw, full_logps = _tw_case(None)
     rows, width = mask.shape
-    common = dict(completion_ids=torch.zeros(rows, width, dtype=torch.long), completion_mask=mask,
-                  per_token_logps=torch.zeros(rows, width, dtype=torch.float64),
-                  per_token_entropy=torch.zeros(rows, width, dtype=torch.float64),
-                  rewards=torch.zeros(rows, dtype=torch.float64),
-                  advantages=torch.tensor([1.0, -0.5, 0.2, 0.7, -1.0, 0.3], dtype=torch.float64), group_ids=group_ids)
+    common = dict(
+        completion_ids=torch.zeros(rows, width, dtype=torch.long),
+        completion_mask=mask,
+        per_token_logps=torch.zeros(rows, width, dtype=torch.float64),
+        per_token_entropy=torch.zeros(rows, width, dtype=torch.float64),
+        rewards=torch.zeros(rows, dtype=torch.float64),
+        advantages=torch.tensor([1.0, -0.5, 0.2, 0.7, -1.0, 0.3], dtype=torch.float64),
+        group_ids=group_ids,
+    )
     divergence = chunked_tw_grpo_divergence(hidden, weight, bias, mask, group_ids, vocab_chunk=10, **kw)
     chunked = TokenAdvantageInputs(**common, tw_grpo_divergence=divergence)
     full = TokenAdvantageInputs(**common, full_logps=full_logps)

@@ -190,7 +190,9 @@ def test_fused_reads_each_head_tile_once_per_pass(monkeypatch):
     student, teacher, upstream = make_heads(case)
     calls = []
     original = chunked._Head.tile
-    monkeypatch.setattr(chunked._Head, "tile", lambda self, h, v0, v1: calls.append(id(self)) or original(self, h, v0, v1))
+    monkeypatch.setattr(
+        chunked._Head, "tile", lambda self, h, v0, v1: calls.append(id(self)) or original(self, h, v0, v1)
+    )
     out = fused_token_statistics(student["hidden"], student["weight"], None, _targets(case), teacher["hidden"],
                                  teacher["weight"], None, token_chunk=50, vocab_chunk=32)  # fmt: skip
     tiles = math.ceil(141 / 50) * math.ceil(123 / 32)
@@ -198,6 +200,12 @@ def test_fused_reads_each_head_tile_once_per_pass(monkeypatch):
     calls.clear()
     (out.log_probs + out.kl).sum().backward()
     assert len(calls) == 2 * tiles
+    # Token chunks whose KL gets no gradient (TDPO2's chosen rows, sg(D_w)) skip the teacher's tiles in the backward.
+    out = fused_token_statistics(student["hidden"], student["weight"], None, _targets(case), teacher["hidden"],
+                                 teacher["weight"], None, token_chunk=50, vocab_chunk=32)  # fmt: skip
+    calls.clear()
+    (out.log_probs + torch.where(torch.arange(141) >= 100, out.kl, 0.0)).sum().backward()
+    assert len(calls) == tiles + math.ceil(123 / 32)  # policy everywhere, teacher for the last token chunk only
 
 
 def test_fused_validation_errors():

@@ -275,3 +275,25 @@ class TestSelectionRegistry:
         assert as_int(d3s) == [[0, 1, 0], [1, 1, 0]]
         with pytest.raises(ValueError, match="advantages"):
             TOKEN_SELECTION_METHODS["d3s"](H, MASK)
+
+
+def test_band_penalty_normalizer_and_gather_make_the_mean_global():
+    """Two ranks' shares with the global normaliser and gathered quantiles add up to the one-process penalty."""
+    from trl_tokenlevel.ops.selection import spine_entropy_band_penalty
+
+    generator = torch.Generator().manual_seed(3)
+    entropy = torch.rand(4, 5, generator=generator, dtype=torch.float64) * 3
+    forking = torch.rand(4, 5, generator=generator) < 0.6
+    forking[2:, :] &= torch.tensor([True, False, False, False, False])  # the second rank holds fewer forking tokens
+    for mode in ("const", "quantile"):
+        whole = spine_entropy_band_penalty(entropy, forking, band_mode=mode, band_low=0.5, band_high=2.0)
+        everything = entropy[forking]
+        shares = [
+            spine_entropy_band_penalty(entropy[rows], forking[rows], band_mode=mode, band_low=0.5, band_high=2.0,
+                                       normalizer=forking.sum() / 2, gather_fn=lambda _: everything)  # fmt: skip
+            for rows in (slice(0, 2), slice(2, 4))
+        ]
+        torch.testing.assert_close((shares[0] + shares[1]) / 2, whole)  # DDP averages the ranks' gradients
+        local = [spine_entropy_band_penalty(entropy[r], forking[r], band_mode=mode, band_low=0.5, band_high=2.0)
+                 for r in (slice(0, 2), slice(2, 4))]  # fmt: skip
+        assert not torch.allclose((local[0] + local[1]) / 2, whole)  # per-rank means are not the global mean

@@ -157,8 +157,13 @@ def test_sparsepo_masks_train_checkpoint_and_resume(tiny_model_path, tiny_tokeni
 
 @pytest.mark.parametrize(
     "mode,official",
-    [("aligndistil", False), ("aligndistil", True), ("theorem1", False), ("theorem1_contrast", False),
-     ("theorem1_adaptive", False)],
+    [
+        ("aligndistil", False),
+        ("aligndistil", True),
+        ("theorem1", False),
+        ("theorem1_contrast", False),
+        ("theorem1_adaptive", False),
+    ],
 )
 def test_aligndistil_matches_full_logits_reference(mode, official, tiny_model_path, tiny_tokenizer, pairs, tmp_path):
     dpo_teacher = build_tiny_model(tiny_tokenizer, seed=11).eval()
@@ -277,11 +282,13 @@ def test_aligndistil_on_policy_trains(tiny_model_path, tiny_tokenizer, pairs, tm
 FUSED_CASES = {
     "tdpo1": dict(token_loss_type="tdpo1"),
     "tdpo2": dict(token_loss_type="tdpo2", tdpo_alpha=0.7),
+    "tdpo2_checkpointing": dict(token_loss_type="tdpo2", gradient_checkpointing=True),
     "sparsepo": dict(token_loss_type="sparsepo", sparsepo_independent_masks=True, sparsepo_mask_dropout=0.0),
     "mapo": dict(token_loss_type="mapo", mapo_hooks="all"),
     "aligndistil": dict(token_loss_type="aligndistil", aligndistil_temperature=0.8),
     "aligndistil_official": dict(token_loss_type="aligndistil", aligndistil_official_positions=True),
     "theorem1": dict(token_loss_type="aligndistil", aligndistil_mode="theorem1"),
+    "theorem1_adaptive": dict(token_loss_type="aligndistil", aligndistil_mode="theorem1_adaptive"),
 }
 
 
@@ -328,7 +335,10 @@ def test_fused_pass_replaces_trl_logprob_head(case, tiny_model_path, tiny_tokeni
 
     config = dict(FUSED_CASES[case])
     if config["token_loss_type"] == "aligndistil":
-        config["aligndistil_teachers"] = (build_tiny_model(tiny_tokenizer, seed=11), build_tiny_model(tiny_tokenizer, seed=12))
+        config["aligndistil_teachers"] = (
+            build_tiny_model(tiny_tokenizer, seed=11),
+            build_tiny_model(tiny_tokenizer, seed=12),
+        )
     trainer, policy, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path, token_kernel="torch", **config)
 
     def forbidden(*args, **kwargs):
@@ -365,3 +375,29 @@ def test_fused_tdpo2_two_process_ddp_matches_single_process(tiny_model_path, tmp
     assert ddp["losses"] == pytest.approx(single["losses"], abs=1e-5)
     assert ddp["param_norm"] == pytest.approx(single["param_norm"], abs=1e-5)
     assert ddp["param_sum"] == pytest.approx(single["param_sum"], abs=1e-4)
+
+
+def test_fused_pass_with_lora_reference_matches_two_pass(tiny_model_path, tiny_tokenizer, pairs, tmp_path):
+    """PEFT: the reference is the policy with its adapter disabled; the backbone-only forward keeps that working."""
+    from peft import LoraConfig
+
+    results = []
+    for kernel in ("trl", "torch"):
+        torch.manual_seed(0)
+        args = TokenDPOConfig(**base_args(tmp_path / kernel, beta=0.5, token_loss_type="tdpo2", token_kernel=kernel))
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)  # fmt: skip
+        trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=pairs, processing_class=tiny_tokenizer,
+                                  peft_config=peft_config)  # fmt: skip
+        assert trainer.ref_model is None and trainer.fused_distribution == (kernel == "torch")
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        assert trainer._metrics["train"]["seq_kl/chosen"][-1] > 1e-6  # the adapter moved the policy off the reference
+        results.append((loss.detach(), _grads(trainer.model)))
+    (two_pass, two_pass_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, two_pass, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == two_pass_grads.keys() and fused_grads
+    for name, grad in two_pass_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=2e-5, rtol=1e-4, msg=name)

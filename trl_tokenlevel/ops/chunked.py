@@ -26,7 +26,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-
 __all__ = [
     "backbone_hidden_states",
     "backbone_of",

@@ -19,8 +19,8 @@ needs no second pass: the expectation E_t[d] = Σ_v e^{z_t - m} d / Σ_v e^{z_t 
 same running-max rescaling as the logsumexp. Everything is accumulated in fp32 (fp64 for fp64 inputs) whatever the
 input dtype; autocast is disabled inside.
 
-The backward recomputes each tile once and applies, per row, the gradient of `g_lp · log_prob + g_kl · KL` with
-respect to the policy's logits:
+The backward recomputes each tile once (the teacher's only for token chunks whose KL has a gradient) and applies, per
+row, the gradient of `g_lp · log_prob + g_kl · KL` with respect to the policy's logits:
 
     d log p(y) / dz        = onehot(y) - p
     d KL(t || s) / dz^τ_s  = p^τ_s - p^τ_t
@@ -56,7 +56,6 @@ from .chunked import (
     _no_autocast,
     _spans,
 )
-
 
 __all__ = ["FusedTokenStatistics", "fused_token_statistics"]
 
@@ -195,6 +194,9 @@ class _FusedFunction(torch.autograd.Function):
                 for r0, r1 in _spans(n, token_chunk):
                     h, h_t, y = policy.rows(r0, r1), teacher.rows(r0, r1), targets[r0:r1]
                     rows_lse = lse[r0:r1].unsqueeze(-1)
+                    # Rows whose KL gets no gradient need no teacher tile: in TDPO2 the chosen rows (sg(D_w)), which
+                    # the trainer stacks before the rejected ones, so whole token chunks skip the teacher head.
+                    kl_rows = g_kl is not None and bool(g_kl[r0:r1].any())
                     for v0, v1 in _spans(vocab, vocab_chunk):
                         z, th = policy.tile(h, v0, v1)
                         p = torch.exp(z - rows_lse)
@@ -202,10 +204,12 @@ class _FusedFunction(torch.autograd.Function):
                         if g_lp is not None:
                             one_hot = torch.arange(v0, v1, device=device) == y.unsqueeze(-1)
                             grad_z += g_lp[r0:r1] * (one_hot.to(dtype) - p)
-                        if g_kl is not None:
-                            log_p_tau = z / temperature - lse_tau[r0:r1].unsqueeze(-1) if temperature != 1.0 else (
-                                z - rows_lse)  # fmt: skip
-                            p_tau = torch.exp(log_p_tau) if temperature != 1.0 else p
+                        if kl_rows:
+                            if temperature == 1.0:
+                                log_p_tau, p_tau = z - rows_lse, p
+                            else:
+                                log_p_tau = z / temperature - lse_tau[r0:r1].unsqueeze(-1)
+                                p_tau = torch.exp(log_p_tau)
                             log_p_t = teacher.tile(h_t, v0, v1)[0] - t_lse[r0:r1].unsqueeze(-1)
                             if reverse:
                                 gap = log_p_tau - log_p_t - kl[r0:r1].unsqueeze(-1)

@@ -176,6 +176,8 @@ def spine_entropy_band_penalty(
     band_high: float = 2.0,
     band_mode: str = "const",
     band_quantiles: tuple[float, float] = (0.1, 0.9),
+    normalizer: float | torch.Tensor | None = None,
+    gather_fn: Optional[GatherFn] = None,
 ) -> torch.Tensor:
     """SPINE entropy-band regulariser on the forking tokens F (spec §2; every piece is [recon]).
 
@@ -190,19 +192,28 @@ def spine_entropy_band_penalty(
     [recon] knobs and their defaults: ``band_coef`` λ_band = 0.1, ``band_low`` H_low = 0.2 nats, ``band_high``
     H_high = 2.0 nats, ``band_mode="const"``. ``band_mode="quantile"`` replaces H_low/H_high by the (detached)
     ``band_quantiles`` = (0.1, 0.9) linear quantiles of H over F. Empty F gives 0.
+
+    Distributed: the mean is over F of the whole batch, not of one rank's share. ``normalizer`` replaces the local
+    count |F| (a trainer passes the global count divided by the number of processes, since DDP averages gradients),
+    and ``gather_fn`` (quantile mode) takes the quantiles over every rank's forking tokens. Without them each rank
+    uses its own tokens, which differs from one process whenever ranks hold different numbers of forking tokens.
     """
     _check_choice("band_mode", band_mode, BAND_MODES)
     forking = selection_mask.bool()
     selected = per_token_entropy[forking]
-    if selected.numel() == 0:
-        return selected.sum()  # 0, still attached to the graph
     if band_mode == "quantile":
-        low = linear_quantile(selected.detach(), band_quantiles[0])
-        high = linear_quantile(selected.detach(), band_quantiles[1])
+        pool = selected.detach() if gather_fn is None else gather_fn(selected.detach())
+        if pool.numel() == 0:
+            return selected.sum()  # 0, still attached to the graph
+        low = linear_quantile(pool, band_quantiles[0])
+        high = linear_quantile(pool, band_quantiles[1])
     else:
         low, high = band_low, band_high
+    if selected.numel() == 0:
+        return selected.sum()  # 0, still attached to the graph
     outside = torch.relu(low - selected) + torch.relu(selected - high)
-    return band_coef * outside.mean()
+    count = selected.numel() if normalizer is None else normalizer
+    return band_coef * outside.sum() / count
 
 
 def d3s_token_mask(

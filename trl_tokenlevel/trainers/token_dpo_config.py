@@ -47,8 +47,12 @@ class TokenDPOConfig(DPOConfig):
             ([paper](https://huggingface.co/papers/2503.02832)), token-level distillation towards an extrapolated
             DPO / reverse-DPO teacher on chosen responses.
         token_kernel (`str`, *optional*, defaults to `"auto"`):
-            Backend of the chunked per-token KL: `"trl"` (TRL's `ChunkedDivergenceFunction`), `"torch"` (our
-            plain-torch tiles), `"liger"`, or `"auto"` (TRL on CUDA, torch elsewhere).
+            How the full-distribution losses (TDPO, SparsePO, MaPO, AlignDistil) get their per-token quantities.
+            `"torch"`: the fused pass (`ops.fused`): policy and reference/teachers run their backbones only and one
+            tiled pass over both LM heads yields the log-probs, the KL and the logged statistics (each head read once
+            per tile forward and once backward). `"trl"`: TRL's fused log-prob head, then TRL's
+            `ChunkedDivergenceFunction` for the KL (Triton on CUDA). `"auto"`: "torch" on CPU, "trl" on CUDA/XPU
+            (no Triton backend of the fused pass yet). `"liger"` raises (Liger has no per-token divergence).
 
         > Parameters of the individual methods
 
@@ -160,7 +164,11 @@ class TokenDPOConfig(DPOConfig):
     )
     token_kernel: str = field(
         default="auto",
-        metadata={"help": "Backend of the chunked per-token KL.", "choices": list(TOKEN_KERNELS)},
+        metadata={
+            "help": "Full-distribution losses: 'torch' = fused one-pass tiling over both LM heads, 'trl' = TRL's "
+            "log-prob head + TRL's chunked divergence, 'auto' = torch on CPU, trl on CUDA/XPU.",
+            "choices": list(TOKEN_KERNELS),
+        },
     )
     tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2 alpha on the sequential-KL difference."})
     sparsepo_independent_masks: bool = field(

@@ -876,10 +876,16 @@ class TokenGRPOTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         valid = inputs.get("tl_valid")  # the valid tokens the selection chose from
         if self.args.token_selection == "entropy_band":
+            # The mean is over the forking tokens of every rank (DDP averages gradients, hence the division), so two
+            # processes train like one with the same global batch (tests/trainers/test_token_grpo_layout.py).
+            world = self.accelerator.num_processes
+            global_forking = self.accelerator.gather(selected.sum().reshape(1).float()).sum()
             penalty = spine_entropy_band_penalty(
                 entropies, selected, band_coef=self.args.band_coef, band_low=self.args.band_low,
                 band_high=self.args.band_high, band_mode=self.args.band_mode,
                 band_quantiles=(self.args.band_quantile_low, self.args.band_quantile_high),
+                normalizer=global_forking.clamp(min=1) / world,
+                gather_fn=all_gather_variable_length if world > 1 else None,
             )  # fmt: skip
             loss = loss + penalty / accumulation
             self._metrics[mode]["token/band_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())

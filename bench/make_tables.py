@@ -1,0 +1,164 @@
+"""Generate the benchmark tables of the docs from the JSON results in `bench/results/`.
+
+    python bench/make_tables.py                       # writes docs/benchmarks.md
+    python bench/make_tables.py --results DIR --out FILE
+
+Every `<benchmark>_<device>*.json` under the results folder (subfolders included, e.g. `gpu/` from
+`bench/gpu_suite.sh`) written by the bench scripts (`dpo_memory`, `dpo_token_overhead`,
+`grpo_token_overhead`, `sft_token_overhead`) becomes one section per measured shape: time per measured step and peak
+memory per configuration, each with its ratio to stock and, in parentheses, the min-max of the per-round paired
+ratios; the device, commit, versions, rounds and load average come from the JSON. Files written by the harness
+before the fused full-distribution pass (no `shapes` key) are listed as legacy tables with their own ratio columns.
+Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BENCHMARKS = ("dpo_memory", "dpo_token_overhead", "grpo_token_overhead", "sft_token_overhead")
+
+# (key in `times` or `memory`, column label, scale, format): times in ms, memory in GiB.
+TIME_COLUMNS = (
+    ("fwd_bwd", "loss fwd+bwd ms (in-loop)", 1e3, ".1f"),
+    ("head", "LM-head/KL kernels ms (in-loop)", 1e3, ".1f"),
+    ("cpu_step_s", "CPU step ms", 1e3, ".1f"),
+    ("step_s", "step ms", 1e3, ".1f"),
+)
+MEMORY_COLUMNS = {
+    "cpu": (("rss_peak_bytes", "peak RSS GiB"), ("rss_peak_delta_bytes", "RSS over construction GiB")),
+    "cuda": (
+        ("cuda_alloc_peak_bytes", "peak allocated GiB"),
+        ("cuda_alloc_peak_delta_bytes", "allocated over construction GiB"),
+        ("cuda_reserved_peak_bytes", "peak reserved GiB"),
+    ),
+}
+
+
+def _ratio(ratio: dict | None) -> str:
+    if not ratio:
+        return ""
+    text = f"{ratio['pooled']:.2f}x"
+    if "paired_min" in ratio and len(ratio.get("paired_rounds", [])) > 1:
+        text += f" ({ratio['paired_min']:.2f}-{ratio['paired_max']:.2f})"
+    return text
+
+
+def _cell(value: str, ratio: dict | None, is_baseline: bool) -> str:
+    return value if is_baseline or not ratio else f"{value} · {_ratio(ratio)}"
+
+
+def _provenance(report: dict) -> str:
+    machine, settings = report.get("machine", {}), report.get("settings", {})
+    device = machine.get("gpu") or f"{machine.get('cpu_model', '?')} ({machine.get('sched_affinity', '?')} cores)"
+    loads = [load for shape in report.get("shapes", []) for e in shape["configs"].values() for load in e["load_avg_1m"]]
+    load = f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+    rounds = {e["rounds"] for shape in report.get("shapes", []) for e in shape["configs"].values()}
+    return (
+        f"{device}; commit `{machine.get('git_commit')}`, {machine.get('date')}; torch {machine.get('torch')}, "
+        f"transformers {machine.get('transformers')}, trl {machine.get('trl')}; {settings.get('dtype', '')} "
+        f"{', '.join(f'{r} rounds' for r in sorted(rounds))}{load}"
+    )
+
+
+def shape_table(shape: dict, device: str) -> str:
+    configs = shape["configs"]
+    first = next(iter(configs.values()))
+    time_columns = [c for c in TIME_COLUMNS if c[0] in first["times"]]
+    if device == "cuda":  # on a dedicated GPU the wall step time is the measurement; lead with it
+        time_columns = sorted(time_columns, key=lambda c: c[0] != "step_s")
+    memory_columns = [c for c in MEMORY_COLUMNS[device] if c[0] in first["memory"]]
+    headers = ["config", *(label for _, label, _, _ in time_columns), *(label for _, label in memory_columns)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, entry in configs.items():
+        cells = [f"`{name}`"]
+        for key, _, scale, spec in time_columns:
+            series = entry["times"].get(key)
+            value = format(series["median"] * scale, spec) if series else "-"
+            cells.append(_cell(value, entry["ratios"].get(key), name == "stock"))
+        for key, _ in memory_columns:
+            value = f"{entry['memory'][key]['median'] / 2**30:.3f}"
+            cells.append(_cell(value, entry["ratios"].get(key), name == "stock"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def shape_title(shape: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in shape["shape"].items())
+
+
+def legacy_table(report: dict) -> str:
+    """Results of the harness before issue 13 (pooled medians, MB = MiB, no in-loop components)."""
+    lines = ["| config | step time x stock | CPU time x stock | peak memory x stock | peak over construction x stock |",
+             "|---|---|---|---|---|"]  # fmt: skip
+
+    def cell(value):
+        return "-" if value is None else f"{value:.2f}x"
+
+    for name, entry in report.get("configs", {}).items():
+        r = entry.get("ratios", {})
+        keys = ("step_time", "step_cpu_time", "mem_peak_abs", "mem_peak_delta")
+        lines.append(f"| `{name}` | " + " | ".join(cell(r.get(key)) for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def render(results_dir: Path) -> str:
+    out = [
+        "# Benchmark tables",
+        "",
+        "Generated by `python bench/make_tables.py` from `bench/results/*.json`; do not edit by hand. Each cell is the",
+        "median (times: over every measured step of every round; memory: over rounds) and, for token methods, its",
+        "ratio to stock with the min-max of the per-round paired ratios in parentheses. 'in-loop' columns add up the",
+        "process CPU time spent in `compute_loss` + `backward`, or in the LM-head/KL kernels alone, during the measured",
+        "steps: on a shared CPU they are the trustworthy ratios. CPU memory is the worker's own `VmHWM`; GPU memory is",
+        "`max_memory_allocated` / `max_memory_reserved`. GiB = 2^30 bytes. How each benchmark works: `bench/README.md`.",
+        "",
+    ]
+    for benchmark in BENCHMARKS:
+        for path in sorted(results_dir.rglob(f"{benchmark}_*.json")):
+            report = json.loads(path.read_text())
+            if report.get("benchmark") != benchmark:
+                continue
+            device = report.get("machine", {}).get("device", "cpu")
+            out.append(f"## `{benchmark}` ({device}) — `{_shown(path)}`")
+            out.append("")
+            if "shapes" not in report:
+                machine = report.get("machine", {})
+                rounds = min((len(runs) for runs in report.get("runs", {}).values()), default=0)
+                device_name = machine.get("gpu") or machine.get("cpu_model")
+                out.append(
+                    f"Legacy harness (before issue 13: pooled medians, {rounds} round(s), CPU memory from ru_maxrss; "
+                    f"full-distribution losses on the two-pass path): {device_name}, {machine.get('date')}."
+                )
+                out += ["", legacy_table(report), ""]
+                continue
+            out += [_provenance(report), ""]
+            for shape in report["shapes"]:
+                out += [f"**{shape_title(shape)}**", "", shape_table(shape, device), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(args.results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
