@@ -294,9 +294,7 @@ class TokenDPOTrainer(DPOTrainer):
         return masks
 
     def _add_sparsepo_param_group(self, optimizer) -> None:
-        if self.sparsepo_masks is not None and not any(
-            group.get("sparsepo_mask") for group in optimizer.param_groups
-        ):
+        if not any(group.get("sparsepo_mask") for group in optimizer.param_groups):
             # The mask networks train with the policy, at the same learning rate, with their own weight decay.
             params = [p for mask in self.sparsepo_masks for p in mask.parameters()]
             optimizer.add_param_group(
@@ -305,7 +303,7 @@ class TokenDPOTrainer(DPOTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if not self.is_fsdp_enabled:
+        if self.sparsepo_masks is not None and not self.is_fsdp_enabled:
             self._add_sparsepo_param_group(optimizer)
         return optimizer
 
@@ -313,7 +311,7 @@ class TokenDPOTrainer(DPOTrainer):
         # Under FSDP2 the masks join the optimizer once accelerate has prepared it with the model (see
         # `_build_sparsepo_masks`): before the scheduler, which sets every group's learning rate, and before a
         # resumed optimizer state is loaded.
-        if self.is_fsdp_enabled:
+        if self.sparsepo_masks is not None and self.is_fsdp_enabled:
             self._add_sparsepo_param_group(optimizer or self.optimizer)
         return super().create_scheduler(num_training_steps, optimizer)
 
