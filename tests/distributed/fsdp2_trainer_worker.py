@@ -43,8 +43,12 @@ DPO = {
     "cdpo": {"token_loss_type": "cdpo"},
     "tdpo1": {"token_loss_type": "tdpo1"},
     "tdpo2": {"token_loss_type": "tdpo2", "tdpo_alpha": 0.7},
-    "sparsepo": {"token_loss_type": "sparsepo", "sparsepo_independent_masks": True, "sparsepo_mask_dropout": 0.0,
-                 "sparsepo_mask_init": "mean_mixer"},
+    "sparsepo": {
+        "token_loss_type": "sparsepo",
+        "sparsepo_independent_masks": True,
+        "sparsepo_mask_dropout": 0.0,
+        "sparsepo_mask_init": "mean_mixer",
+    },
     "mapo": {"token_loss_type": "mapo", "mapo_hooks": "all"},
     "aligndistil": {"token_loss_type": "aligndistil"},
 }
@@ -54,7 +58,12 @@ GRPO = {
     "entropy_band": {"token_selection": "entropy_band"},
     "ucas": {"token_advantage": "ucas"},
     "hapo": {"token_advantage": "hapo"},
-    "gtpo": {"token_advantage": "gtpo", "gtpo_entropy_threshold": 10.0, "loss_type": "grpo", "entropy_normalize": "selected"},
+    "gtpo": {
+        "token_advantage": "gtpo",
+        "gtpo_entropy_threshold": 10.0,
+        "loss_type": "grpo",
+        "entropy_normalize": "selected",
+    },
     "d3s": {"token_advantage": "d3s"},
     "tw_grpo": {"token_advantage": "tw_grpo"},
     "tempo": {"token_advantage": "tempo"},
@@ -86,10 +95,14 @@ def dpo_trainer(name, output_dir):
     n = len(dataset)
     if name in ("weighted", "cdpo"):
         for side in ("chosen", "rejected") if name == "weighted" else ("rejected",):
-            dataset = dataset.add_column(f"{side}_token_weights", rows(n, lengths[side], lambda i, j: 0.5 + (i + j) % 3 / 2))
+            dataset = dataset.add_column(
+                f"{side}_token_weights", rows(n, lengths[side], lambda i, j: 0.5 + (i + j) % 3 / 2)
+            )
     if name in ("tgdpo", "treg"):
         for side in ("chosen", "rejected"):
-            dataset = dataset.add_column(f"{side}_token_rewards", rows(n, lengths[side], lambda i, j: ((i * 7 + j) % 5 - 2) / 4))
+            dataset = dataset.add_column(
+                f"{side}_token_rewards", rows(n, lengths[side], lambda i, j: ((i * 7 + j) % 5 - 2) / 4)
+            )
     extra = {}
     if name == "aligndistil":  # two teachers unlike the policy, the same on every rank
         from trl_tokenlevel.tiny import build_tiny_model
@@ -111,7 +124,9 @@ def replayed_rollouts(prompts, trainer):
     for index, prompt in enumerate(prompts):
         k = (rank * local + index) % NUM_GENERATIONS
         rng = random.Random(hashlib.sha256(f"{prompt}|{k}".encode()).hexdigest())
-        completion_ids.append([rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(2, 7))] + [tokenizer.eos_token_id])
+        completion_ids.append(
+            [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(2, 7))] + [tokenizer.eos_token_id]
+        )
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
 
@@ -137,7 +152,9 @@ def sft_trainer(name, output_dir):
 
     dataset = load_tiny_sft_dataset().select(range(2 * global_batch))
     if name == "weighted":
-        lengths = [sum(label != -100 for label in labels) for labels in tokenize_sft_dataset(dataset, tokenizer)["labels"]]
+        lengths = [
+            sum(label != -100 for label in labels) for labels in tokenize_sft_dataset(dataset, tokenizer)["labels"]
+        ]
         dataset = dataset.add_column("token_weights", rows(len(dataset), lengths, lambda i, j: 0.5 + (j % 4) / 2))
     args = TokenSFTConfig(output_dir=output_dir, **COMMON, **SFT[name])
     return TokenSFTTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer)

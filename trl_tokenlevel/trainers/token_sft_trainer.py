@@ -174,6 +174,14 @@ class TokenSFTTrainer(SFTTrainer):
                 return_position_ids=stock.return_position_ids,
                 pad_to_multiple_of=stock.pad_to_multiple_of,
             )
+        if self.token_loss_type == "otr" or self.token_selection == "sstoken":
+            # They read the LM head outside the model's forward and ssToken deep-copies the policy: both are tested
+            # under FSDP2 (tests/distributed), not yet under ZeRO-3, whose copies would hold empty partitions.
+            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise ValueError(
+                    "token_loss_type='otr' and token_selection='sstoken' are not supported with DeepSpeed ZeRO-3 yet. "
+                    "Use FSDP2 (examples/accelerate_configs/fsdp2.yaml), DDP or ZeRO-1/2."
+                )
         if self.token_loss_type == "otr":
             self._check_otr_head()
         if self.token_selection == "sstoken":
