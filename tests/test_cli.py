@@ -23,7 +23,7 @@ def test_unknown_command_fails(capsys):
 @pytest.mark.parametrize("extra", [[], ["--token_loss_type", "treg", "--token_signal", "treg"]])
 def test_builtin_tiny_job(extra, tmp_path):
     out = tmp_path / "run"
-    assert main(["dpo", "--output_dir", str(out), "--max_steps", "3", "--heatmap_examples", "2", *extra]) == 0
+    assert main(["dpo", "--tiny", "--output_dir", str(out), "--max_steps", "3", "--heatmap_examples", "2", *extra]) == 0
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     page = (out / "token_rewards.html").read_text()
     assert page.count("class='row'") == 4  # 2 held-out pairs, chosen and rejected
@@ -33,14 +33,14 @@ def test_yaml_config_and_flag_override(tmp_path):
     config = tmp_path / "config.yaml"
     out = tmp_path / "run"
     config.write_text(f"output_dir: {out}\nmax_steps: 2\nbeta: 0.3\nheatmap_examples: 1\n")
-    assert main(["dpo", "--config", str(config), "--beta", "0.2"]) == 0
+    assert main(["dpo", "--tiny", "--config", str(config), "--beta", "0.2"]) == 0
     args = __import__("torch").load(os.path.join(out, "training_args.bin"), weights_only=False)
     assert args.beta == 0.2 and args.max_steps == 2
 
 
 def test_token_loss_without_signal_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRL_TOKENLEVEL_DEBUG", raising=False)
-    argv = ["dpo", "--output_dir", str(tmp_path), "--max_steps", "1", "--token_loss_type", "cdpo"]
+    argv = ["dpo", "--tiny", "--output_dir", str(tmp_path), "--max_steps", "1", "--token_loss_type", "cdpo"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "trl-tokenlevel dpo: error:" in err and "rejected_token_weights" in err and "--debug" in err
@@ -68,7 +68,7 @@ def test_local_jsonl_dataset(tiny_preference_dataset, tmp_path):
     data = tmp_path / "pairs.jsonl"
     tiny_preference_dataset.select(range(12)).to_json(str(data))
     out = tmp_path / "run"
-    assert main(["dpo", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "1",
+    assert main(["dpo", "--tiny", "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "1",
                  "--heatmap_examples", "0"]) == 0  # fmt: skip
     assert (out / "model.safetensors").exists()
 
@@ -94,11 +94,11 @@ def test_saved_dataset_folder(tiny_preference_dataset, tmp_path):
 
 def test_missing_file_and_split_are_one_message(tiny_preference_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRL_TOKENLEVEL_DEBUG", raising=False)
-    assert main(["dpo", "--dataset_name", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path)]) == 1
+    assert main(["dpo", "--tiny", "--dataset_name", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "no such file" in err and "nope.jsonl" in err and "Traceback" not in err
     data = tmp_path / "pairs.csv"
     tiny_preference_dataset.select(range(4)).to_csv(str(data))
-    assert main(["dpo", "--dataset_name", str(data), "--dataset_train_split", "validation",
+    assert main(["dpo", "--tiny", "--dataset_name", str(data), "--dataset_train_split", "validation",
                  "--output_dir", str(tmp_path)]) == 1  # fmt: skip
     assert "splits are ['train']" in capsys.readouterr().err

@@ -13,10 +13,10 @@ import sys
 from importlib import metadata
 
 COMMANDS = {
-    "dpo": "Token-level DPO (TokenDPOTrainer); with no flags, a tiny offline CPU job on built-in data.",
+    "dpo": "Token-level DPO (TokenDPOTrainer); with no flags, the offline demo job (SmolLM2-135M, LoRA, TDPO2).",
     "grpo": "Token-level GRPO (TokenGRPOTrainer: 80/20, SPINE, UCAS, HAPO, GTPO, D3S, TW-GRPO, TEMPO, RTO, RMT, "
     "CHORD).",
-    "sft": "Token-level SFT (TokenSFTTrainer: OTR, CHORD-phi, token weights, ssToken); with no flags, a tiny CPU job.",
+    "sft": "Token-level SFT (TokenSFTTrainer: OTR, CHORD-phi, token weights, ssToken); with no flags, a demo job.",
     "route": "Small/large token routing: label | train-router | generate (R2R, EAD, cascades); tiny offline pair.",
     "env": "Print the versions of Python, PyTorch, TRL and the rest of the stack (paste it into bug reports).",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -12,6 +13,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.claims.common import SET_ENV
     from bench.claims.suite import available_experiments, report, run_experiment
 
     parser = argparse.ArgumentParser(prog="python -m bench.claims", description=__doc__)
@@ -21,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true", help="tiny CI form, written under bench/results/claims/quick/")
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     run.add_argument("--out", default=None, help="output folder (default: bench/results/claims[/quick])")
+    run.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values (VALUE parsed as JSON, else a string), e.g. --set steps=200 device=cuda",
+    )
     run.add_argument("--no-report", action="store_true", help="do not regenerate the tables after a full run")
     commands.add_parser("report", help="regenerate claims_table.md and bench/README.md from the JSON files")
     args = parser.parse_args(argv)
@@ -28,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         print(f"wrote {report()}")
         return 0
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if overrides:
+        if args.out is None:
+            parser.error("--set changes the published setting: write the run to its own folder with --out DIR.")
+        os.environ[SET_ENV] = json.dumps(overrides)
     names = available_experiments() if args.experiments == ["all"] else args.experiments
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     for name in names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 CLAIMS_DIR = Path(__file__).resolve().parents[1] / "results" / "claims"
 
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2..30); beyond, the normal 1.96.
+# fmt: off
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045]
+# fmt: on
 
 
 def mean_ci(values: list[float]) -> dict[str, Any]:
@@ -45,8 +48,12 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
 
 def verdict(difference: dict[str, Any], expected_sign: int) -> str:
     """`reproduced` when the 95% CI of the paired difference excludes 0 on the claimed side, `not reproduced` when it
-    excludes 0 on the other side, else `inconclusive`."""
-    if difference["ci95"] is None:
+    excludes 0 on the other side, else `inconclusive`.
+
+    A zero-width interval (every seed gave the same value: the seeds do not vary what is measured, e.g. a fixed
+    evaluation set scored by a deterministic builder) estimates no uncertainty, so it is `inconclusive` too.
+    """
+    if not has_spread(difference):
         return "inconclusive"
     low, high = difference["mean"] - difference["ci95"], difference["mean"] + difference["ci95"]
     if expected_sign * low > 0 and expected_sign * high > 0:
@@ -54,6 +61,11 @@ def verdict(difference: dict[str, Any], expected_sign: int) -> str:
     if expected_sign * low < 0 and expected_sign * high < 0:
         return "not reproduced"
     return "inconclusive"
+
+
+def has_spread(interval: dict[str, Any]) -> bool:
+    """Whether the per-seed values differ (a CI of width 0 from identical values says nothing about uncertainty)."""
+    return interval["ci95"] is not None and len(set(interval["values"])) > 1
 
 
 def environment() -> dict[str, Any]:
@@ -109,10 +121,30 @@ def validate_result(result: dict[str, Any]) -> None:
     try:
         json.dumps(result)
     except TypeError as error:
-        raise ValueError(f"{name}: the result is not JSON-able ({error}); return plain lists, floats and strings.")
+        raise ValueError(
+            f"{name}: the result is not JSON-able ({error}); return plain lists, floats and strings."
+        ) from error
 
 
 def format_interval(value: dict[str, Any], digits: int = 3) -> str:
-    """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed."""
-    ci = "n/a" if value["ci95"] is None else f"{value['ci95']:.{digits}f}"
-    return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']})"
+    """`0.123 ± 0.045 (n=3)` for a `mean_ci`/`paired_difference` dict; `± n/a` for a single seed or no spread."""
+    ci = f"{value['ci95']:.{digits}f}" if has_spread(value) else "n/a"
+    note = "" if value["n"] == 1 or has_spread(value) else ", same value every seed"
+    return f"{value['mean']:.{digits}f} ± {ci} (n={value['n']}{note})"
+
+
+SET_ENV = "BENCH_CLAIMS_SET"  # JSON object of config overrides, filled by `python -m bench.claims run --set key=value`
+
+
+def experiment_config(configs: dict[str, dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """A copy of `configs["quick"]` or `configs["full"]` with the `--set key=value` overrides applied.
+
+    Raises ValueError for an override key the config does not have (a typo would otherwise be ignored silently).
+    """
+    config = dict(configs["quick" if quick else "full"])
+    overrides = json.loads(os.environ.get(SET_ENV) or "{}")
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"--set keys {unknown} are not settings of this experiment; valid keys: {sorted(config)}.")
+    config.update(overrides)
+    return config

@@ -91,11 +91,7 @@ def full_matrix(tiny_model_path, tmp_path_factory):
 @pytest.mark.parametrize(
     ("kind", "method"), [(kind, method) for kind, methods in METHODS.items() for method in methods.split(",")]
 )
-def test_every_method_fsdp2_trains_like_one_process(full_matrix, kind, method, request):
-    if (kind, method) == ("grpo", "entropy_band"):
-        # SPINE's band penalty is a mean over each rank's own selected tokens, so 2 ranks (DDP as well as FSDP2)
-        # average two means where one process takes one: a layout bug of the method, not of FSDP2 (issue 12, item 10).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="band penalty is a per-rank mean"))
+def test_every_method_fsdp2_trains_like_one_process(full_matrix, kind, method):
     runs = full_matrix(kind)
     single, sharded = runs[method]
     # HAPO divides log-entropy differences by their spread (~3e-4 nats on this random tiny model), so one-ulp

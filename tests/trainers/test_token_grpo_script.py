@@ -11,7 +11,7 @@ import torch
 
 from trl_tokenlevel.scripts import grpo
 
-FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2",
+FAST = ["--tiny", "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2",
         "--max_completion_length", "8", "--logging_steps", "1"]  # fmt: skip
 
 

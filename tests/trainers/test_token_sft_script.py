@@ -21,7 +21,7 @@ def _frozen_gc():
 
 
 def run(argv):
-    return sft.main(*sft.parse_args(argv))
+    return sft.main(*sft.parse_args(["--tiny", *argv]))
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,27 +27,53 @@ def quiet_known_warnings() -> None:
 
 def machine_defaults(output_dir: str) -> dict:
     """Parser defaults every script sets, from the hardware that is there: TrainingArguments refuses bf16 without a
-    GPU, and pinned memory only helps (and otherwise warns at every run) with an accelerator."""
+    GPU, and pinned memory only helps (and otherwise warns at every run) with an accelerator.
+
+    Without any accelerator, `use_cpu=True`: under `accelerate launch --multi_gpu`/torchrun on a CPU machine it is what
+    makes TrainingArguments join the gloo process group (without it every process trains alone, into one folder).
+    """
     return {
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not torch.accelerator.is_available(),
         "output_dir": output_dir,
     }
 
 
-def parse_with_tiny_defaults(parser, argv, tiny_defaults: dict):
-    """Parse once; without `--model_name_or_path` (the built-in tiny job) parse again with defaults sized for a CPU
-    minute. Flags and YAML files still override them."""
+# The demo jobs train LoRA adapters on all linear layers: full fine-tuning's backward is too slow for CPU minutes.
+DEMO_LORA_DEFAULTS = dict(use_peft=True, lora_r=16, lora_alpha=32, lora_target_modules=["all-linear"])
+
+
+@dataclass
+class BuiltinJobArguments:
+    """Which built-in job runs when no `--model_name_or_path` is given."""
+
+    tiny: bool = field(
+        default=False,
+        metadata={
+            "help": "Without --model_name_or_path: train a tiny random model built offline on tiny toy data (a smoke "
+            "test, seconds on CPU) instead of the SmolLM2-135M-Instruct demo job."
+        },
+    )
+
+
+def parse_with_builtin_defaults(parser, argv, tiny_defaults: dict, demo_defaults: dict):
+    """Parse once; without `--model_name_or_path` (a built-in job) parse again with that job's defaults: the demo model
+    job's, or with `--tiny` the tiny job's (sized for a CPU minute). Flags and YAML files still override them."""
     quiet_known_warnings()
     parsed = parser.parse_args_and_config(args=argv)
     model_args = next(args for args in parsed if hasattr(args, "model_name_or_path"))
-    if model_args.model_name_or_path is None:
-        parser.set_defaults(**tiny_defaults)
-        parsed = parser.parse_args_and_config(args=argv)
-        if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-            # A tiny model gains nothing from several CPU threads, and on a loaded machine they thrash (measured: 11 s
-            # with one thread, 3.7 min with two beside two busy processes). OMP_NUM_THREADS overrides this.
-            torch.set_num_threads(1)
+    job_args = next(args for args in parsed if isinstance(args, BuiltinJobArguments))
+    if model_args.model_name_or_path is not None:
+        if job_args.tiny:
+            raise ValueError("--tiny builds its own tiny model: drop --model_name_or_path, or drop --tiny.")
+        return parsed
+    parser.set_defaults(**(tiny_defaults if job_args.tiny else demo_defaults))
+    parsed = parser.parse_args_and_config(args=argv)
+    if job_args.tiny and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # A tiny model gains nothing from several CPU threads, and on a loaded machine they thrash (measured: 11 s
+        # with one thread, 3.7 min with two beside two busy processes). OMP_NUM_THREADS overrides this.
+        torch.set_num_threads(1)
     return parsed
 
 
@@ -128,7 +155,8 @@ def set_model_init_kwargs(training_args, kwargs: dict) -> None:
 def train_and_save(trainer, training_args, script_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    processes = trainer.accelerator.num_processes
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

@@ -1,8 +1,11 @@
 """Token-level DPO training script.
 
-Built-in tiny default (CPU, offline, 10-30 seconds):
+Default job (CPU, offline, minutes on 2 cores): SmolLM2-135M-Instruct with LoRA learns TDPO2 on its own
+answers to "Larger of a and b:" (built-in on-policy pairs labelled by correctness), prints held-out greedy accuracy
+before and after, and writes a heatmap of per-token implicit rewards on held-out pairs:
 ```bash
 trl-tokenlevel dpo
+trl-tokenlevel dpo --tiny          # smoke test: tiny random model, toy data, seconds
 ```
 
 Full training:
@@ -15,7 +18,7 @@ trl-tokenlevel dpo \
     --output_dir Qwen2.5-0.5B-TGDPO
 ```
 
-LoRA, several GPUs:
+LoRA, several GPUs (see docs/launch.md):
 ```bash
 accelerate launch --num_processes 2 -m trl_tokenlevel.scripts.dpo \
     --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized \
@@ -30,33 +33,51 @@ import os
 from dataclasses import dataclass, field
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
+    BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
     machine_defaults,
     model_init_kwargs,
-    parse_with_tiny_defaults,
+    parse_with_builtin_defaults,
     set_model_init_kwargs,
     train_and_save,
 )
 
-TINY_DEFAULTS = dict(
-    per_device_train_batch_size=8,
-    num_train_epochs=4,
-    learning_rate=5e-4,
+COMMON_BUILTIN_DEFAULTS = dict(
     lr_scheduler_type="constant",
     beta=0.1,
-    logging_steps=10,
-    max_length=64,
     gradient_checkpointing=False,
     save_strategy="no",
     report_to="none",
     seed=0,
 )
+TINY_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    per_device_train_batch_size=8,
+    num_train_epochs=4,
+    learning_rate=5e-4,
+    logging_steps=10,
+    max_length=64,
+)
+# The demo job: LoRA and TDPO2, the token-level DPO of Zeng et al. It needs no token signal (a signal builder such as
+# T-REG's contrastive prompts costs four more forwards per pair, more than the job's CPU budget), and its per-token KL
+# is computed in tiles.
+DEMO_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    **DEMO_LORA_DEFAULTS,
+    token_loss_type="tdpo2",
+    per_device_train_batch_size=4,
+    max_steps=8,
+    learning_rate=5e-4,
+    logging_steps=2,
+    max_length=256,
+)
 TOKEN_SIGNALS = ("none", "dpo", "critical", "treg")
 
 
 @dataclass
-class TokenDPOScriptArguments:
+class TokenDPOScriptArguments(BuiltinJobArguments):
     """Script arguments beside TRL's `ScriptArguments`: which offline token signal to build before training."""
 
     token_signal: str = field(
@@ -90,7 +111,7 @@ def make_parser(prog: str | None = None):
 
 
 def parse_args(argv=None):
-    return parse_with_tiny_defaults(make_parser(prog="trl-tokenlevel dpo"), argv, TINY_DEFAULTS)
+    return parse_with_builtin_defaults(make_parser(prog="trl-tokenlevel dpo"), argv, TINY_DEFAULTS, DEMO_DEFAULTS)
 
 
 def _add_token_signal(script_args, dataset, model_path, tokenizer, init_kwargs, device):
@@ -116,33 +137,53 @@ def _add_token_signal(script_args, dataset, model_path, tokenizer, init_kwargs, 
     return dataset
 
 
-def write_implicit_reward_heatmap(trainer, rows, path: str) -> str | None:
-    """HTML heatmap of `β·log π_θ/π_ref` per completion token for held-out pairs (From r to Q*)."""
+def implicit_token_rewards(trainer, rows, batch_size: int = 16):
+    """Per held-out pair, the completion ids and implicit token rewards `β·log π_θ/π_ref` (From r to Q*) of the chosen
+    and the rejected answer: `[(chosen_ids, chosen_rewards, rejected_ids, rejected_rewards), ...]`, or None when the
+    reference is not in memory.
+
+    Every rank must call this: TRL's dataset preparation waits on a barrier, and a sharded model (FSDP, ZeRO-3) needs
+    every rank in each forward.
+    """
+    import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from trl_tokenlevel.data import tokenize_preference_dataset
-    from trl_tokenlevel.viz import TokenRow, token_heatmap_terminal, write_token_heatmap
 
     tokenizer = trainer.processing_class
     tokenized = tokenize_preference_dataset(rows, tokenizer)
-    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(list(tokenized))
-    try:
-        rewards = trainer.compute_token_rewards(batch).cpu()
-    except ValueError as error:  # e.g. precomputed reference log-probs and no reference model left in memory
-        trainer.accelerator.print(f"No token-reward heatmap: {error}")
-        return None
-    mask = batch["completion_mask"][:, 1:].bool()
-    n = len(rows)
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    pairs = []
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(list(tokenized.select(range(start, min(start + batch_size, len(tokenized))))))
+        try:
+            with torch.no_grad():
+                rewards = trainer.compute_token_rewards(batch).float().cpu()
+        except ValueError as error:  # e.g. precomputed reference log-probs and no reference model left in memory
+            trainer.accelerator.print(f"No token-reward heatmap: {error}")
+            return None
+        mask = batch["completion_mask"][:, 1:].bool()
+        ids = [batch["input_ids"][row, 1:][mask[row]].tolist() for row in range(mask.shape[0])]
+        values = [rewards[row][mask[row]].tolist() for row in range(mask.shape[0])]
+        n = mask.shape[0] // 2  # chosen rows, then rejected rows
+        pairs += [(ids[i], values[i], ids[n + i], values[n + i]) for i in range(n)]
+    return pairs
+
+
+def write_implicit_reward_heatmap(trainer, rows, pairs, path: str) -> str:
+    """HTML heatmap of the implicit token rewards of `pairs` (from `implicit_token_rewards`); main process only."""
+    from trl_tokenlevel.viz import TokenRow, token_heatmap_terminal, write_token_heatmap
+
+    tokenizer = trainer.processing_class
     heat_rows = []
-    for i in range(n):
-        for side, row in (("chosen", i), ("rejected", n + i)):
-            ids = batch["input_ids"][row, 1:][mask[row]].tolist()
+    for row, (chosen_ids, chosen, rejected_ids, rejected) in zip(rows, pairs):
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+        for side, ids, values in (("chosen", chosen_ids, chosen), ("rejected", rejected_ids, rejected)):
             tokens = [tokenizer.decode([token]) for token in ids]
-            prompt = tokenizer.decode(tokenized[i]["prompt_ids"], skip_special_tokens=True)
-            heat_rows.append(TokenRow(f"{side}: {prompt.strip()}", tokens, rewards[row][mask[row]].tolist()))
+            heat_rows.append(TokenRow(f"{side}: {prompt.strip()}", tokens, values))
     write_token_heatmap(path, heat_rows, title="Per-token implicit rewards β·log π_θ/π_ref", value_name="reward")
-    trainer.accelerator.print(token_heatmap_terminal(heat_rows[0]))
-    trainer.accelerator.print(token_heatmap_terminal(heat_rows[1]))
+    print(token_heatmap_terminal(heat_rows[0]))
+    print(token_heatmap_terminal(heat_rows[1]))
     return path
 
 
@@ -151,16 +192,26 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenlevel import TokenDPOTrainer
-    from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+    from trl_tokenlevel.data.builtin import load_demo_preference_dataset, load_tiny_preference_dataset
+    from trl_tokenlevel.scripts import demo
 
     init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_preference_dataset)
-    if model_args.model_name_or_path is None:
+    demo_job = model_args.model_name_or_path is None and not token_script_args.tiny
+    # The built-in demo pairs come from verifiable problems: accuracy and first wrong tokens can be measured.
+    demo_data = demo_job and not (script_args.dataset_name or dataset_args.datasets)
+    if demo_data:
+        train_dataset = load_demo_preference_dataset("train").select_columns(["prompt", "chosen", "rejected"])
+        heldout = load_demo_preference_dataset("test")
+    else:
+        train_dataset, heldout, _ = load_train_and_heldout(script_args, dataset_args, load_tiny_preference_dataset)
+    if token_script_args.tiny:
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in train_dataset]
         tokenizer, model_path = build_tiny_base(training_args, texts)
         init_kwargs = {}
     else:
-        model_path = model_args.model_name_or_path
+        from trl_tokenlevel.models import demo_model_path
+
+        model_path = demo_model_path() if demo_job else model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                                   trust_remote_code=training_args.trust_remote_code)  # fmt: skip
     set_model_init_kwargs(training_args, init_kwargs)
@@ -177,14 +228,32 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+    if demo_data:
+        before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
     train_and_save(trainer, training_args, script_args)
+    if demo_data:
+        demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
 
     rows = heldout if heldout is not None else train_dataset
     count = min(token_script_args.heatmap_examples, len(rows))
-    if count > 0 and trainer.accelerator.is_main_process:
-        path = os.path.join(training_args.output_dir, "token_rewards.html")
-        if write_implicit_reward_heatmap(trainer, rows.select(range(count)), path):
-            trainer.accelerator.print(f"Per-token implicit-reward heatmap written to {path}")
+    if count == 0:
+        return trainer
+    # The built-in held-out pairs are all scored, to measure where the credit goes; other data only as many as drawn.
+    scored = rows if demo_data else rows.select(range(count))
+    pairs = implicit_token_rewards(trainer, scored)
+    if pairs is None or not trainer.accelerator.is_main_process:
+        return trainer
+    path = write_implicit_reward_heatmap(trainer, scored.select(range(count)), pairs[:count],
+                                         os.path.join(training_args.output_dir, "token_rewards.html"))  # fmt: skip
+    print(f"Per-token implicit-reward heatmap written to {path}")
+    if demo_data:
+        hits, total, chance = demo.most_negative_on_first_wrong(
+            scored, [pair[2] for pair in pairs], [pair[3] for pair in pairs], tokenizer
+        )
+        print(
+            f"Most negative token reward on the first wrong token: {hits}/{total} held-out rejected answers "
+            f"({hits / total:.0%}; a random token would hit {chance:.0%})"
+        )
     return trainer
 
 

@@ -1,11 +1,12 @@
 """Token-level GRPO training script.
 
-Built-in tiny default (CPU, offline, well under a minute): a tiny random model learns on the built-in addition task
-with a verifiable reward plus TensorBLEU partial credit against the reference solution.
+Default job (CPU, offline, a minute or two): SmolLM2-135M-Instruct with LoRA learns "Larger of a and b:" from an
+exact-answer reward, updating only the 20% highest-entropy completion tokens of each batch (80/20 forking tokens), and
+prints held-out greedy accuracy before and after. `--tiny`: a tiny random model on the built-in addition task with a
+verifiable reward plus TensorBLEU partial credit (a smoke test, seconds).
 ```bash
 trl-tokenlevel grpo
-trl-tokenlevel grpo --token_selection entropy_quantile          # 80/20 forking tokens
-trl-tokenlevel grpo --token_advantage hapo                      # any of ucas hapo gtpo d3s tw_grpo tempo
+trl-tokenlevel grpo --tiny --token_advantage hapo               # any of ucas hapo gtpo d3s tw_grpo tempo
 ```
 
 Full training:
@@ -33,39 +34,57 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
+    BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
     machine_defaults,
     model_init_kwargs,
-    parse_with_tiny_defaults,
+    parse_with_builtin_defaults,
     set_model_init_kwargs,
     train_and_save,
 )
 
-TINY_DEFAULTS = dict(
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=16,
-    max_steps=30,
+COMMON_BUILTIN_DEFAULTS = dict(
     learning_rate=5e-4,
     lr_scheduler_type="constant",
-    logging_steps=5,
     gradient_checkpointing=False,
     save_strategy="no",
     report_to="none",
     seed=0,
 )
-REWARD_FUNCS = ("addition", "token_bleu", "majority_vote", "soft_choice")
+TINY_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=16,
+    max_steps=30,
+    logging_steps=5,
+)
+# The demo job: LoRA, 8 answers per prompt (one prompt a step), the paper's 80/20 entropy selection.
+DEMO_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    **DEMO_LORA_DEFAULTS,
+    reward_funcs=["exact_match"],
+    token_selection="entropy_quantile",
+    per_device_train_batch_size=8,
+    num_generations=8,
+    max_completion_length=8,
+    max_steps=6,
+    logging_steps=2,
+)
+REWARD_FUNCS = ("exact_match", "addition", "token_bleu", "majority_vote", "soft_choice")
 
 
 @dataclass
-class TokenGRPOScriptArguments:
+class TokenGRPOScriptArguments(BuiltinJobArguments):
     """Script arguments beside TRL's `ScriptArguments`: which built-in reward functions score the completions."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["addition", "token_bleu"],
         metadata={
-            "help": "Reward functions (trl_tokenlevel.rewards.grpo_rewards): 'addition' (verifiable, column "
+            "help": "Reward functions: 'exact_match' (1 when the answer, stripped, equals column `answer`), "
+            "from trl_tokenlevel.rewards.grpo_rewards 'addition' (last number equals column "
             "`answer`), 'token_bleu' (TensorBLEU against column `--reference_column`), 'majority_vote' (TTRL/SPINE "
             "pseudo-reward, no labels), 'soft_choice' (TW-GRPO soft multi-choice, column `answer`).",
         },
@@ -86,7 +105,16 @@ def make_parser(prog: str | None = None):
 
 
 def parse_args(argv=None):
-    return parse_with_tiny_defaults(make_parser(prog="trl-tokenlevel grpo"), argv, TINY_DEFAULTS)
+    return parse_with_builtin_defaults(make_parser(prog="trl-tokenlevel grpo"), argv, TINY_DEFAULTS, DEMO_DEFAULTS)
+
+
+def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion, stripped of whitespace and end-of-turn markers, is exactly `answer` (the held-out
+    accuracy's criterion, `tasks.is_correct`)."""
+    from trl_tokenlevel.data.builtin.tasks import normalize
+    from trl_tokenlevel.rewards.grpo_rewards import completion_text
+
+    return [float(normalize(completion_text(c)) == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
 
 
 def build_reward_funcs(names: list[str], tokenizer, reference_column: str = "solution") -> list:
@@ -101,6 +129,7 @@ def build_reward_funcs(names: list[str], tokenizer, reference_column: str = "sol
     if unknown:
         raise ValueError(f"Unknown reward function(s) {unknown}; choose from {list(REWARD_FUNCS)}.")
     table = {
+        "exact_match": lambda: exact_match_reward,
         "addition": lambda: addition_reward,
         "token_bleu": lambda: TokenBLEUReward(tokenizer, reference_column=reference_column),
         "majority_vote": MajorityVoteReward,
@@ -115,17 +144,25 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
 
     from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
     from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
+    from trl_tokenlevel.scripts import demo
     from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer
 
     init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_grpo_dataset)
-    if model_args.model_name_or_path is None:
+    demo_job = model_args.model_name_or_path is None and not token_script_args.tiny
+    builtin_demo_data = demo_job and not (script_args.dataset_name or dataset_args.datasets)
+    if builtin_demo_data:
+        train_dataset, heldout, builtin = demo.training_problem_dataset(with_completion=False), None, False
+    else:
+        train_dataset, heldout, builtin = load_train_and_heldout(script_args, dataset_args, load_tiny_grpo_dataset)
+    if token_script_args.tiny:
         texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in load_tiny_preference_dataset()]
         texts += [row["prompt"] + row["solution"] for row in train_dataset] if builtin else []
         tokenizer, model_path = build_tiny_base(training_args, texts)
         init_kwargs = {}
     else:
-        model_path = model_args.model_name_or_path
+        from trl_tokenlevel.models import demo_model_path
+
+        model_path = demo_model_path() if demo_job else model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                                   trust_remote_code=training_args.trust_remote_code,
                                                   padding_side="left")  # fmt: skip
@@ -146,7 +183,12 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
-    return train_and_save(trainer, training_args, script_args)
+    if not builtin_demo_data:
+        return train_and_save(trainer, training_args, script_args)
+    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
+    train_and_save(trainer, training_args, script_args)
+    demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Token-level SFT training script.
 
-Built-in tiny default (CPU, offline, well under a minute):
+Default job (CPU, offline, a minute or two): SmolLM2-135M-Instruct with LoRA learns the gold answers to "Larger of a
+and b:" with One-Token Rollout (a one-step policy gradient on sampled tokens at every answer position) and prints
+held-out greedy accuracy before and after. `--tiny`: a tiny random model on toy data (a smoke test, seconds).
 ```bash
-trl-tokenlevel sft --token_loss_type otr
+trl-tokenlevel sft
+trl-tokenlevel sft --tiny --token_loss_type chord_phi
 ```
 
 Full training:
@@ -29,27 +32,43 @@ from __future__ import annotations
 import torch
 
 from trl_tokenlevel.scripts.common import (
+    DEMO_LORA_DEFAULTS,
+    BuiltinJobArguments,
     build_tiny_base,
     load_train_and_heldout,
     machine_defaults,
     model_init_kwargs,
-    parse_with_tiny_defaults,
+    parse_with_builtin_defaults,
     set_model_init_kwargs,
     train_and_save,
 )
 
-TINY_DEFAULTS = dict(
-    per_device_train_batch_size=8,
-    num_train_epochs=2,
-    learning_rate=1e-3,
+COMMON_BUILTIN_DEFAULTS = dict(
     lr_scheduler_type="constant",
-    logging_steps=10,
-    max_length=64,
     gradient_checkpointing=False,
     save_strategy="no",
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),
     seed=0,
+)
+TINY_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    per_device_train_batch_size=8,
+    num_train_epochs=2,
+    learning_rate=1e-3,
+    logging_steps=10,
+    max_length=64,
+)
+# The demo job: LoRA, One-Token Rollout with the config's defaults (K=256 samples at temperature 1.3 per position).
+DEMO_DEFAULTS = dict(
+    COMMON_BUILTIN_DEFAULTS,
+    **DEMO_LORA_DEFAULTS,
+    token_loss_type="otr",
+    per_device_train_batch_size=8,
+    max_steps=8,
+    learning_rate=5e-4,
+    logging_steps=2,
+    max_length=256,
 )
 
 
@@ -58,30 +77,40 @@ def make_parser(prog: str | None = None):
 
     from trl_tokenlevel.trainers.token_sft_config import TokenSFTConfig
 
-    parser = TrlParser((ScriptArguments, TokenSFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    parser = TrlParser(
+        (ScriptArguments, BuiltinJobArguments, TokenSFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog
+    )
     parser.set_defaults(**machine_defaults("tokenlevel-sft-output"))
     return parser
 
 
 def parse_args(argv=None):
-    return parse_with_tiny_defaults(make_parser(prog="trl-tokenlevel sft"), argv, TINY_DEFAULTS)
+    return parse_with_builtin_defaults(make_parser(prog="trl-tokenlevel sft"), argv, TINY_DEFAULTS, DEMO_DEFAULTS)
 
 
-def main(script_args, training_args, model_args, dataset_args):
+def main(script_args, job_args, training_args, model_args, dataset_args):
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
     from trl_tokenlevel.data.builtin.sft import load_tiny_sft_dataset
+    from trl_tokenlevel.scripts import demo
     from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer
 
     init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset, heldout, _ = load_train_and_heldout(script_args, dataset_args, load_tiny_sft_dataset)
-    if model_args.model_name_or_path is None:
+    demo_job = model_args.model_name_or_path is None and not job_args.tiny
+    builtin_demo_data = demo_job and not (script_args.dataset_name or dataset_args.datasets)
+    if builtin_demo_data:
+        train_dataset, heldout = demo.training_problem_dataset(with_completion=True).remove_columns("answer"), None
+    else:
+        train_dataset, heldout, _ = load_train_and_heldout(script_args, dataset_args, load_tiny_sft_dataset)
+    if job_args.tiny:
         tokenizer, model_path = build_tiny_base(training_args, [row["prompt"] + row["completion"] for row in train_dataset])
         # Eager attention, so that ssToken's attention score works on the tiny job too.
         init_kwargs = {"attn_implementation": model_args.attn_implementation or "eager"}
     else:
-        model_path = model_args.model_name_or_path
+        from trl_tokenlevel.models import demo_model_path
+
+        model_path = demo_model_path() if demo_job else model_args.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                                   trust_remote_code=training_args.trust_remote_code)  # fmt: skip
     set_model_init_kwargs(training_args, init_kwargs)
@@ -95,7 +124,12 @@ def main(script_args, training_args, model_args, dataset_args):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    return train_and_save(trainer, training_args, script_args)
+    if not builtin_demo_data:
+        return train_and_save(trainer, training_args, script_args)
+    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
+    train_and_save(trainer, training_args, script_args)
+    demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -21,4 +21,24 @@ def load_tiny_preference_dataset() -> Dataset:
     return Dataset.from_list([json.loads(line) for line in text.splitlines() if line.strip()])
 
 
-__all__ = ["load_tiny_grpo_dataset", "load_tiny_preference_dataset", "load_tiny_sft_dataset"]
+def load_demo_preference_dataset(split: str = "train") -> Dataset:
+    """On-policy preference pairs of the demo model (SmolLM2-135M-Instruct) on "Larger of a and b:", by correctness.
+
+    Conversational `prompt` (two solved examples, then the question), `chosen` (the right answer) and `rejected` (one of
+    the model's own wrong answers), plus `task`, `answer`, `key`, `chosen_source`, `first_wrong_char`,
+    `sample_accuracy` and `split`. `split="train"` rows train the default `trl-tokenlevel dpo` job; `split="test"` rows
+    come from hash-disjoint held-out problems. Made by `python -m trl_tokenlevel.data.builtin.make_demo_preference`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    text = resources.files(__package__).joinpath("demo_preference.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return Dataset.from_list([row for row in rows if row["split"] == split])
+
+
+__all__ = [
+    "load_demo_preference_dataset",
+    "load_tiny_grpo_dataset",
+    "load_tiny_preference_dataset",
+    "load_tiny_sft_dataset",
+]
