@@ -82,18 +82,24 @@ def _unwrapped(model):
     return getattr(model, "module", model)  # DDP / DeepSpeed wrappers keep the model in `.module`
 
 
+def _full_shape(weight) -> tuple[int, ...] | None:
+    # DeepSpeed ZeRO-3 leaves each rank an empty partition and keeps the whole shape in `ds_shape`; an FSDP2 DTensor's
+    # `shape` is already the whole one.
+    return None if weight is None else tuple(getattr(weight, "ds_shape", weight.shape))
+
+
 def lm_head_shape(model, name: str) -> tuple[int, int]:
     """`(vocabulary rows, hidden size)` of `model`'s LM head; `ValueError` naming `name` if it has none."""
     model = _unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2:
+    shape = _full_shape(getattr(head, "weight", None))
+    if shape is None or len(shape) != 2:
         raise ValueError(
             f"`{name}` ({type(model).__name__}) has no output embeddings (get_output_embeddings() returned "
             f"{type(head).__name__ if head is not None else None}): token-level methods read the LM head. Load it "
             "with `AutoModelForCausalLM.from_pretrained(...)` (a causal LM with its head), not `AutoModel`."
         )
-    return tuple(weight.shape)
+    return shape
 
 
 def check_same_vocabulary(model, model_name: str, other, other_name: str, why: str) -> None:
@@ -124,7 +130,7 @@ def check_tokenizer_fits(tokenizer, model, model_name: str) -> None:
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
     model = _unwrapped(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(getattr(embeddings, "weight", None), "shape", (None,))[0]
+    rows = (_full_shape(getattr(embeddings, "weight", None)) or (None,))[0]
     if rows is None or tokenizer is None or not hasattr(tokenizer, "__len__"):
         return
     if len(tokenizer) > rows:

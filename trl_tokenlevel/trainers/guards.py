@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -36,7 +37,14 @@ class NonFiniteWeightsGuard(TrainerCallback):
         named = [(name, p) for module in modules for name, p in module.named_parameters() if p.requires_grad]
         if not named:
             return
-        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        # FSDP2 parameters are DTensors: check each rank's own shard, then agree across ranks in one collective so
+        # that every rank stops together (and DTensor and plain parameters, e.g. SparsePO's masks, mix freely).
+        shards = [p.to_local() if isinstance(p, DTensor) else p for _, p in named]
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in shards])
+        if any(isinstance(p, DTensor) for _, p in named):
+            finite = finite.int()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite.bool()
         if bool(finite.all()):
             return
         bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]

@@ -283,20 +283,37 @@ class TokenDPOTrainer(DPOTrainer):
         for _ in range(count):
             mask = SparsePOMask(config.num_hidden_layers, config.hidden_size, self.args.sparsepo_mask_dropout,
                                 init=self.args.sparsepo_mask_init, norm_eps=norm_eps_of(config))  # fmt: skip
-            masks.append(self.accelerator.prepare_model(mask.to(self.accelerator.device)))
+            mask = mask.to(self.accelerator.device)
+            if self.is_fsdp_enabled:
+                # accelerate shards an FSDP2 model only together with an optimizer holding nothing but the model's
+                # parameters; the masks are small, so they stay replicated and DDP averages their gradients.
+                mask = torch.nn.parallel.DistributedDataParallel(mask)
+            else:
+                mask = self.accelerator.prepare_model(mask)
+            masks.append(mask)
         return masks
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.sparsepo_masks is not None and not any(
-            group.get("sparsepo_mask") for group in optimizer.param_groups
-        ):
+    def _add_sparsepo_param_group(self, optimizer) -> None:
+        if not any(group.get("sparsepo_mask") for group in optimizer.param_groups):
             # The mask networks train with the policy, at the same learning rate, with their own weight decay.
             params = [p for mask in self.sparsepo_masks for p in mask.parameters()]
             optimizer.add_param_group(
                 {"params": params, "weight_decay": self.args.sparsepo_mask_weight_decay, "sparsepo_mask": True}
             )
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.sparsepo_masks is not None and not self.is_fsdp_enabled:
+            self._add_sparsepo_param_group(optimizer)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # Under FSDP2 the masks join the optimizer once accelerate has prepared it with the model (see
+        # `_build_sparsepo_masks`): before the scheduler, which sets every group's learning rate, and before a
+        # resumed optimizer state is loaded.
+        if self.sparsepo_masks is not None and self.is_fsdp_enabled:
+            self._add_sparsepo_param_group(optimizer or self.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

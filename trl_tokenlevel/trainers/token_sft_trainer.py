@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -56,6 +57,10 @@ class _HistoryEMACallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.update_history_model()
+
+
+def _full_weight(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if isinstance(param, DTensor) else param  # a collective for FSDP2's DTensors
 
 
 class TokenSFTTrainer(SFTTrainer):
@@ -170,12 +175,12 @@ class TokenSFTTrainer(SFTTrainer):
                 pad_to_multiple_of=stock.pad_to_multiple_of,
             )
         if self.token_loss_type == "otr" or self.token_selection == "sstoken":
-            # These read the LM head and hidden states outside the fused kernel and run their own backward.
-            zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-            if self.is_fsdp_enabled or zero3:
+            # They read the LM head outside the model's forward and ssToken deep-copies the policy: both are tested
+            # under FSDP2 (tests/distributed), not yet under ZeRO-3, whose copies would hold empty partitions.
+            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 raise ValueError(
-                    "token_loss_type='otr' and token_selection='sstoken' are not supported with FSDP or DeepSpeed "
-                    "ZeRO-3 yet (the LM head is read outside the model's forward). Use DDP or ZeRO-1/2."
+                    "token_loss_type='otr' and token_selection='sstoken' are not supported with DeepSpeed ZeRO-3 yet. "
+                    "Use FSDP2 (examples/accelerate_configs/fsdp2.yaml), DDP or ZeRO-1/2."
                 )
         if self.token_loss_type == "otr":
             self._check_otr_head()
@@ -269,9 +274,15 @@ class TokenSFTTrainer(SFTTrainer):
         """θ_his ← α·θ_his + (1 − α)·θ over the trainable parameters (no-op for α = 1)."""
         if self._history_model is None or self.args.sstoken_history_decay == 1.0:
             return
+        if self.is_fsdp_enabled:
+            # FSDP2 replaced the policy's parameters by sharded (DTensor) ones after the copy was made: pair them by
+            # name again; the history copy stays whole on every rank and follows the gathered weights.
+            history = dict(self._history_model.named_parameters())
+            self._history_pairs = [(history[name], param) for name, param in self.model.named_parameters()
+                                   if param.requires_grad]  # fmt: skip
         ema_update_(
             [his for his, _ in self._history_pairs],
-            [param.detach() for _, param in self._history_pairs],
+            [_full_weight(param.detach()) for _, param in self._history_pairs],
             decay=self.args.sstoken_history_decay,
         )
 
