@@ -42,8 +42,10 @@ def main():
     else:
         tokenizer, model = AutoTokenizer.from_pretrained(args.model, padding_side="left"), args.model
 
-    method = {} if args.method == "none" else (
-        {"token_selection": args.method} if args.method in SELECTIONS else {"token_advantage": args.method}
+    method = (
+        {}
+        if args.method == "none"
+        else ({"token_selection": args.method} if args.method in SELECTIONS else {"token_advantage": args.method})
     )
     config = TokenGRPOConfig(
         output_dir=args.output_dir, max_steps=args.steps, logging_steps=5, per_device_train_batch_size=8,

@@ -63,7 +63,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert (out / "token_rewards.html").exists()
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "examples" / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "examples" / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_accelerate_configs_load(config):
     from accelerate.commands.config.config_args import load_config_from_file
 

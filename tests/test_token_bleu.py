@@ -29,7 +29,7 @@ def assert_printed(actual, printed):
 
 
 def ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def reference_bleu(candidate, references, max_n=4, weights=None, smoothing="floor", epsilon=0.1, add_k=1.0):
@@ -110,8 +110,10 @@ def test_random_inputs_match_reference(smoothing):
     rng = random.Random(["none", "floor", "add-k", "exp"].index(smoothing))
     batch, num_refs, vocab = 24, 3, 6  # a small vocabulary so that higher-order n-grams match
     candidates = [[rng.randint(1, vocab) for _ in range(rng.randint(0, 12))] for _ in range(batch)]
-    references = [[[rng.randint(1, vocab) for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, num_refs))]
-                  for _ in range(batch)]
+    references = [
+        [[rng.randint(1, vocab) for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, num_refs))]
+        for _ in range(batch)
+    ]
     references[0] = [list(candidates[0])] if candidates[0] else [[1, 2]]  # an exact match
     for row in range(1, 8):  # near copies (one token changed, one appended) so that 4-grams match too
         near = list(candidates[row])
@@ -131,8 +133,9 @@ def test_orders_and_weights(max_n, weights):
     rng = random.Random(max_n)
     candidates = [[rng.randint(1, 4) for _ in range(rng.randint(1, 9))] for _ in range(10)]
     references = [[[rng.randint(1, 4) for _ in range(rng.randint(1, 9))]] for _ in range(10)]
-    bleu = tensor_sentence_bleu(pad_batch(candidates, 9), pad_references(references, 1, 9), PAD, max_n=max_n,
-                                weights=weights, dtype=F64)
+    bleu = tensor_sentence_bleu(
+        pad_batch(candidates, 9), pad_references(references, 1, 9), PAD, max_n=max_n, weights=weights, dtype=F64
+    )
     expected = [reference_bleu(c, r, max_n=max_n, weights=weights) for c, r in zip(candidates, references)]
     torch.testing.assert_close(bleu, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
 
@@ -140,12 +143,18 @@ def test_orders_and_weights(max_n, weights):
 SENTENCES = [
     ("the cat sat on the mat", ["the cat is sitting on the mat", "there is a cat on the mat"]),
     ("the quick brown fox jumps over the lazy dog", ["the quick brown fox jumped over the lazy dog"]),
-    ("it is a guide to action which ensures that the military always obeys the commands of the party",
-     ["it is a guide to action that ensures that the military will forever heed party commands",
-      "it is the guiding principle which guarantees the military forces always being under the command of the party",
-      "it is the practical guide for the army always to heed the directions of the party"]),
-    ("he read the book because he was interested in world history",
-     ["he was interested in world history because he read the book"]),
+    (
+        "it is a guide to action which ensures that the military always obeys the commands of the party",
+        [
+            "it is a guide to action that ensures that the military will forever heed party commands",
+            "it is the guiding principle which guarantees the military forces always being under the command of the party",
+            "it is the practical guide for the army always to heed the directions of the party",
+        ],
+    ),
+    (
+        "he read the book because he was interested in world history",
+        ["he was interested in world history because he read the book"],
+    ),
     ("hello", ["hello world"]),
     ("completely unrelated words here", ["nothing in common at all"]),
 ]
@@ -166,16 +175,19 @@ def test_real_text_like_sequences():
 
 
 def test_edge_cases():
-    candidates = torch.tensor([
-        [PAD, PAD, PAD],  # zero-length candidate
-        [3, PAD, PAD],  # shorter than n: denominators clamp to 1
-        [7, 8, PAD],  # no unigram match
-        [1, 2, 3],  # perfect match
-    ])
+    candidates = torch.tensor(
+        [
+            [PAD, PAD, PAD],  # zero-length candidate
+            [3, PAD, PAD],  # shorter than n: denominators clamp to 1
+            [7, 8, PAD],  # no unigram match
+            [1, 2, 3],  # perfect match
+        ]
+    )
     references = torch.tensor([[1, 2, 3, PAD], [3, 4, PAD, PAD], [1, 2, PAD, PAD], [1, 2, 3, PAD]])
     bleu = tensor_sentence_bleu(candidates, references, PAD, dtype=F64)
-    expected = [reference_bleu(c, [r]) for c, r in [([], [1, 2, 3]), ([3], [3, 4]), ([7, 8], [1, 2]),
-                                                      ([1, 2, 3], [1, 2, 3])]]
+    expected = [
+        reference_bleu(c, [r]) for c, r in [([], [1, 2, 3]), ([3], [3, 4]), ([7, 8], [1, 2]), ([1, 2, 3], [1, 2, 3])]
+    ]
     torch.testing.assert_close(bleu, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
     assert bleu[0] == 0 and bleu[2] == 0 and 0 < bleu[1] < 1
     # A perfect match shorter than 4 tokens: floor-smoothed 4-gram precision 0.1 -> 0.1^(1/4).
@@ -195,8 +207,10 @@ def test_no_reference_and_padding_is_not_a_token():
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="smoothing"):
-        tensor_sentence_bleu(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), PAD,
-                             smoothing="method7")
+        tensor_sentence_bleu(
+            torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), PAD, smoothing="method7"
+        )
     with pytest.raises(ValueError, match="weights"):
-        tensor_sentence_bleu(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), PAD,
-                             weights=[0.5, 0.5])
+        tensor_sentence_bleu(
+            torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), PAD, weights=[0.5, 0.5]
+        )

@@ -61,12 +61,34 @@ NON_INFERIORITY_MARGIN = 0.05
 # Sized from a measured step on the shared 2-core CPU (~30 s for one step of 4 completions under load): what fits
 # 5 methods x 3 seeds in ~30 minutes is a handful of steps, a smoke-scale RL run.
 CONFIGS = {  # `python -m bench.claims run rl --set key=value` overrides any of these
-    "full": {"train_problems": 100, "max_steps": 2, "prompts_per_step": 2, "num_generations": 4,
-             "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 16, "eval_problems": 16, "final_window": 1,
-             "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
-    "quick": {"train_problems": 8, "max_steps": 1, "prompts_per_step": 2, "num_generations": 2,
-              "max_completion_length": 4, "learning_rate": 5e-4, "lora_r": 4, "eval_problems": 1, "final_window": 1,
-              "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+    "full": {
+        "train_problems": 100,
+        "max_steps": 2,
+        "prompts_per_step": 2,
+        "num_generations": 4,
+        "max_completion_length": 4,
+        "learning_rate": 5e-4,
+        "lora_r": 16,
+        "eval_problems": 16,
+        "final_window": 1,
+        "methods": list(METHOD_ARGS),
+        "device": "cpu",
+        "threads": 1,
+    },
+    "quick": {
+        "train_problems": 8,
+        "max_steps": 1,
+        "prompts_per_step": 2,
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "learning_rate": 5e-4,
+        "lora_r": 4,
+        "eval_problems": 1,
+        "final_window": 1,
+        "methods": list(METHOD_ARGS),
+        "device": "cpu",
+        "threads": 1,
+    },
 }
 
 
@@ -131,12 +153,16 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
     config = experiment_config(CONFIGS, quick)
     methods = config["methods"]
     if methods[:1] != ["grpo"] or not set(methods) <= set(METHOD_ARGS):
-        raise ValueError(f"methods must start with the baseline 'grpo' and name only {list(METHOD_ARGS)}; got {methods}.")
+        raise ValueError(
+            f"methods must start with the baseline 'grpo' and name only {list(METHOD_ARGS)}; got {methods}."
+        )
     set_threads(config["threads"])
     started = time.time()
     problems = make_problems(TASK["task"], config["eval_problems"], split="test", seed=0, digits=TASK["digits"])
 
-    base_model, tokenizer = load_model(attn_implementation="sdpa", device=config["device"])  # no attention maps needed here
+    base_model, tokenizer = load_model(
+        attn_implementation="sdpa", device=config["device"]
+    )  # no attention maps needed here
     base_accuracy = greedy_accuracy(base_model, tokenizer, problems, n_shots=N_SHOTS)
 
     per_seed: dict[str, dict[str, list[float]]] = {m: {"accuracy": [], "final_entropy": [], "final_reward": []}
@@ -204,8 +230,18 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
         })  # fmt: skip
     result = {
         "experiment": EXPERIMENT,
-        "config": {**config, "task": TASK, "method_args": {m: METHOD_ARGS[m] for m in methods}, "loss_type": "dapo", "beta": 0.0, "temperature": 1.0,
-                   "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers", "n_shots": N_SHOTS, "sft_warmup": None, "quick": quick},
+        "config": {
+            **config,
+            "task": TASK,
+            "method_args": {m: METHOD_ARGS[m] for m in methods},
+            "loss_type": "dapo",
+            "beta": 0.0,
+            "temperature": 1.0,
+            "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers",
+            "n_shots": N_SHOTS,
+            "sft_warmup": None,
+            "quick": quick,
+        },
         "seeds": done,
         "seeds_skipped": skipped,
         "metrics": metrics,

@@ -60,10 +60,28 @@ N_SHOTS = 0  # zero-shot prompts: SFT teaches the answer format, and the prompt 
 LORA_LAST_LAYERS = 8  # adapters on the last 8 of 30 decoder layers only: backward stops there (CPU time)
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {  # `python -m bench.claims run sft --set key=value` overrides any of these
-    "full": {"train_problems": 200, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "lora_r": 16,
-             "eval_problems": 16, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
-    "quick": {"train_problems": 8, "max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "lora_r": 4,
-              "eval_problems": 1, "methods": list(METHOD_ARGS), "device": "cpu", "threads": 1},
+    "full": {
+        "train_problems": 200,
+        "max_steps": 3,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "lora_r": 16,
+        "eval_problems": 16,
+        "methods": list(METHOD_ARGS),
+        "device": "cpu",
+        "threads": 1,
+    },
+    "quick": {
+        "train_problems": 8,
+        "max_steps": 1,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "lora_r": 4,
+        "eval_problems": 1,
+        "methods": list(METHOD_ARGS),
+        "device": "cpu",
+        "threads": 1,
+    },
 }
 
 
@@ -155,7 +173,9 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
     config = experiment_config(CONFIGS, quick)
     methods = config["methods"]
     if methods[:1] != ["sft"] or not set(methods) <= set(METHOD_ARGS):
-        raise ValueError(f"methods must start with the baseline 'sft' and name only {list(METHOD_ARGS)}; got {methods}.")
+        raise ValueError(
+            f"methods must start with the baseline 'sft' and name only {list(METHOD_ARGS)}; got {methods}."
+        )
     set_threads(config["threads"])
     started = time.time()
     problems = eval_sets(config["eval_problems"])
@@ -215,10 +235,16 @@ def run(quick: bool, seeds: list[int], max_wall_s: float | None = None) -> dict:
         })  # fmt: skip
     result = {
         "experiment": EXPERIMENT,
-        "config": {**config, "train": EVAL_SPLITS[IN_DISTRIBUTION], "eval_splits": EVAL_SPLITS,
-                   "method_args": {m: METHOD_ARGS[m] for m in methods},
-                   "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers", "n_shots": N_SHOTS, "decoding": "greedy",
-                   "quick": quick},
+        "config": {
+            **config,
+            "train": EVAL_SPLITS[IN_DISTRIBUTION],
+            "eval_splits": EVAL_SPLITS,
+            "method_args": {m: METHOD_ARGS[m] for m in methods},
+            "lora": f"all linear layers of the last {LORA_LAST_LAYERS} layers",
+            "n_shots": N_SHOTS,
+            "decoding": "greedy",
+            "quick": quick,
+        },
         "seeds": done,
         "seeds_skipped": skipped,
         "metrics": metrics,

@@ -20,7 +20,9 @@ def _examples(with_weights="ones"):
     for example in examples:
         for side in ("chosen", "rejected"):
             n = len(example[f"{side}_ids"])
-            example[f"{side}_token_weights"] = [1.0] * n if with_weights == "ones" else [float(10 + i) for i in range(n)]
+            example[f"{side}_token_weights"] = (
+                [1.0] * n if with_weights == "ones" else [float(10 + i) for i in range(n)]
+            )
     return examples
 
 
@@ -98,7 +100,9 @@ def test_tokenize_helper_matches_trainer(tiny_preference_dataset, tiny_tokenizer
         (lambda w: w[:-1] + [float("inf")], r"row 3, token \d+: value inf is not finite"),
     ],
 )  # fmt: skip
-def test_bad_columns_fail_before_training(corrupt, message, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path):
+def test_bad_columns_fail_before_training(
+    corrupt, message, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path
+):
     dataset = tiny_preference_dataset.select(range(6))
     tokenized = tokenize_preference_dataset(dataset, tiny_tokenizer)
     weights = [[1.0] * len(ids) for ids in tokenized["rejected_ids"]]
@@ -134,7 +138,9 @@ def test_row_is_the_users_row_after_trl_drops_rows(tiny_tokenizer, tiny_model_pa
 
 @pytest.mark.parametrize("token_loss_type,needs", [("cdpo", "rejected_token_weights"), ("treg", "chosen_token_rewards"),
                                                      ("tgdpo", "guidance_model"), ("weighted", "chosen_token_weights")])  # fmt: skip
-def test_missing_columns_are_named(token_loss_type, needs, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path):
+def test_missing_columns_are_named(
+    token_loss_type, needs, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path
+):
     args = TokenDPOConfig(**base_args(tmp_path, token_loss_type=token_loss_type))
     with pytest.raises(ValueError, match=needs):
         TokenDPOTrainer(model=tiny_model_path, args=args, processing_class=tiny_tokenizer,
@@ -142,7 +148,9 @@ def test_missing_columns_are_named(token_loss_type, needs, tiny_preference_datas
 
 
 @pytest.mark.parametrize("remove_unused_columns,num_workers", [(True, 0), (False, 0), (True, 2)])
-def test_columns_survive_dataloading(remove_unused_columns, num_workers, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path):
+def test_columns_survive_dataloading(
+    remove_unused_columns, num_workers, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path
+):
     dataset = tiny_preference_dataset.select(range(8))
     tokenized = tokenize_preference_dataset(dataset, tiny_tokenizer)
     dataset = dataset.add_column("rejected_token_weights", [[0.5] * len(ids) for ids in tokenized["rejected_ids"]])

@@ -2,7 +2,7 @@
 
 Covers both ways the ops meet a sharded LM head: still unsharded after the root forward (FSDP2's default for the root
 group), and sharded again (a DTensor the ops gather themselves; its gradient must be reduced across ranks and averaged
-like FSDP2's own). Trainer-level FSDP2 cannot run on CPU: accelerate only selects FSDP for GPU-like device types.
+like FSDP2's own). Trainer-level FSDP2 is tested in test_fsdp2_trainers.py.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_cascade_calibration_and_generation(small_large, six_prompts):
 
 def test_posthoc_deferral_learns_from_token_quantiles():
     g = torch.Generator().manual_seed(0)
-    log_probs = -torch.rand(200, 8, generator=g) ** 3 * 4
+    log_probs = -(torch.rand(200, 8, generator=g) ** 3) * 4
     mask = torch.ones_like(log_probs, dtype=torch.bool)
     helps = (log_probs.min(dim=1).values < -2.0).long()
     model = PostHocDeferral().fit(log_probs, mask, helps)

@@ -92,7 +92,7 @@ def slow_reference(small, large, ids, mask, decisions, eos, max_new_tokens):
                 step_tokens.append(PAD), step_large.append(False), step_hidden.append(None)
                 continue
             captured = []
-            handle = small.lm_head.register_forward_hook(lambda _m, args, _o: captured.append(args[0][0, -1]))
+            handle = small.lm_head.register_forward_hook(lambda _m, args, _o: captured.append(args[0][0, -1]))  # noqa: B023 - used and removed in this iteration
             small_logits = small(torch.tensor([row])).logits[0, -1]
             handle.remove()
             token = int(small_logits.argmax())
@@ -246,7 +246,9 @@ def test_prompt_caches_give_the_same_outputs_and_stay_reusable(small_large, padd
     ead = ead_generate(small, large, ids, mask, threshold=3.0, window=1, min_dwell=1, **kwargs)
     ead_cached = ead_generate(small, large, ids, mask, threshold=3.0, window=1, min_dwell=1,
                               small_prompt_cache=small_cache, large_prompt_cache=large_cache, **kwargs)  # fmt: skip
-    assert torch.equal(ead.completion_ids, ead_cached.completion_ids) and torch.equal(ead.large_mask, ead_cached.large_mask)
+    assert torch.equal(ead.completion_ids, ead_cached.completion_ids) and torch.equal(
+        ead.large_mask, ead_cached.large_mask
+    )
     single = cached_generate(large, ids, mask, prompt_cache=large_cache, **kwargs)
     assert torch.equal(single.completion_ids, cached_generate(large, ids, mask, **kwargs).completion_ids)
     with pytest.raises(ValueError, match="capture_hidden"):

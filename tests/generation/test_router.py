@@ -71,8 +71,11 @@ def test_default_router_is_scaled_to_the_small_model(small_large):
     assert scaled_width(64, small_model_parameters=3_200_000, vocab_size=49152) == 40  # 94k params: 2.9%
     capped = scaled_width(576, small_model_parameters=134_500_000, vocab_size=49152)
     config = TokenRouterConfig(hidden_size=576, vocab_size=49152, embedding_dim=576, width=capped)
-    assert config.num_parameters() <= 0.05 * 134_500_000 < TokenRouterConfig(
-        hidden_size=576, vocab_size=49152, embedding_dim=576, width=capped + 8).num_parameters()
+    assert (
+        config.num_parameters()
+        <= 0.05 * 134_500_000
+        < TokenRouterConfig(hidden_size=576, vocab_size=49152, embedding_dim=576, width=capped + 8).num_parameters()
+    )
 
 
 def test_training_reaches_target_recall_and_uses_pos_weight():

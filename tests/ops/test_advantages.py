@@ -109,8 +109,14 @@ class TestGroupHelpers:
 
     def test_inputs_validation(self):
         ids = torch.zeros(2, 3, dtype=torch.long)
-        ok = dict(completion_ids=ids, completion_mask=torch.ones(2, 3), per_token_logps=torch.zeros(2, 3),
-                  per_token_entropy=torch.zeros(2, 3), rewards=torch.zeros(2), advantages=torch.zeros(2))
+        ok = dict(
+            completion_ids=ids,
+            completion_mask=torch.ones(2, 3),
+            per_token_logps=torch.zeros(2, 3),
+            per_token_entropy=torch.zeros(2, 3),
+            rewards=torch.zeros(2),
+            advantages=torch.zeros(2),
+        )
         assert TokenAdvantageInputs(**ok, num_generations=2).group_index.tolist() == [0, 0]
         with pytest.raises(ValueError, match="exactly one"):
             TokenAdvantageInputs(**ok)
@@ -155,8 +161,9 @@ class TestUCAS:
 
     def test_worked_example(self):
         adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2))
-        assert_printed(adv, ["1.066565", "1.061565", "0.853524", "0.828524",
-                             "-0.756489", "-0.786489", "-1.408060", "-1.413060"])
+        assert_printed(
+            adv, ["1.066565", "1.061565", "0.853524", "0.828524", "-0.756489", "-0.786489", "-1.408060", "-1.413060"]
+        )
 
     def test_response_modifier(self):
         # κ = 0 leaves A·w = [1.091565, 0.866024, −0.736489, −1.408060] on every token.
@@ -183,8 +190,10 @@ class TestUCAS:
         logits = torch.cat([self.LOGITS, t64([[1000], [-1000], [0], [0]])], dim=1)
         certainty = torch.cat([self.CERTAINTY, t64([[50], [50], [50], [50]])], dim=1)
         adv = ucas_advantages(self.REWARDS, one_group(4), certainty, logits, mask)
-        assert_printed(adv[:, :2], ["1.066565", "1.061565", "0.853524", "0.828524",
-                                    "-0.756489", "-0.786489", "-1.408060", "-1.413060"])
+        assert_printed(
+            adv[:, :2],
+            ["1.066565", "1.061565", "0.853524", "0.828524", "-0.756489", "-0.786489", "-1.408060", "-1.413060"],
+        )
         assert (adv[:, 2] == 0).all()
 
     def test_zero_variance_group_and_equal_logits(self):
@@ -200,8 +209,9 @@ class TestUCAS:
     def test_mean_confidence(self):
         mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
         summed = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, mask, kappa=0.0)
-        meaned = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, mask, kappa=0.0,
-                                 confidence_agg="mean")
+        meaned = ucas_advantages(
+            self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, mask, kappa=0.0, confidence_agg="mean"
+        )
         assert not torch.allclose(summed, meaned)
         conf_z = group_relative_advantages(t64([5, 7, 6, 10]), one_group(4))
         expected_w = torch.where(t64([1, 1, 0, 0]) > 0, torch.exp(-0.25 * conf_z), torch.exp(0.35 * conf_z))
@@ -209,25 +219,44 @@ class TestUCAS:
 
     def test_gather_fn_makes_min_max_global(self):
         other_rank_bounds = t64([0.0, 100.0])
-        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2),
-                              gather_fn=lambda local: torch.cat([local, other_rank_bounds]))
-        no_penalty = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2),
-                                     kappa=0.0)
+        adv = ucas_advantages(
+            self.REWARDS,
+            one_group(4),
+            self.CERTAINTY,
+            self.LOGITS,
+            torch.ones(4, 2),
+            gather_fn=lambda local: torch.cat([local, other_rank_bounds]),
+        )
+        no_penalty = ucas_advantages(
+            self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2), kappa=0.0
+        )
         torch.testing.assert_close(adv[3], no_penalty[3] - 0.05 * self.LOGITS[3] / (100 + 1e-6))
 
     def test_gather_fn_ignores_a_rank_without_valid_tokens(self):
         # The empty rank sends (+inf, −inf): the bounds must stay this rank's own, not collapse to "no valid token".
         empty_rank_bounds = t64([float("inf"), float("-inf")])
-        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2),
-                              gather_fn=lambda local: torch.cat([empty_rank_bounds, local, empty_rank_bounds]))
+        adv = ucas_advantages(
+            self.REWARDS,
+            one_group(4),
+            self.CERTAINTY,
+            self.LOGITS,
+            torch.ones(4, 2),
+            gather_fn=lambda local: torch.cat([empty_rank_bounds, local, empty_rank_bounds]),
+        )
         local = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.ones(4, 2))
         torch.testing.assert_close(adv, local, rtol=0, atol=0)
         assert (adv != 0).any()
 
     def test_gather_fn_on_the_empty_rank_uses_the_other_ranks_bounds(self):
         other_rank_bounds = t64([0.0, 100.0])
-        adv = ucas_advantages(self.REWARDS, one_group(4), self.CERTAINTY, self.LOGITS, torch.zeros(4, 2),
-                              gather_fn=lambda local: torch.cat([local, other_rank_bounds]))
+        adv = ucas_advantages(
+            self.REWARDS,
+            one_group(4),
+            self.CERTAINTY,
+            self.LOGITS,
+            torch.zeros(4, 2),
+            gather_fn=lambda local: torch.cat([local, other_rank_bounds]),
+        )
         assert torch.equal(adv, torch.zeros(4, 2, dtype=F64))  # no valid token here: every entry is padding
 
     def test_all_masked(self):
@@ -265,8 +294,9 @@ class TestHAPO:
         official = hapo_tlga_advantages(t64([1, 0.8]), mask, one_group(2), hapo_fallback_include_padding=True)
         assert_printed(official, ["0.707102", "-0.707102"])
         # Without padding the official test has no pad entries to trip on.
-        unpadded = hapo_tlga_advantages(t64([1, 0.8]), lengths_mask([2, 2], 2), one_group(2),
-                                        hapo_fallback_include_padding=True)
+        unpadded = hapo_tlga_advantages(
+            t64([1, 0.8]), lengths_mask([2, 2], 2), one_group(2), hapo_fallback_include_padding=True
+        )
         assert_printed(unpadded, ["0.99999", "-0.99999"])
 
     def test_tlga_identical_rewards_and_empty_rows(self):
@@ -301,18 +331,19 @@ class TestHAPO:
     def test_redistribution(self):
         ratio, adv = t64([[1.0, 1.3, 1.0, 0.8, 1.0]]), t64([[1, 1, -1, 1, -1]])
         intended = hapo_normalized_entropy(self.H, hapo_entropy_stats(self.H, self.ONES, 0.8, False))
-        assert_printed(hapo_redistribute_advantages(adv, intended, ratio, self.ONES),
-                       ["0.0", "1.0", "-0.849485", "1.0", "-1.0"])
+        assert_printed(
+            hapo_redistribute_advantages(adv, intended, ratio, self.ONES), ["0.0", "1.0", "-0.849485", "1.0", "-1.0"]
+        )
         repo = hapo_normalized_entropy(self.H, hapo_entropy_stats(self.H, self.ONES, 0.8, True))
         assert_printed(hapo_redistribute_advantages(adv, repo, ratio, self.ONES), ["1.0", "1.5", "-1.0", "1.0", "-1.0"])
 
     def test_adaptive_temperature(self):
         intended = hapo_entropy_stats(self.H, self.ONES, 0.8, False)
-        assert_printed(hapo_adaptive_temperature(self.H, intended, 1.0, 0.05),
-                       ["0.95", "0.975", "0.992474", "1.0", "1.05"])
+        assert_printed(
+            hapo_adaptive_temperature(self.H, intended, 1.0, 0.05), ["0.95", "0.975", "0.992474", "1.0", "1.05"]
+        )
         repo = hapo_entropy_stats(self.H, self.ONES, 0.8, True)
-        assert_printed(hapo_adaptive_temperature(self.H, repo, 1.0, 0.05),
-                       ["1.05", "1.025", "1.007526", "1.0", "1.05"])
+        assert_printed(hapo_adaptive_temperature(self.H, repo, 1.0, 0.05), ["1.05", "1.025", "1.007526", "1.0", "1.05"])
         assert_printed(hapo_adaptive_temperature(self.H, None, 0.7, 0.05), ["0.7"] * 5)
 
     def test_registry_composes_tlga_entropy_and_ratio(self):
@@ -320,17 +351,31 @@ class TestHAPO:
         mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
         logps = t64([[-1.0, -0.5, -0.2, -2.0, -1.0], [-0.3, -0.1, -0.7, 0.0, 0.0]])
         old = logps - t64([[0.0, 0.25, 0.0, -0.2, 0.0], [0.1, -0.3, 0.0, 0.0, 0.0]])
-        batch = TokenAdvantageInputs(torch.zeros(2, 5, dtype=torch.long), mask, logps, entropy, t64([1, 0]),
-                                     t64([0, 0]), old_per_token_logps=old, num_generations=2)
+        batch = TokenAdvantageInputs(
+            torch.zeros(2, 5, dtype=torch.long),
+            mask,
+            logps,
+            entropy,
+            t64([1, 0]),
+            t64([0, 0]),
+            old_per_token_logps=old,
+            num_generations=2,
+        )
         adv = hapo_token_advantages(batch)
         stats = hapo_entropy_stats(entropy, mask, 0.8, False)
-        expected = hapo_redistribute_advantages(hapo_tlga_advantages(t64([1, 0]), mask, one_group(2)),
-                                                hapo_normalized_entropy(entropy, stats) * mask, (logps - old).exp(),
-                                                mask)
+        expected = hapo_redistribute_advantages(
+            hapo_tlga_advantages(t64([1, 0]), mask, one_group(2)),
+            hapo_normalized_entropy(entropy, stats) * mask,
+            (logps - old).exp(),
+            mask,
+        )
         torch.testing.assert_close(adv, expected)
         assert (adv[1, 3:] == 0).all()
-        generation_time = hapo_token_advantages(TokenAdvantageInputs(
-            batch.completion_ids, mask, logps, entropy, t64([1, 0]), t64([0, 0]), num_generations=2))
+        generation_time = hapo_token_advantages(
+            TokenAdvantageInputs(
+                batch.completion_ids, mask, logps, entropy, t64([1, 0]), t64([0, 0]), num_generations=2
+            )
+        )
         assert not torch.allclose(generation_time, adv)
 
 
@@ -400,8 +445,15 @@ class TestGTPO:
         ids = self.IDS if ids is None else ids
         mask = self.MASK if mask is None else mask
         entropy = self.MEAN_H[:, None].expand(4, ids.shape[1]).clone()
-        return TokenAdvantageInputs(ids, mask, torch.zeros(ids.shape, dtype=F64), entropy, torch.zeros(4, dtype=F64),
-                                    self.ADV, num_generations=4)
+        return TokenAdvantageInputs(
+            ids,
+            mask,
+            torch.zeros(ids.shape, dtype=F64),
+            entropy,
+            torch.zeros(4, dtype=F64),
+            self.ADV,
+            num_generations=4,
+        )
 
     def test_runs_weights_counts(self):
         forward, backward = gtpo_conflict_runs(self.IDS, self.MASK, self.ADV, one_group(4))
@@ -421,8 +473,11 @@ class TestGTPO:
         [
             ({}, ["-1.6975", "0.0", "0.13", "0.35"], "-0.304375"),
             ({"divide_by_n_conflict": True}, ["-0.565833", "0.0", "0.0433333", "0.175"], "-0.086875"),
-            ({"divide_by_n_conflict": True, "n_conflict_count": "official"}, ["-0.84875", "0.0", "0.065", "0.35"],
-             "-0.1084375"),
+            (
+                {"divide_by_n_conflict": True, "n_conflict_count": "official"},
+                ["-0.84875", "0.0", "0.065", "0.35"],
+                "-0.1084375",
+            ),
         ],
     )
     def test_losses(self, knobs, per_completion, mean):
@@ -522,8 +577,15 @@ class TestD3S:
         mask = torch.ones(8, 3, dtype=torch.long)
         mask[7, 1:] = 0
         entropy = torch.rand(8, 3, generator=torch.Generator().manual_seed(0), dtype=F64) + 0.1
-        batch = TokenAdvantageInputs(torch.zeros(8, 3, dtype=torch.long), mask, torch.zeros(8, 3, dtype=F64),
-                                     entropy, self.REWARDS, torch.zeros(8, dtype=F64), num_generations=8)
+        batch = TokenAdvantageInputs(
+            torch.zeros(8, 3, dtype=torch.long),
+            mask,
+            torch.zeros(8, 3, dtype=F64),
+            entropy,
+            self.REWARDS,
+            torch.zeros(8, dtype=F64),
+            num_generations=8,
+        )
         rows_only = d3s_token_advantages(batch, sample_keep_ratio=0.5, token_keep_ratio=1.0)
         assert rows_only.ne(0).any(1).nonzero().flatten().tolist() == [0, 1, 4, 6]
         assert_printed(rows_only[rows_only.ne(0)].abs().unique(), ["0.866024"])  # recomputed on the kept subset
@@ -542,8 +604,9 @@ class TestD3S:
 
 class TestCHORD:
     def test_mu_schedule(self):
-        assert_printed([chord_mu(s) for s in (0, 100, 200, 400, 600, 1000)], ["0.0", "0.25", "0.5", "0.26", "0.02",
-                                                                              "0.02"])
+        assert_printed(
+            [chord_mu(s) for s in (0, 100, 200, 400, 600, 1000)], ["0.0", "0.25", "0.5", "0.26", "0.02", "0.02"]
+        )
         assert_printed(chord_mu(0, 0, 0, 0.1, 0.1), "0.1")
 
     def test_sft_loss_and_mix(self):
@@ -560,10 +623,12 @@ class TestCHORD:
 
 
 class TestTWGRPO:
-    PROBS = t64([
-        [[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.2, 0.2]],
-        [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.9, 0.05, 0.05]],  # position 2 is padding (replaced by uniform)
-    ])
+    PROBS = t64(
+        [
+            [[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.6, 0.2, 0.2]],
+            [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.9, 0.05, 0.05]],  # position 2 is padding (replaced by uniform)
+        ]
+    )
     MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 
     def test_worked_example(self):
@@ -576,8 +641,10 @@ class TestTWGRPO:
         gen = torch.Generator().manual_seed(0)
         logps = torch.randn(3, 4, 5, generator=gen, dtype=F64).log_softmax(-1)
         mask = lengths_mask([4, 2, 3], 4)
-        filled = [[logps[g, t] if mask[g, t] else torch.full((5,), -math.log(5), dtype=F64) for t in range(4)]
-                  for g in range(3)]
+        filled = [
+            [logps[g, t] if mask[g, t] else torch.full((5,), -math.log(5), dtype=F64) for t in range(4)]
+            for g in range(3)
+        ]
         expected = []
         for t in range(4):
             mean = sum(filled[g][t] for g in range(3)) / 3
@@ -599,9 +666,16 @@ class TestTWGRPO:
         assert weights[2].tolist() == [1.0, 1.0, 0.0]
 
     def test_registry(self):
-        batch = TokenAdvantageInputs(torch.zeros(2, 3, dtype=torch.long), self.MASK, torch.zeros(2, 3, dtype=F64),
-                                     torch.zeros(2, 3, dtype=F64), t64([1, 0]), t64([0.7, -0.7]),
-                                     num_generations=2, full_logps=self.PROBS.log())
+        batch = TokenAdvantageInputs(
+            torch.zeros(2, 3, dtype=torch.long),
+            self.MASK,
+            torch.zeros(2, 3, dtype=F64),
+            torch.zeros(2, 3, dtype=F64),
+            t64([1, 0]),
+            t64([0.7, -0.7]),
+            num_generations=2,
+            full_logps=self.PROBS.log(),
+        )
         adv = TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch)
         assert_printed(adv, ["1.19", "0.7", "0.752216", "-1.19", "-0.7", "0"])
 
@@ -609,12 +683,21 @@ class TestTWGRPO:
         """Without (B, T, V) log-probs: the per-row divergence (what `ops.chunked.chunked_tw_grpo_divergence` builds
         from hidden states) gives the same advantages, with α applied by the entry."""
         divergence = tw_grpo_position_divergence(self.PROBS.log(), self.MASK, one_group(2))[one_group(2)]
-        batch = TokenAdvantageInputs(torch.zeros(2, 3, dtype=torch.long), self.MASK, torch.zeros(2, 3, dtype=F64),
-                                     torch.zeros(2, 3, dtype=F64), t64([1, 0]), t64([0.7, -0.7]),
-                                     num_generations=2, tw_grpo_divergence=divergence)
+        batch = TokenAdvantageInputs(
+            torch.zeros(2, 3, dtype=torch.long),
+            self.MASK,
+            torch.zeros(2, 3, dtype=F64),
+            torch.zeros(2, 3, dtype=F64),
+            t64([1, 0]),
+            t64([0.7, -0.7]),
+            num_generations=2,
+            tw_grpo_divergence=divergence,
+        )
         assert_printed(TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch), ["1.19", "0.7", "0.752216", "-1.19", "-0.7", "0"])
-        assert_printed(tw_grpo_weights_from_divergence(divergence, self.MASK, tw_alpha=1.7),
-                       ["1.7", "1.0", "1.074594", "1.7", "1.0", "0"])
+        assert_printed(
+            tw_grpo_weights_from_divergence(divergence, self.MASK, tw_alpha=1.7),
+            ["1.7", "1.0", "1.074594", "1.7", "1.0", "0"],
+        )
         with pytest.raises(ValueError, match="full_logps"):
             TOKEN_ADVANTAGE_METHODS["tw_grpo"](batch, tw_weight_grad=True)
 
@@ -733,8 +816,9 @@ class TestTEMPO:
         left_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
         left = tempo_advantages(adv, left_ids, left_mask, one_group(4))
         assert torch.equal(left[2, 1:], tempo_advantages(adv, self.IDS, self.MASK, one_group(4))[2, :3])
-        duplicates = tempo_advantages(t64([0.5, 0.5]), self.IDS[:1].repeat(2, 1), self.MASK[:1].repeat(2, 1),
-                                      one_group(2))
+        duplicates = tempo_advantages(
+            t64([0.5, 0.5]), self.IDS[:1].repeat(2, 1), self.MASK[:1].repeat(2, 1), one_group(2)
+        )
         assert torch.equal(duplicates, torch.full((2, 4), 0.5, dtype=F64))
 
     def test_stopping_is_a_branch_without_eos(self):
@@ -771,14 +855,18 @@ def random_batch(seed=0, vocab=5):
         tensor[pad] = float("nan")
     rewards = t64([1.0, 0.0, 1.0, 0.5])
     return TokenAdvantageInputs(
-        completion_ids=ids, completion_mask=mask, per_token_logps=logps,
+        completion_ids=ids,
+        completion_mask=mask,
+        per_token_logps=logps,
         old_per_token_logps=logps - 0.1 * torch.rand(batch_size, seq_len, generator=gen, dtype=F64),
-        per_token_entropy=entropy, rewards=rewards,
+        per_token_entropy=entropy,
+        rewards=rewards,
         advantages=group_relative_advantages(rewards, torch.tensor([0, 0, 0, 1])),
         group_ids=torch.tensor([10, 10, 10, 20]),
         self_certainty=torch.rand(batch_size, seq_len, generator=gen, dtype=F64),
         sampled_token_logits=torch.randn(batch_size, seq_len, generator=gen, dtype=F64),
-        full_logps=full_logps, initial_mean_entropy=torch.rand(batch_size, generator=gen, dtype=F64),
+        full_logps=full_logps,
+        initial_mean_entropy=torch.rand(batch_size, generator=gen, dtype=F64),
     )
 
 
@@ -802,8 +890,9 @@ class TestRegistry:
         adv = TOKEN_ADVANTAGE_METHODS[name](batch)
         assert torch.equal(adv, torch.zeros_like(adv))
 
-    @pytest.mark.parametrize("name, field", [("ucas", "self_certainty"), ("ucas", "sampled_token_logits"),
-                                             ("tw_grpo", "full_logps")])
+    @pytest.mark.parametrize(
+        "name, field", [("ucas", "self_certainty"), ("ucas", "sampled_token_logits"), ("tw_grpo", "full_logps")]
+    )
     def test_missing_fields_are_named(self, name, field):
         batch = random_batch()
         setattr(batch, field, None)

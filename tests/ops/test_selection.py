@@ -247,8 +247,9 @@ class TestD3STokenMask:
         assert as_int(kept) == [[0, 1, 0], [1, 1, 0]]
 
     def test_row_advantages_broadcast(self):
-        kept = d3s_token_mask(self.ENTROPY, torch.ones(2, 3), torch.tensor([0.9, -1.2], dtype=F64),
-                              token_keep_ratio=0.5)
+        kept = d3s_token_mask(
+            self.ENTROPY, torch.ones(2, 3), torch.tensor([0.9, -1.2], dtype=F64), token_keep_ratio=0.5
+        )
         assert as_int(kept) == [[0, 1, 0], [0, 1, 1]]
 
     def test_zero_scores_never_kept_unless_ratio_one(self):
@@ -289,8 +290,15 @@ def test_band_penalty_normalizer_and_gather_make_the_mean_global():
         whole = spine_entropy_band_penalty(entropy, forking, band_mode=mode, band_low=0.5, band_high=2.0)
         everything = entropy[forking]
         shares = [
-            spine_entropy_band_penalty(entropy[rows], forking[rows], band_mode=mode, band_low=0.5, band_high=2.0,
-                                       normalizer=forking.sum() / 2, gather_fn=lambda _: everything)  # fmt: skip
+            spine_entropy_band_penalty(
+                entropy[rows],
+                forking[rows],
+                band_mode=mode,
+                band_low=0.5,
+                band_high=2.0,
+                normalizer=forking.sum() / 2,
+                gather_fn=lambda _, everything=everything: everything,
+            )  # fmt: skip
             for rows in (slice(0, 2), slice(2, 4))
         ]
         torch.testing.assert_close((shares[0] + shares[1]) / 2, whole)  # DDP averages the ranks' gradients

@@ -100,7 +100,9 @@ def test_implicit_rewards_identity(models, rows, tiny_tokenizer, tiny_model_path
     data = rows.add_column("chosen_token_weights", [[1.0] * len(ids) for ids in tokenized["chosen_ids"]])
     trainer = TokenDPOTrainer(model=tiny_model_path, args=args, train_dataset=data, processing_class=tiny_tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    rewards = token_implicit_rewards(policy, ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 0.1)
+    rewards = token_implicit_rewards(
+        policy, ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], 0.1
+    )
     mask = batch["completion_mask"][:, 1:].bool()
     assert (rewards[~mask] == 0).all()
     for i in range(rewards.shape[0]):
@@ -114,7 +116,9 @@ def test_implicit_rewards_identity(models, rows, tiny_tokenizer, tiny_model_path
         torch.testing.assert_close(rewards[i].sum().double() / 0.1 + seq_ref, seq_policy, atol=1e-4, rtol=0)
 
 
-def test_online_tgdpo_equals_offline_columns(models, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path):
+def test_online_tgdpo_equals_offline_columns(
+    models, tiny_preference_dataset, tiny_tokenizer, tiny_model_path, tmp_path
+):
     """TGDPO with a live guidance model trains exactly like TGDPO on columns built offline from the same model."""
     from ..trainers.dpo_utils import load
 

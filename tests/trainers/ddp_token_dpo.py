@@ -18,11 +18,25 @@ tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
 dataset = load_tiny_preference_dataset().select(range(16))
 tokenized = tokenize_preference_dataset(dataset, tokenizer)
 if token_loss_type == "cdpo":
-    dataset = dataset.add_column("rejected_token_weights", [[0.5 + (i % 2) for i in range(len(ids))] for ids in tokenized["rejected_ids"]])
+    dataset = dataset.add_column(
+        "rejected_token_weights", [[0.5 + (i % 2) for i in range(len(ids))] for ids in tokenized["rejected_ids"]]
+    )
 args = TokenDPOConfig(
-    output_dir=out, per_device_train_batch_size=per_device, max_steps=3, learning_rate=1e-3, logging_steps=1,
-    save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False, seed=7, max_length=64,
-    disable_tqdm=True, dataloader_pin_memory=False, token_loss_type=token_loss_type, use_cpu=True,
+    output_dir=out,
+    per_device_train_batch_size=per_device,
+    max_steps=3,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    bf16=False,
+    gradient_checkpointing=False,
+    seed=7,
+    max_length=64,
+    disable_tqdm=True,
+    dataloader_pin_memory=False,
+    token_loss_type=token_loss_type,
+    use_cpu=True,
     ddp_find_unused_parameters=False,
 )
 trainer = TokenDPOTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -31,5 +45,12 @@ if trainer.accelerator.is_main_process:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     with open(f"{out}/result.json", "w") as handle:
-        json.dump({"losses": losses, "param_sum": params.double().sum().item(), "param_norm": params.double().norm().item(),
-                   "world_size": trainer.accelerator.num_processes}, handle)
+        json.dump(
+            {
+                "losses": losses,
+                "param_sum": params.double().sum().item(),
+                "param_norm": params.double().norm().item(),
+                "world_size": trainer.accelerator.num_processes,
+            },
+            handle,
+        )

@@ -47,13 +47,33 @@ def reward(completion_ids, **kwargs):
 
 tokenizer = PreTrainedTokenizerFast.from_pretrained(model_path)
 args = TokenGRPOConfig(
-    output_dir=out, per_device_train_batch_size=2, num_generations=4, max_completion_length=8, max_steps=2,
-    learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-    dataloader_pin_memory=False, disable_tqdm=True, seed=7, use_cpu=True, ddp_find_unused_parameters=False,
-    token_selection="entropy_quantile", entropy_top_ratio=RHO, token_advantage="tempo",
+    output_dir=out,
+    per_device_train_batch_size=2,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=2,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    bf16=False,
+    gradient_checkpointing=False,
+    dataloader_pin_memory=False,
+    disable_tqdm=True,
+    seed=7,
+    use_cpu=True,
+    ddp_find_unused_parameters=False,
+    token_selection="entropy_quantile",
+    entropy_top_ratio=RHO,
+    token_advantage="tempo",
 )
-trainer = RecordingTrainer(model=model_path, reward_funcs=reward, args=args,
-                           train_dataset=load_tiny_grpo_dataset().select(range(16)), processing_class=tokenizer)
+trainer = RecordingTrainer(
+    model=model_path,
+    reward_funcs=reward,
+    args=args,
+    train_dataset=load_tiny_grpo_dataset().select(range(16)),
+    processing_class=tokenizer,
+)
 trainer.train()
 
 # The op itself on ranks with different numbers of valid tokens (7 and 12), as all_gather_variable_length must handle.
@@ -66,5 +86,13 @@ valid.view(-1)[: sizes[rank]] = True
 mask = high_entropy_token_mask(entropy, valid, rho=RHO, gather_fn=all_gather_variable_length)
 
 with open(f"{out}/rank{rank}.json", "w") as handle:
-    json.dump({"world_size": world, "records": trainer.records, "op_entropy": entropy.tolist(),
-               "op_valid": valid.int().tolist(), "op_mask": mask.int().tolist()}, handle)
+    json.dump(
+        {
+            "world_size": world,
+            "records": trainer.records,
+            "op_entropy": entropy.tolist(),
+            "op_valid": valid.int().tolist(),
+            "op_mask": mask.int().tolist(),
+        },
+        handle,
+    )

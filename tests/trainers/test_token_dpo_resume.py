@@ -26,6 +26,7 @@ def test_resume_from_checkpoint_is_exact(tiny_preference_dataset, tiny_tokenizer
     resumed = trainer(tmp_path / "straight")  # same output dir: resume from its step-2 checkpoint
     resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "straight", "checkpoint-2"))
     assert_params_equal(straight.model, resumed.model)
+
     # `num_tokens` is a running count that TRL's DPOTrainer does not checkpoint (stock behaviour, kept for parity).
     def step_logs(history):
         return [{k: v for k, v in e.items() if k != "num_tokens"} for e in history if "loss" in e and e["step"] > 2]

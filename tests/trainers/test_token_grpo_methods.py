@@ -45,23 +45,43 @@ def _last_metrics(trainer) -> dict:
 METHODS = {
     "entropy_quantile": ({"token_selection": "entropy_quantile"}, ["token/selected_frac", "token/entropy_selected"]),
     "entropy_quantile_topk_selected": (
-        {"token_selection": "entropy_quantile", "entropy_selection": "topk", "entropy_scope": "local",
-         "entropy_normalize": "selected"},
+        {
+            "token_selection": "entropy_quantile",
+            "entropy_selection": "topk",
+            "entropy_scope": "local",
+            "entropy_normalize": "selected",
+        },
         ["token/selected_frac"],
     ),
     "entropy_band": ({"token_selection": "entropy_band", "band_high": 5.0}, ["token/band_penalty"]),
     "ucas": ({"token_advantage": "ucas"}, ["token/adv_after/mean"]),
     "hapo": ({"token_advantage": "hapo"}, ["token/hapo/eps_low/mean", "token/hapo/sampling_temperature"]),
-    "gtpo": ({"token_advantage": "gtpo", "gtpo_entropy_threshold": 10.0, "loss_type": "grpo",
-              "entropy_normalize": "selected"}, ["token/adv_after/mean"]),  # fmt: skip
+    "gtpo": (
+        {
+            "token_advantage": "gtpo",
+            "gtpo_entropy_threshold": 10.0,
+            "loss_type": "grpo",
+            "entropy_normalize": "selected",
+        },
+        ["token/adv_after/mean"],
+    ),  # fmt: skip
     "d3s": ({"token_advantage": "d3s"}, ["token/d3s/kept_tokens_frac", "token/d3s/sample_keep_ratio"]),
     "tw_grpo": ({"token_advantage": "tw_grpo"}, ["token/tw_weight/max"]),
     "tempo": ({"token_advantage": "tempo"}, ["token/adv_after/max"]),
-    "rmt": ({"rmt_budget_init": 8, "rmt_budget_min": 2, "token_selection": "entropy_quantile", "rmt_ntp_coef": 0.1,
-             "rmt_ntp_source": "unselected"},
-            ["token/rmt_ntp_loss", "rewards/rmt_length/mean", "rmt/budget"]),  # fmt: skip
-    "hapo_rollout_stage_ga2": ({"token_advantage": "hapo", "gradient_accumulation_steps": 2, "max_steps": 2},
-                               ["token/hapo/eps_high/mean"]),  # fmt: skip
+    "rmt": (
+        {
+            "rmt_budget_init": 8,
+            "rmt_budget_min": 2,
+            "token_selection": "entropy_quantile",
+            "rmt_ntp_coef": 0.1,
+            "rmt_ntp_source": "unselected",
+        },
+        ["token/rmt_ntp_loss", "rewards/rmt_length/mean", "rmt/budget"],
+    ),  # fmt: skip
+    "hapo_rollout_stage_ga2": (
+        {"token_advantage": "hapo", "gradient_accumulation_steps": 2, "max_steps": 2},
+        ["token/hapo/eps_high/mean"],
+    ),  # fmt: skip
 }
 
 
@@ -112,7 +132,9 @@ def test_expert_batches_layout(tokenizer):
         prompt = input_ids[i, :-width][attention_mask[i, :-width].bool()].tolist()
         assert attention_mask[i, -width:].tolist() == completion_mask[i].tolist()
         assert completion[-1] == tokenizer.eos_token_id  # EOS appended to plain-text completions
-        assert (prompt, completion) in [(list(p), list(c)) for p, c in batches.rows]  # left-padded prompt, right-padded completion
+        assert (prompt, completion) in [
+            (list(p), list(c)) for p, c in batches.rows
+        ]  # left-padded prompt, right-padded completion
         served.add(tuple(completion))
     assert len(served) == 2  # one epoch of the shuffled rows before any repeat
 
@@ -191,13 +213,19 @@ def test_hapo_processor_drives_rollout_temperature(tiny_model_path, tokenizer, t
     "overrides, message",
     [
         ({"token_selection": "entropy_quantile", "entropy_selection": "topk"}, "entropy_scope='local'"),
-        ({"token_selection": "entropy_quantile", "loss_type": "dr_grpo", "entropy_normalize": "selected"},
-         "entropy_normalize='selected'"),
-        ({"token_selection": "entropy_quantile", "loss_type": "luspo", "entropy_normalize": "selected"},
-         "no token count"),
+        (
+            {"token_selection": "entropy_quantile", "loss_type": "dr_grpo", "entropy_normalize": "selected"},
+            "entropy_normalize='selected'",
+        ),
+        (
+            {"token_selection": "entropy_quantile", "loss_type": "luspo", "entropy_normalize": "selected"},
+            "no token count",
+        ),
         ({"token_selection": "entropy_quantile", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ({"token_advantage": "tempo", "token_shaping_stage": "loss", "gradient_accumulation_steps": 2},
-         "steps_per_generation=1"),
+        (
+            {"token_advantage": "tempo", "token_shaping_stage": "loss", "gradient_accumulation_steps": 2},
+            "steps_per_generation=1",
+        ),
         ({"token_advantage": "hapo", "loss_type": "cispo"}, "not a clipped loss"),
         ({"token_advantage": "gtpo", "gtpo_entropy_filter": "readme"}, "initial policy"),
         ({"rmt_ntp_coef": 0.5, "rmt_ntp_source": "unselected"}, "token_selection"),
@@ -290,7 +318,9 @@ def test_peft_lora_with_hidden_state_methods(tiny_model_path, tokenizer, tmp_pat
     trainer = train(TokenGRPOTrainer, args, tiny_model_path, tokenizer, peft_config=lora)
     logged = _last_metrics(trainer)
     assert math.isfinite(logged["kl"]) and math.isfinite(logged["token/adv_after/mean"])
-    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n and p.abs().sum() > 0]
+    changed = [
+        n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_B" in n and p.abs().sum() > 0
+    ]
     assert changed  # lora_B starts at zero: the adapters were trained
 
 
@@ -569,7 +599,9 @@ def test_rmt_corpus_ntp_term_matches_full_logits(rmt_rows, tiny_model_path, toke
         without = trainer.compute_loss(trainer.model, dict(inputs)).item()
     logged = trainer._metrics["train"]["token/rmt_ntp_loss"][-1]
 
-    documents = {(tuple(r), int(p)) for r, p in zip(inputs["tl_rmt_doc_ids"].tolist(), inputs["tl_rmt_target"].tolist())}
+    documents = {
+        (tuple(r), int(p)) for r, p in zip(inputs["tl_rmt_doc_ids"].tolist(), inputs["tl_rmt_target"].tolist())
+    }
     total, count = 0.0, 0
     for padded, target in documents:
         length = int(inputs["tl_rmt_doc_mask"][inputs["tl_rmt_doc_ids"].tolist().index(list(padded))].sum())

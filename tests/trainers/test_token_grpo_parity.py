@@ -66,7 +66,9 @@ def numeric_logs(log_history, ignore_prefixes=()) -> list[dict]:
         {
             k: v
             for k, v in entry.items()
-            if isinstance(v, (int, float)) and not any(t in k for t in TIMING_KEYS) and not k.startswith(ignore_prefixes)
+            if isinstance(v, (int, float))
+            and not any(t in k for t in TIMING_KEYS)
+            and not k.startswith(ignore_prefixes)
         }
         for entry in log_history
     ]
@@ -135,7 +137,9 @@ def test_neutral_selection_runs_the_token_path_with_stock_math(tiny_model_path, 
     ours = train(TokenGRPOTrainer, grpo_args(tmp_path / "b", beta=0.05, token_selection="entropy_quantile",
                                              entropy_top_ratio=1.0), tiny_model_path, tokenizer)  # fmt: skip
     assert_logs_equal(stock.state.log_history, ours.state.log_history, ignore_prefixes=("token/",))
-    assert all(entry["token/selected_frac"] == 1.0 for entry in ours.state.log_history if "token/selected_frac" in entry)
+    assert all(
+        entry["token/selected_frac"] == 1.0 for entry in ours.state.log_history if "token/selected_frac" in entry
+    )
     assert_params_equal(stock.model, ours.model)
 
 

@@ -13,9 +13,8 @@ import torch
 
 from trl_tokenlevel.data.builtin.sft import load_tiny_sft_dataset
 from trl_tokenlevel.data.sft_columns import tokenize_sft_dataset
-from trl_tokenlevel.ops.sft import otr_pg_loss, otr_rewards
+from trl_tokenlevel.ops.sft import gathered_logits, otr_pg_loss, otr_rewards, sample_tokens_tiled
 from trl_tokenlevel.trainers.token_sft_config import TokenSFTConfig
-from trl_tokenlevel.ops.sft import gathered_logits, sample_tokens_tiled
 from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer
 
 from .dpo_utils import base_args
@@ -60,8 +59,14 @@ METHODS = {
     "otr_expected": ({"token_loss_type": "otr", "otr_estimator": "expected"}, ["otr/loss", "otr/nll"]),
     "otr_gumbel": ({"token_loss_type": "otr", "otr_sampler": "gumbel", "otr_num_samples": 8}, ["otr/mean_reward"]),
     "otr_options": (
-        {"token_loss_type": "otr", "otr_baseline": "mean", "otr_include_gold": True, "otr_nll_coef": 0.5,
-         "otr_logprob_temperature": 0.8, "otr_num_samples": 16},
+        {
+            "token_loss_type": "otr",
+            "otr_baseline": "mean",
+            "otr_include_gold": True,
+            "otr_nll_coef": 0.5,
+            "otr_logprob_temperature": 0.8,
+            "otr_num_samples": 16,
+        },
         ["otr/mean_reward"],
     ),  # fmt: skip
     "otr_packing": ({"token_loss_type": "otr", "packing": True, "otr_num_samples": 16}, ["otr/mean_reward"]),

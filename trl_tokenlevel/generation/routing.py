@@ -449,9 +449,7 @@ class ContinuationJudge:
     def __call__(self, requests: list[JudgeRequest]) -> list[bool]:
         if not requests:
             return []
-        branches = [
-            r.prompt_ids + r.prefix_ids + [token] for r in requests for token in (r.slm_token, r.llm_token)
-        ]
+        branches = [r.prompt_ids + r.prefix_ids + [token] for r in requests for token in (r.slm_token, r.llm_token)]
         continued = self.continuations(branches)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         if self.reward_fn is None:

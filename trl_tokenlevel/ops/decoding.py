@@ -156,9 +156,7 @@ def chow_sum(log_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (log_probs * _as_mask(log_probs, mask)).sum(dim=-1)
 
 
-def chow_average(
-    log_probs: torch.Tensor, mask: torch.Tensor | None = None, empty_score: float = 0.0
-) -> torch.Tensor:
+def chow_average(log_probs: torch.Tensor, mask: torch.Tensor | None = None, empty_score: float = 0.0) -> torch.Tensor:
     """Chow-Average deferral score: mean of the token log-probs of each row of `[B, T]`.
 
     Paper: https://huggingface.co/papers/2404.10136. `empty_score` (knob, default 0.0) is the score of an empty output;

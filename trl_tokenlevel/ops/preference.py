@@ -690,9 +690,7 @@ def aligndistil_loss_from_logits(
         else:
             teacher_logits = dpo + ratio * (dpo - reverse)
 
-    token_kl = _kl(
-        F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1)
-    )
+    token_kl = _kl(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1))
     loss = masked_sum(coef * token_kl, mask)
     if len_norm:
         loss = loss / mask.sum(dim=-1).clamp(min=1)

@@ -17,7 +17,7 @@ Contents
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,7 +61,7 @@ def linear_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(value_below, value_above, (rank - below).to(values.device))
 
 
-def all_gather_variable_length(values: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def all_gather_variable_length(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate a 1-D tensor across the ranks of ``group`` when ranks hold different numbers of elements.
 
     A ready ``gather_fn`` for :func:`high_entropy_token_mask`: the sizes are all-gathered first, every rank pads to the
@@ -90,7 +90,7 @@ def high_entropy_token_mask(
     *,
     rho: float = 0.2,
     entropy_selection: str = "quantile",
-    gather_fn: Optional[GatherFn] = None,
+    gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """Mask of the top-ρ highest-entropy ("forking") completion tokens.
 
@@ -177,7 +177,7 @@ def spine_entropy_band_penalty(
     band_mode: str = "const",
     band_quantiles: tuple[float, float] = (0.1, 0.9),
     normalizer: float | torch.Tensor | None = None,
-    gather_fn: Optional[GatherFn] = None,
+    gather_fn: GatherFn | None = None,
 ) -> torch.Tensor:
     """SPINE entropy-band regulariser on the forking tokens F (spec §2; every piece is [recon]).
 
@@ -255,7 +255,7 @@ def d3s_token_mask(
 def _high_entropy_selection(
     per_token_entropy: torch.Tensor,
     completion_mask: torch.Tensor,
-    advantages: Optional[torch.Tensor] = None,
+    advantages: torch.Tensor | None = None,
     **knobs,
 ) -> torch.Tensor:
     # The 80/20 rule ignores advantages: zero-advantage groups still consume selection slots (spec §1 edge cases).
@@ -265,7 +265,7 @@ def _high_entropy_selection(
 def _d3s_selection(
     per_token_entropy: torch.Tensor,
     completion_mask: torch.Tensor,
-    advantages: Optional[torch.Tensor] = None,
+    advantages: torch.Tensor | None = None,
     **knobs,
 ) -> torch.Tensor:
     if advantages is None:

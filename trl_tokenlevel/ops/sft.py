@@ -28,9 +28,7 @@ def chord_phi(probs: torch.Tensor) -> torch.Tensor:
     return probs * (1.0 - probs)
 
 
-def chord_sft_per_token_loss(
-    log_probs: torch.Tensor, weighting: str = "phi", cutoff_prob: float = 1.0
-) -> torch.Tensor:
+def chord_sft_per_token_loss(log_probs: torch.Tensor, weighting: str = "phi", cutoff_prob: float = 1.0) -> torch.Tensor:
     """Per-token CHORD expert-SFT loss `−log π_θ(y_t) · sg(w(p_t))`, same shape as `log_probs`.
 
     Paper: https://huggingface.co/papers/2508.11408; reference code Trinity-RFT `chord_policy_loss.py::SFTPhiLossFn`.
@@ -434,7 +432,12 @@ class _OTRExpectedLoss(torch.autograd.Function):
             grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -736,6 +739,7 @@ def sampled_log_probs(
     indices = torch.cat([samples, labels.unsqueeze(-1)], dim=-1)
     z = gathered_logits(hidden, weight, bias, indices, logit_scale, softcap, raw_values)
     return label_log_probs.unsqueeze(-1) + (z[:, :-1] - z[:, -1:]) / temperature
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainer

@@ -316,4 +316,3 @@ class RMTNextTokenReward:
             answer = self.extract_answer(completion_text(completion))
             rewards.append(float(answer is not None and answer.strip() == str(target).strip()))
         return rewards
-

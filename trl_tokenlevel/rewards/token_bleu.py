@@ -13,8 +13,8 @@ key, so memory grows with the number of n-grams, not with batch size × distinct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def _clipped_matches(candidates: torch.Tensor, references: torch.Tensor, pad_tok
     ref_owner = torch.nonzero(ref_valid)[:, :2]  # (sentence b, reference r)
     _, compact = torch.unique(torch.cat([cand_ngrams, ref_ngrams]), dim=0, return_inverse=True)
     num_ngrams = int(compact.max()) + 1
-    cand_ids, ref_ids = compact[: cand_ngrams.shape[0]], compact[cand_ngrams.shape[0]:]
+    cand_ids, ref_ids = compact[: cand_ngrams.shape[0]], compact[cand_ngrams.shape[0] :]
 
     # Candidate counts per (b, g).
     cand_keys, cand_counts = torch.unique(cand_owner * num_ngrams + cand_ids, return_counts=True)
@@ -117,7 +117,7 @@ def tensor_sentence_bleu(
     pad_token_id: int,
     *,
     max_n: int = 4,
-    weights: Optional[Sequence[float]] = None,
+    weights: Sequence[float] | None = None,
     smoothing: str = "floor",
     epsilon: float = 0.1,
     add_k: float = 1.0,
@@ -168,8 +168,7 @@ def tensor_sentence_bleu(
 
     cand_len = stats.candidate_length.to(dtype)
     ref_len = stats.reference_length.to(dtype)
-    brevity = torch.where(cand_len > ref_len, torch.ones_like(cand_len),
-                          torch.exp(1 - ref_len / cand_len.clamp(min=1)))
+    brevity = torch.where(cand_len > ref_len, torch.ones_like(cand_len), torch.exp(1 - ref_len / cand_len.clamp(min=1)))
     bleu = brevity * geometric_mean
     scored = (stats.candidate_length > 0) & (stats.matches[:, 0] > 0)
     if smoothing == "none":

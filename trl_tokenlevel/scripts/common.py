@@ -156,7 +156,9 @@ def train_and_save(trainer, training_args, script_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     processes = trainer.accelerator.num_processes
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}" + (f" ({processes} processes)" if processes > 1 else ""))
+    trainer.accelerator.print(
+        f"Model saved to {training_args.output_dir}" + (f" ({processes} processes)" if processes > 1 else "")
+    )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer

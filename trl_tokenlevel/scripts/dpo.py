@@ -217,7 +217,12 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
     set_model_init_kwargs(training_args, init_kwargs)
 
     train_dataset = _add_token_signal(
-        token_script_args, train_dataset, model_path, tokenizer, training_args.model_init_kwargs or {}, training_args.device
+        token_script_args,
+        train_dataset,
+        model_path,
+        tokenizer,
+        training_args.model_init_kwargs or {},
+        training_args.device,
     )
     trainer = TokenDPOTrainer(
         model=model_path,

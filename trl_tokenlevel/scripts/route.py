@@ -129,7 +129,8 @@ class RouteGenerateArguments:
     top_p: float = field(default=1.0, metadata={"help": "Top-p sampling."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output_dir: str = field(
-        default="tokenlevel-route", metadata={"help": "generations-<method>.jsonl and token_models-<method>.html go here."}
+        default="tokenlevel-route",
+        metadata={"help": "generations-<method>.jsonl and token_models-<method>.html go here."},
     )
 
 

@@ -104,7 +104,9 @@ def main(script_args, job_args, training_args, model_args, dataset_args):
     else:
         train_dataset, heldout, _ = load_train_and_heldout(script_args, dataset_args, load_tiny_sft_dataset)
     if job_args.tiny:
-        tokenizer, model_path = build_tiny_base(training_args, [row["prompt"] + row["completion"] for row in train_dataset])
+        tokenizer, model_path = build_tiny_base(
+            training_args, [row["prompt"] + row["completion"] for row in train_dataset]
+        )
         # Eager attention, so that ssToken's attention score works on the tiny job too.
         init_kwargs = {"attn_implementation": model_args.attn_implementation or "eager"}
     else:

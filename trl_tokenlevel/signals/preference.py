@@ -77,7 +77,7 @@ def score_completion_tokens(
             targets = input_ids[:, 1:][predicts_completion[:, :-1]]
         values = scorer(hiddens, targets).float().cpu().tolist()
         offset = 0
-        for row, (context, completion) in enumerate(zip(prompt_ids[0][start:], completions)):
+        for context, completion in zip(prompt_ids[0][start:], completions):
             scored = len(completion) - (1 if len(context) == 0 else 0)
             padding = [0.0] * (len(completion) - scored)
             results.append(padding + values[offset : offset + scored])
@@ -239,7 +239,7 @@ def add_contrastive_prompt_rewards(
     tokenized = tokenize_preference_dataset(dataset, processing_class)
     contexts = []
     for template in (better_template, worse_template):
-        wrapped = dataset.map(lambda row: {"prompt": _apply_template(row["prompt"], template)})
+        wrapped = dataset.map(lambda row, template=template: {"prompt": _apply_template(row["prompt"], template)})
         contexts.append(tokenize_preference_dataset(wrapped, processing_class)["prompt_ids"])
     score = _logprob_scorer(evaluator, 0)
 

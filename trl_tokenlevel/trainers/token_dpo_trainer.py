@@ -328,7 +328,9 @@ class TokenDPOTrainer(DPOTrainer):
         if self.sparsepo_masks is not None:
             path = os.path.join(resume_from_checkpoint, _SPARSEPO_MASK_FILE)
             if not os.path.exists(path):
-                raise ValueError(f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run.")
+                raise ValueError(
+                    f"{resume_from_checkpoint} has no {_SPARSEPO_MASK_FILE}: it was not saved by a SparsePO run."
+                )
             self._load_sparsepo_masks(path)
 
     def _load_sparsepo_masks(self, path: str) -> None:
@@ -377,7 +379,12 @@ class TokenDPOTrainer(DPOTrainer):
                 )
 
     # Which per-token column family each token loss reads (the others are ignored, with a warning).
-    _FAMILY_OF_LOSS = {"weighted": "token_weights", "cdpo": "token_weights", "tgdpo": "token_rewards", "treg": "token_rewards"}
+    _FAMILY_OF_LOSS = {
+        "weighted": "token_weights",
+        "cdpo": "token_weights",
+        "tgdpo": "token_rewards",
+        "treg": "token_rewards",
+    }
 
     def _check_token_columns(self, present: list[str], dataset_name: str, user_columns: list[str]) -> None:
         """Fail early when the dataset cannot feed the chosen token loss; warn about columns it will not read."""
@@ -749,7 +756,15 @@ class TokenDPOTrainer(DPOTrainer):
         return signals
 
     def _token_level_loss(
-        self, mode, inputs, model_kwargs, labels, per_token_logps, ref_per_token_logps, per_token_logratios, shift_mask,
+        self,
+        mode,
+        inputs,
+        model_kwargs,
+        labels,
+        per_token_logps,
+        ref_per_token_logps,
+        per_token_logratios,
+        shift_mask,
         distribution=None,
     ) -> torch.Tensor:
         """Dispatch to the ops function of `token_loss_type`; returns the per-pair loss `(B,)`."""
@@ -809,7 +824,9 @@ class TokenDPOTrainer(DPOTrainer):
             )  # fmt: skip
         else:
             reward_chosen, reward_rejected = distribution["reward_mask"].chunk(2, dim=0)
-            kl_chosen, kl_rejected = distribution["kl_mask"].chunk(2, dim=0) if "kl_mask" in distribution else (None, None)
+            kl_chosen, kl_rejected = (
+                distribution["kl_mask"].chunk(2, dim=0) if "kl_mask" in distribution else (None, None)
+            )
             sparse = self.token_loss_type == "sparsepo"
             loss, parts = sparsepo_loss(
                 chosen_logratios, rejected_logratios, chosen_kl, rejected_kl, chosen_mask, rejected_mask,
@@ -927,7 +944,9 @@ class TokenDPOTrainer(DPOTrainer):
                 second_hidden = backbone_hidden_states(second, input_ids, attention_mask)[:, :-1][valid]
         heads = [lm_head_params(causal_lm_of(m, self.accelerator)) for m in (policy_lm, dpo_teacher, second)]
         if heads[1]["softcap"] is not None or heads[2]["softcap"] is not None:
-            raise ValueError("AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported.")
+            raise ValueError(
+                "AlignDistil's chunked teacher needs linear logits; teachers with logit softcapping are not supported."
+            )
 
         if args.aligndistil_mode in ("aligndistil", "theorem1_adaptive"):
             tvd = chunked_total_variation(
@@ -951,7 +970,11 @@ class TokenDPOTrainer(DPOTrainer):
             if head["bias"] is not None:  # a bias becomes one more input feature with constant value `coef`
                 teacher_hidden.append(coef[:, None])
                 teacher_weight.append(head["bias"][:, None].to(teacher_weight[0].dtype))
-        teacher = (torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype), torch.cat(teacher_weight, dim=1), None)
+        teacher = (
+            torch.cat(teacher_hidden, dim=-1).to(teacher_weight[0].dtype),
+            torch.cat(teacher_weight, dim=1),
+            None,
+        )
         if self.fused_distribution:
             stats = fused_token_statistics(
                 student, heads[0]["weight"], heads[0]["bias"], input_ids[:, 1:][:, -seq_len:][valid], *teacher,
@@ -964,7 +987,9 @@ class TokenDPOTrainer(DPOTrainer):
                 values = values.new_zeros(valid.shape).masked_scatter(valid, values)
                 return torch.where(shift_mask.bool(), values, 0)
 
-            outputs = SimpleNamespace(log_probs=completion_tokens(stats.log_probs), entropy=completion_tokens(stats.entropy))
+            outputs = SimpleNamespace(
+                log_probs=completion_tokens(stats.log_probs), entropy=completion_tokens(stats.entropy)
+            )
         else:
             kl = chunked_token_kl(
                 student, heads[0]["weight"], heads[0]["bias"], *teacher, direction="reverse",
@@ -985,7 +1010,9 @@ class TokenDPOTrainer(DPOTrainer):
         count = gather(in_loss.sum()).sum().clamp(min=1)
         metrics["aligndistil/kl_mean"].append((gather(kl.detach().sum()).sum() / count).item())
         metrics["aligndistil/omega_mean"].append((gather(omega.sum()).sum() / count).item())
-        metrics["aligndistil/omega_max"].append(gather(omega.max() if omega.numel() else omega.new_zeros(())).max().item())
+        metrics["aligndistil/omega_max"].append(
+            gather(omega.max() if omega.numel() else omega.new_zeros(())).max().item()
+        )
         entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum()).sum()
         metrics["entropy"].append((entropy_sum / gather(shift_mask.sum()).sum().clamp(min=1)).item())
         metrics["logps/chosen"].append(gather(outputs.log_probs[:, -seq_len:].detach().sum(dim=1)).mean().item())
@@ -1016,7 +1043,11 @@ class TokenDPOTrainer(DPOTrainer):
         inputs = self._prepare_inputs(inputs)
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+        model_kwargs = {
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
+            "use_cache": False,
+        }
         seq_len = completion_mask.size(1) - 1
         policy_logps = self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:]
         if "ref_token_logps" in inputs:

@@ -29,7 +29,7 @@ import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -76,7 +76,7 @@ class TokenGRPOBatch(TokenAdvantageInputs):
     ``sampled_token_logits`` (UCAS), ``tw_grpo_divergence`` (TW-GRPO, in vocabulary tiles).
     """
 
-    token_rewards: Optional[torch.Tensor] = None
+    token_rewards: torch.Tensor | None = None
 
 
 def _return_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -274,8 +274,12 @@ class TokenGRPOTrainer(GRPOTrainer):
             reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs.append(
                 RMTLengthReward(
-                    token_args.rmt_budget_init, token_args.rmt_budget_min, token_args.rmt_gamma, token_args.rmt_k,
-                    token_args.rmt_exponent_form, token_args.rmt_length_reward_weight,
+                    token_args.rmt_budget_init,
+                    token_args.rmt_budget_min,
+                    token_args.rmt_gamma,
+                    token_args.rmt_k,
+                    token_args.rmt_exponent_form,
+                    token_args.rmt_length_reward_weight,
                     token_args.rmt_length_reward_width,
                 )  # fmt: skip
             )

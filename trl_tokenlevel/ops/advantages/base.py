@@ -51,8 +51,15 @@ class TokenAdvantageInputs:
         shape = tuple(self.completion_ids.shape)
         if len(shape) != 2:
             raise ValueError(f"completion_ids must be (B, T), got shape {shape}.")
-        for name in ("completion_mask", "per_token_logps", "per_token_entropy", "old_per_token_logps",
-                     "self_certainty", "sampled_token_logits", "tw_grpo_divergence"):
+        for name in (
+            "completion_mask",
+            "per_token_logps",
+            "per_token_entropy",
+            "old_per_token_logps",
+            "self_certainty",
+            "sampled_token_logits",
+            "tw_grpo_divergence",
+        ):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)} but completion_ids has shape {shape}.")

@@ -186,9 +186,14 @@ def gtpo_token_advantages(
     delta = gtpo_token_weights(forward_run, backward_run, batch.advantages, valid, conflict_weight=conflict_weight)
     entropy = batch.per_token_entropy.detach()
     mean_entropy = _masked(entropy, valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-    shaped = gtpo_shaped_advantages(batch.advantages, mean_entropy, entropy_threshold=entropy_threshold,
-                                    entropy_scale=entropy_scale, entropy_filter=entropy_filter,
-                                    initial_mean_entropy=batch.initial_mean_entropy)
+    shaped = gtpo_shaped_advantages(
+        batch.advantages,
+        mean_entropy,
+        entropy_threshold=entropy_threshold,
+        entropy_scale=entropy_scale,
+        entropy_filter=entropy_filter,
+        initial_mean_entropy=batch.initial_mean_entropy,
+    )
     token_adv = shaped[:, None] * delta
     if divide_by_n_conflict:
         counts = gtpo_conflict_counts(forward_run, backward_run, valid, n_conflict_count=n_conflict_count)

@@ -131,8 +131,9 @@ def hapo_redistribute_advantages(
         advantages = advantages[:, None]
     advantages = advantages.expand(h_hat.shape)
     ratio = ratio.detach()
-    eps_low, eps_high = hapo_clip_bounds(h_hat, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                                         clip_alpha=clip_alpha)
+    eps_low, eps_high = hapo_clip_bounds(
+        h_hat, epsilon_low=epsilon_low, epsilon_high=epsilon_high, clip_alpha=clip_alpha
+    )
     neutral = (ratio > 1 - eps_low / 2) & (ratio < 1 + eps_high / 2)
     entropy_adv = advantages * (1 + adv_beta * h_hat)
     use_entropy_adv = torch.where(h_hat > 0, ~neutral, neutral)
@@ -164,11 +165,20 @@ def hapo_token_advantages(
         h_hat = _masked(hapo_normalized_entropy(batch.per_token_entropy, stats), mask)
     else:
         h_hat = torch.zeros_like(batch.per_token_entropy)
-    tlga = hapo_tlga_advantages(batch.rewards, mask, batch.group_index,
-                                hapo_fallback_include_padding=hapo_fallback_include_padding, eps=eps)
+    tlga = hapo_tlga_advantages(
+        batch.rewards, mask, batch.group_index, hapo_fallback_include_padding=hapo_fallback_include_padding, eps=eps
+    )
     if batch.old_per_token_logps is None:
         ratio = torch.ones_like(h_hat)
     else:
         ratio = torch.exp(_masked(batch.per_token_logps - batch.old_per_token_logps, mask))
-    return hapo_redistribute_advantages(tlga.to(h_hat.dtype), h_hat, ratio, mask, epsilon_low=epsilon_low,
-                                        epsilon_high=epsilon_high, clip_alpha=clip_alpha, adv_beta=adv_beta)
+    return hapo_redistribute_advantages(
+        tlga.to(h_hat.dtype),
+        h_hat,
+        ratio,
+        mask,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        clip_alpha=clip_alpha,
+        adv_beta=adv_beta,
+    )

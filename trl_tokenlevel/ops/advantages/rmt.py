@@ -37,8 +37,9 @@ def rmt_token_budget(
     """
     _check_choice("exponent_form", exponent_form, RMT_EXPONENT_FORMS)
     if budget_min < 1 or not 0.0 < gamma < 1.0 or total_steps <= 0:
-        raise ValueError(f"Need budget_min ≥ 1, 0 < gamma < 1 and total_steps > 0; got {budget_min}, {gamma}, "
-                         f"{total_steps}.")
+        raise ValueError(
+            f"Need budget_min ≥ 1, 0 < gamma < 1 and total_steps > 0; got {budget_min}, {gamma}, {total_steps}."
+        )
     exponent = step / total_steps**k if exponent_form == "as_rendered" else k * step / total_steps
     return max(budget_min, math.floor(budget_init * gamma**exponent))
 

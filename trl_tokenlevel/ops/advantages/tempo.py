@@ -128,5 +128,6 @@ def tempo_token_advantages(batch: TokenAdvantageInputs, *, tempo_lambda: float =
 
     Paper: https://huggingface.co/papers/2509.18314. Default λ = 1.0.
     """
-    return tempo_advantages(batch.advantages, batch.completion_ids, batch.completion_mask, batch.group_index,
-                            tempo_lambda=tempo_lambda)
+    return tempo_advantages(
+        batch.advantages, batch.completion_ids, batch.completion_mask, batch.group_index, tempo_lambda=tempo_lambda
+    )

@@ -77,16 +77,19 @@ def ucas_advantages(
         if confidence_agg == "mean":
             confidence = confidence / valid.sum(dim=1).clamp(min=1)
         adv = group_relative_advantages(rewards, group_index, eps=eps, norm_adv_by_std=norm_adv_by_std)
-        conf_z = group_relative_advantages(confidence.to(adv.dtype), group_index, eps=eps,
-                                           norm_adv_by_std=norm_adv_by_std)
+        conf_z = group_relative_advantages(
+            confidence.to(adv.dtype), group_index, eps=eps, norm_adv_by_std=norm_adv_by_std
+        )
         modifier = torch.where(adv > 0, torch.exp(-beta_pos * conf_z), torch.exp(beta_neg * conf_z))
         response_adv = adv * modifier
 
         logits = sampled_token_logits.to(adv.dtype)
-        bounds = torch.stack([
-            logits.masked_fill(~valid, float("inf")).min(),
-            logits.masked_fill(~valid, float("-inf")).max(),
-        ])
+        bounds = torch.stack(
+            [
+                logits.masked_fill(~valid, float("inf")).min(),
+                logits.masked_fill(~valid, float("-inf")).max(),
+            ]
+        )
         if gather_fn is not None:
             bounds = gather_fn(bounds)
         # One (low, high) pair per rank; a rank without valid tokens sends (+inf, −inf), so min of lows, max of highs.
