@@ -177,6 +177,17 @@ class _Head:
         return grad * self.logit_scale
 
 
+def _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, rows: slice, columns: slice) -> None:
+    """Add one tile's logit gradient `grad_raw` (`[rows, columns]`, compute dtype) to the hidden, weight and bias
+    gradients, each None when not needed: dL/dh += g W, dL/dW += g^T h, dL/db += sum over rows of g."""
+    if grad_h is not None:
+        grad_h[rows] += grad_raw @ weight[columns].to(grad_raw.dtype)
+    if grad_w is not None:
+        grad_w[columns] += grad_raw.t() @ h
+    if grad_b is not None:
+        grad_b[columns] += grad_raw.sum(dim=0)
+
+
 def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, step):
         yield start, min(start + step, total)
@@ -310,12 +321,7 @@ class _ChunkedKLFunction(torch.autograd.Function):
                         else:
                             grad_z = p_s - log_pt.exp()
                         grad_raw = student.chain(grad_z * g, th)
-                        if grad_h is not None:
-                            grad_h[r0:r1] += grad_raw @ s_weight[v0:v1].to(dtype)
-                        if grad_w is not None:
-                            grad_w[v0:v1] += grad_raw.t() @ h_s
-                        if grad_b is not None:
-                            grad_b[v0:v1] += grad_raw.sum(dim=0)
+                        _add_tile_grads(grad_raw, h_s, s_weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(s_hidden.dtype) if grad_h is not None else None,
             grad_w.to(s_weight.dtype) if grad_w is not None else None,
@@ -507,12 +513,7 @@ class _ChunkedLogProbFunction(torch.autograd.Function):
                         columns = torch.arange(v0, v1, device=hidden.device)
                         one_hot = (columns == y.unsqueeze(-1)).to(dtype)
                         grad_raw = head.chain(g * (one_hot - torch.exp(z - lse[r0:r1].unsqueeze(-1))), th)
-                        if grad_h is not None:
-                            grad_h[r0:r1] += grad_raw @ weight[v0:v1].to(dtype)
-                        if grad_w is not None:
-                            grad_w[v0:v1] += grad_raw.t() @ h
-                        if grad_b is not None:
-                            grad_b[v0:v1] += grad_raw.sum(dim=0)
+                        _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,

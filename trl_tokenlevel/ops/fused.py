@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .chunked import (
+    _add_tile_grads,
     _check_head,
     _check_pair,
     _check_positive_int,
@@ -218,12 +219,7 @@ class _FusedFunction(torch.autograd.Function):
                                 d_kl = p_tau - torch.exp(log_p_t)
                             grad_z += g_kl[r0:r1] * d_kl / temperature
                         grad_raw = policy.chain(grad_z, th)
-                        if grad_h is not None:
-                            grad_h[r0:r1] += grad_raw @ weight[v0:v1].to(dtype)
-                        if grad_w is not None:
-                            grad_w[v0:v1] += grad_raw.t() @ h
-                        if grad_b is not None:
-                            grad_b[v0:v1] += grad_raw.sum(dim=0)
+                        _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
