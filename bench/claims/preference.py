@@ -68,8 +68,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "signal_sft_steps": 3,
         "tgdpo_alpha": 0.5,
         "tdpo_alpha": 0.5,
-        "methods": ["dpo", "tdpo2"],
-        "threads": 1,
+        "methods": ["dpo", "tdpo2", "tgdpo", "cdpo", "weighted", "sparsepo"],
+        "threads": 2,
         "device": "cpu",
     },
     "quick": {
