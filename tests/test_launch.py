@@ -4,12 +4,13 @@ through `accelerate launch` with the shipped config, and through torchrun. Each 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = ROOT / "examples" / "accelerate_configs" / "cpu_ddp.yaml"
@@ -18,12 +19,6 @@ FAST = {
     "grpo": ["--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4"],
     "sft": ["--max_steps", "2"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(command: list[str], tmp_path: Path) -> str:
@@ -42,7 +37,7 @@ def _bin(name: str) -> str:
 def test_accelerate_launch_two_cpu_processes(script, tmp_path):
     out = tmp_path / "run"
     output = _run(
-        [_bin("accelerate"), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(_free_port()),
+        [_bin("accelerate"), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
          "-m", f"trl_tokenlevel.scripts.{script}", "--tiny", "--output_dir", str(out), *FAST[script]],
         tmp_path,
     )  # fmt: skip
@@ -55,7 +50,7 @@ def test_accelerate_launch_two_cpu_processes(script, tmp_path):
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     output = _run(
-        [_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+        [_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
          "trl_tokenlevel.scripts.dpo", "--tiny", "--output_dir", str(out), *FAST["dpo"]],
         tmp_path,
     )  # fmt: skip

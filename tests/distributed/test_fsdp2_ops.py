@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.ports import free_port
+
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp2_ops_worker.py")
 
 
@@ -25,7 +27,7 @@ def _run(tmp_path, nproc, *args):
         command = [sys.executable, WORKER, str(out), *args]
     else:
         torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", "29531", WORKER, str(out), *args]
+        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, str(out), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from tests.ports import free_port
+
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp2_trainer_worker.py")
 METHODS = {
     "dpo": "stock,weighted,tgdpo,treg,cdpo,tdpo1,tdpo2,sparsepo,mapo,aligndistil",
@@ -36,7 +38,7 @@ def _run(model_path, out, nproc, kind, methods):
         command = [sys.executable, *command]
     else:
         torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", "29553", *command]
+        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *command]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.ports import free_port
+
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_token_dpo.py")
 
 
@@ -19,7 +21,7 @@ def _run(nproc, per_device, model_path, out, token_loss_type="cdpo"):
         command = [sys.executable, WORKER, model_path, str(out), str(per_device), token_loss_type]
     else:
         torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", "29517", WORKER, model_path, str(out),
+        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, model_path, str(out),
                    str(per_device), token_loss_type]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

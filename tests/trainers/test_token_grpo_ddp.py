@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from tests.ports import free_port
 from trl_tokenlevel.ops.advantages import resolve_group_index, tempo_advantages
 from trl_tokenlevel.ops.selection import high_entropy_token_mask
 
@@ -24,7 +25,7 @@ def ranks(tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo_ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", WORKER, tiny_model_path, str(out)]
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, tiny_model_path, str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.ports import free_port
+
 WORKER = os.path.join(os.path.dirname(__file__), "grpo_layout_worker.py")
 # Groups of 4 completions split across the two ranks (2 rows each): selection quantiles, UCAS bounds and token
 # advantages must reduce over ranks. TW-GRPO compares a group's distributions on one rank by design, so its layout
@@ -26,7 +28,7 @@ def _run(model_path, out, nproc, per_device, methods):
         command = [sys.executable, *command]
     else:
         torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", "29541", *command]
+        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *command]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tests.ports import free_port
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
 from trl_tokenlevel.ops.advantages import TokenAdvantageInputs
 from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
@@ -517,7 +518,7 @@ def test_chord_two_processes_equal_one_batch(tiny_model_path, tokenizer, tmp_pat
     worker = os.path.join(os.path.dirname(__file__), "ddp_chord.py")
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29541", worker, tiny_model_path,
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), worker, tiny_model_path,
                              str(out)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     params = torch.load(out / "params.pt")
