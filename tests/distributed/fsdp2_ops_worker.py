@@ -95,4 +95,7 @@ if rank == 0:
         json.dump({"loss": total.item(), "grads": grads, "world": world,
                    "dtensor": sharded and type(head["weight"]).__name__ == "DTensor"}, handle)  # fmt: skip
 if sharded:
+    # Both ranks reach the barrier before the group is torn down: tearing down gloo while the other rank still talks
+    # aborted one run in ~50 ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
