@@ -379,20 +379,27 @@ def _signal_columns(method, rows, seed, state, model_path, tokenizer, base, conf
     return {}
 
 
+def load_base_and_pool(config: dict[str, Any]):
+    """`(model_path, base, tokenizer, pool)`: the demo model on the configured device in eval mode (torch at the
+    configured thread count) and its on-policy pair pool; shared by the preference and signals experiments."""
+    from trl_tokenlevel.models import demo_model_path, load_demo_model
+
+    torch.set_num_threads(config["threads"])
+    model_path = demo_model_path(use_hub=False)
+    base, tokenizer = load_demo_model(model_path, use_hub=False)
+    base.to(config["device"]).eval()
+    return model_path, base, tokenizer, preference_pool(config, base, tokenizer)
+
+
 def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     from trl_tokenlevel.data.builtin.tasks import make_problems
-    from trl_tokenlevel.models import demo_model_path, load_demo_model
 
     config = experiment_config(CONFIGS, quick)
-    torch.set_num_threads(config["threads"])
     start = time.perf_counter()
-    model_path = demo_model_path(use_hub=False)
-    base, tokenizer = load_demo_model(model_path, use_hub=False)
-    base.to(config["device"]).eval()
-    pool = preference_pool(config, base, tokenizer)
+    model_path, base, tokenizer, pool = load_base_and_pool(config)
     if len(pool["train"]) < config["batch_size"] or not pool["valid"]:
         raise RuntimeError(f"Too few on-policy pairs: {len(pool['train'])} train, {len(pool['valid'])} valid.")
     eval_problems = make_problems(config["task"], config["n_eval"], "test", digits=config["digits"],

@@ -25,8 +25,6 @@ import random
 import time
 from typing import Any
 
-import torch
-
 from bench.claims.common import experiment_config, mean_ci, paired_difference, verdict
 from bench.claims.preference import (
     CONFIGS as PREFERENCE_CONFIGS,
@@ -34,8 +32,8 @@ from bench.claims.preference import (
 from bench.claims.preference import (
     _dataset,
     first_wrong_tokens,
+    load_base_and_pool,
     pool_summary,
-    preference_pool,
     train_preference,
     train_sft_model,
 )
@@ -80,15 +78,10 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
     matplotlib.use("Agg")
     from trl_tokenlevel import signals
     from trl_tokenlevel.data import tokenize_preference_dataset
-    from trl_tokenlevel.models import demo_model_path, load_demo_model
 
     config = experiment_config(CONFIGS, quick)
-    torch.set_num_threads(config["threads"])
     start = time.perf_counter()
-    model_path = demo_model_path(use_hub=False)
-    base, tokenizer = load_demo_model(model_path, use_hub=False)
-    base.to(config["device"]).eval()
-    pool = preference_pool(config, base, tokenizer)
+    model_path, base, tokenizer, pool = load_base_and_pool(config)
     rows = pool["valid"][: config["analysis_pairs"]]
     analysis = _dataset(rows)
     first_wrong = first_wrong_tokens(rows, tokenize_preference_dataset(analysis, tokenizer), tokenizer)
