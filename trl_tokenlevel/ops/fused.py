@@ -29,9 +29,12 @@ row, the gradient of `g_lp · log_prob + g_kl · KL` with respect to the policy'
 then the softcap/scale chain rule and fp32 GEMMs into grad_hidden / grad_weight / grad_bias. Memory is
 O(token_chunk · vocab_chunk) on top of the inputs and the `[V, H]` weight gradient.
 
-Backends: `"torch"` is the plain-torch tiling below, on any device. A Triton kernel (one program per row tile, folding
-both heads' tiles in registers) would be added as another backend in `_BACKENDS` with the same inputs and outputs;
-none is implemented yet (it could not be tested without a GPU).
+Backends: `"torch"` is the plain-torch tiling below, on any device, for every transform. `"triton"`
+(`ops.fused_triton`) runs the same equations in Triton kernels on CUDA (both heads' tiles folded in registers, the
+backward's products accumulated with atomics); it supports heads without bias, logit scale or softcap (any temperature,
+both directions, fp32/bf16) and raises a ValueError naming the option otherwise. Its parity with "torch" is tested
+with Triton's CPU interpreter (`tests/ops/test_fused_triton.py`); its speed on a GPU is unmeasured, so the trainers'
+`token_kernel="auto"` never picks it.
 """
 
 from __future__ import annotations
@@ -60,8 +63,7 @@ from .chunked import (
 
 __all__ = ["FusedTokenStatistics", "fused_token_statistics"]
 
-# Where a Triton (or other) implementation of the same pass would be registered.
-_BACKENDS = ("torch",)
+_BACKENDS = ("torch", "triton")
 
 
 class FusedTokenStatistics(NamedTuple):
@@ -262,13 +264,16 @@ def fused_token_statistics(
         direction (`str`): `"forward"` = KL(teacher ‖ policy), `"reverse"` = KL(policy ‖ teacher).
         temperature, logit_scale, softcap, teacher_logit_scale, teacher_softcap: the logits transforms.
         token_chunk, vocab_chunk (`int`): tile shape.
-        backend (`str`): `"torch"` (the only one so far; see the module docstring).
+        backend (`str`): `"torch"` (any device and transform) or `"triton"` (CUDA; no bias, logit scale 1, no
+            softcap; `token_chunk`/`vocab_chunk` are not used, its tile shape is `ops.fused_triton.BLOCKS`).
 
     Returns:
         [`FusedTokenStatistics`] of `[N]` tensors.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"`backend` must be one of {_BACKENDS} for the fused pass, got {backend!r}.")
+    if backend == "triton":
+        _check_triton_available(hidden)
     if direction not in ("forward", "reverse"):
         raise ValueError(f"`direction` must be 'forward' (KL(teacher||policy)) or 'reverse', got {direction!r}.")
     _check_temperature(temperature)
@@ -282,6 +287,16 @@ def fused_token_statistics(
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     _check_pair("policy", hidden, weight, "teacher", teacher_hidden, teacher_weight)
     _check_targets(targets, hidden.shape[0], weight.shape[0])
+    if backend == "triton":
+        from .fused_triton import BLOCKS, TritonFusedFunction
+
+        _check_triton_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, logit_scale, softcap,
+                             teacher_logit_scale, teacher_softcap)  # fmt: skip
+        outputs = TritonFusedFunction.apply(
+            hidden, weight, targets, teacher_hidden.detach(), teacher_weight.detach(), direction == "reverse",
+            float(temperature), BLOCKS,
+        )
+        return FusedTokenStatistics(*outputs)
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = _FusedFunction.apply(
         hidden, weight, bias, targets, teacher_hidden.detach(), teacher_weight.detach(), teacher_bias,
@@ -289,3 +304,53 @@ def fused_token_statistics(
         token_chunk, vocab_chunk,
     )  # fmt: skip
     return FusedTokenStatistics(*outputs)
+
+
+def _check_triton_available(hidden: torch.Tensor) -> None:
+    """backend="triton" needs the `triton` package, and CUDA tensors unless its CPU interpreter is on."""
+    try:
+        from .fused_triton import INTERPRETED
+    except ImportError as error:
+        raise ValueError(
+            f"backend='triton' for the fused pass needs the `triton` package ({error}): install it with "
+            "`pip install 'trl-tokenlevel[triton]'`, or use backend='torch'."
+        ) from error
+    if hidden.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"backend='triton' for the fused pass needs CUDA tensors, got tensors on {hidden.device} (or "
+            "TRITON_INTERPRET=1 set before `trl_tokenlevel.ops.fused_triton` is first imported, for testing on CPU). "
+            "Use backend='torch' on this device."
+        )
+
+
+def _check_triton_inputs(hidden, weight, bias, t_hidden, t_weight, t_bias, scale, cap, t_scale, t_cap) -> None:
+    """The transforms and dtypes the Triton kernels implement; everything else runs with backend="torch"."""
+    unsupported = [
+        f"{name}={value!r}"
+        for name, value, plain in (
+            ("bias", "a tensor" if bias is not None else None, None),
+            ("teacher_bias", "a tensor" if t_bias is not None else None, None),
+            ("logit_scale", scale, 1.0),
+            ("teacher_logit_scale", t_scale, 1.0),
+            ("softcap", cap, None),
+            ("teacher_softcap", t_cap, None),
+        )
+        if value != plain
+    ]
+    if unsupported:
+        raise ValueError(
+            f"backend='triton' for the fused pass supports LM heads without bias, logit scale or softcap; got "
+            f"{', '.join(unsupported)}. Use backend='torch', which supports every logits transform."
+        )
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("teacher_hidden", t_hidden),
+                         ("teacher_weight", t_weight)):  # fmt: skip
+        if tensor.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"backend='triton' for the fused pass takes float32 or bfloat16 tensors, got `{name}` in "
+                f"{tensor.dtype}. Use backend='torch' (fp64 and fp16 included)."
+            )
+        if tensor.device != hidden.device:
+            raise ValueError(
+                f"backend='triton': `{name}` is on {tensor.device} but `hidden` is on {hidden.device}; put both heads "
+                "on one device."
+            )
