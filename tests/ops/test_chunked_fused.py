@@ -38,13 +38,13 @@ def _targets(case, seed=1):
     return torch.randint(0, case["v"], (case["n"],), generator=torch.Generator().manual_seed(seed))
 
 
-def _fused(case, direction, dtype=torch.float32):
+def _fused(case, direction, dtype=torch.float32, backend="torch"):
     """Fused outputs, gradients of sum(u1·log_probs + u2·kl), and everything the references need."""
     student, teacher, upstream = make_heads(case, dtype)
     targets = _targets(case)
     out = fused_token_statistics(
         student["hidden"], student["weight"], student["bias"], targets,
-        teacher["hidden"], teacher["weight"], teacher["bias"], direction=direction, **_kw(case),
+        teacher["hidden"], teacher["weight"], teacher["bias"], direction=direction, backend=backend, **_kw(case),
     )  # fmt: skip
     params = [t for t in student.values() if t is not None]
     second = upstream.flip(0)
@@ -215,7 +215,7 @@ def test_fused_validation_errors():
     with pytest.raises(ValueError, match="direction"):
         fused_token_statistics(*args, direction="sideways")
     with pytest.raises(ValueError, match="backend"):
-        fused_token_statistics(*args, backend="triton")
+        fused_token_statistics(*args, backend="cuda")
     with pytest.raises(ValueError, match="targets"):
         fused_token_statistics(*args[:3], args[3][:-1], *args[4:])
     with pytest.raises(ValueError, match="same number of rows"):

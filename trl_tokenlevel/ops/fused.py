@@ -272,8 +272,6 @@ def fused_token_statistics(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"`backend` must be one of {_BACKENDS} for the fused pass, got {backend!r}.")
-    if backend == "triton":
-        _check_triton_available(hidden)
     if direction not in ("forward", "reverse"):
         raise ValueError(f"`direction` must be 'forward' (KL(teacher||policy)) or 'reverse', got {direction!r}.")
     _check_temperature(temperature)
@@ -288,14 +286,16 @@ def fused_token_statistics(
     _check_pair("policy", hidden, weight, "teacher", teacher_hidden, teacher_weight)
     _check_targets(targets, hidden.shape[0], weight.shape[0])
     if backend == "triton":
+        check_triton_head("", bias, logit_scale, softcap)
+        check_triton_head("teacher_", teacher_bias, teacher_logit_scale, teacher_softcap)
+        _check_triton_tensors(hidden, weight, teacher_hidden, teacher_weight)
+        check_triton_available(hidden.device)
         from .fused_triton import BLOCKS, TritonFusedFunction
 
-        _check_triton_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, logit_scale, softcap,
-                             teacher_logit_scale, teacher_softcap)  # fmt: skip
         outputs = TritonFusedFunction.apply(
             hidden, weight, targets, teacher_hidden.detach(), teacher_weight.detach(), direction == "reverse",
             float(temperature), BLOCKS,
-        )
+        )  # fmt: skip
         return FusedTokenStatistics(*outputs)
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = _FusedFunction.apply(
@@ -306,8 +306,8 @@ def fused_token_statistics(
     return FusedTokenStatistics(*outputs)
 
 
-def _check_triton_available(hidden: torch.Tensor) -> None:
-    """backend="triton" needs the `triton` package, and CUDA tensors unless its CPU interpreter is on."""
+def check_triton_available(device: torch.device) -> None:
+    """backend="triton" needs the `triton` package, and CUDA tensors unless Triton's CPU interpreter is on."""
     try:
         from .fused_triton import INTERPRETED
     except ImportError as error:
@@ -315,33 +315,34 @@ def _check_triton_available(hidden: torch.Tensor) -> None:
             f"backend='triton' for the fused pass needs the `triton` package ({error}): install it with "
             "`pip install 'trl-tokenlevel[triton]'`, or use backend='torch'."
         ) from error
-    if hidden.device.type != "cuda" and not INTERPRETED:
+    if torch.device(device).type != "cuda" and not INTERPRETED:
         raise ValueError(
-            f"backend='triton' for the fused pass needs CUDA tensors, got tensors on {hidden.device} (or "
-            "TRITON_INTERPRET=1 set before `trl_tokenlevel.ops.fused_triton` is first imported, for testing on CPU). "
-            "Use backend='torch' on this device."
+            f"backend='triton' for the fused pass needs CUDA, got device {device} (or, for testing on CPU, "
+            "TRITON_INTERPRET=1 set before `trl_tokenlevel.ops.fused_triton` is first imported). Use backend='torch' "
+            "on this device."
         )
 
 
-def _check_triton_inputs(hidden, weight, bias, t_hidden, t_weight, t_bias, scale, cap, t_scale, t_cap) -> None:
-    """The transforms and dtypes the Triton kernels implement; everything else runs with backend="torch"."""
+def check_triton_head(prefix: str, bias: torch.Tensor | None, logit_scale: float, softcap: float | None) -> None:
+    """The logits transform the Triton kernels implement: none (no bias, logit scale 1, no softcap)."""
     unsupported = [
-        f"{name}={value!r}"
-        for name, value, plain in (
-            ("bias", "a tensor" if bias is not None else None, None),
-            ("teacher_bias", "a tensor" if t_bias is not None else None, None),
-            ("logit_scale", scale, 1.0),
-            ("teacher_logit_scale", t_scale, 1.0),
-            ("softcap", cap, None),
-            ("teacher_softcap", t_cap, None),
+        text
+        for text, used in (
+            (f"`{prefix}bias` (a tensor)", bias is not None),
+            (f"`{prefix}logit_scale`={logit_scale!r}", logit_scale != 1),
+            (f"`{prefix}softcap`={softcap!r}", softcap is not None),
         )
-        if value != plain
+        if used
     ]
     if unsupported:
         raise ValueError(
             f"backend='triton' for the fused pass supports LM heads without bias, logit scale or softcap; got "
-            f"{', '.join(unsupported)}. Use backend='torch', which supports every logits transform."
+            f"{', '.join(unsupported)}. Use backend='torch' (token_kernel='torch'), which supports every logits "
+            "transform."
         )
+
+
+def _check_triton_tensors(hidden, weight, t_hidden, t_weight) -> None:
     for name, tensor in (("hidden", hidden), ("weight", weight), ("teacher_hidden", t_hidden),
                          ("teacher_weight", t_weight)):  # fmt: skip
         if tensor.dtype not in (torch.float32, torch.bfloat16):
@@ -352,5 +353,5 @@ def _check_triton_inputs(hidden, weight, bias, t_hidden, t_weight, t_bias, scale
         if tensor.device != hidden.device:
             raise ValueError(
                 f"backend='triton': `{name}` is on {tensor.device} but `hidden` is on {hidden.device}; put both heads "
-                "on one device."
+                "and their hidden states on one device."
             )

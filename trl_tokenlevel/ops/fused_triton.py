@@ -99,13 +99,14 @@ def _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, rows,
 
 
 @triton.jit
-def _fold(z, m, l):
-    """One tile into an online logsumexp (m, l): returns e = exp(z - m_new), the rescale exp(m - m_new), m_new, l_new.
-    The first tile of a split always has a finite column, so m_new is finite and exp(-inf - m_new) = 0."""
-    m_new = tl.maximum(m, tl.max(z, 1))
-    rescale = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
-    return e, rescale, m_new, l * rescale + tl.sum(e, 1)
+def _fold(z, running_max, running_sum):
+    """One tile into an online logsumexp (max m, Σ e^{z - m}): returns e = exp(z - m_new), the rescale
+    exp(m - m_new), m_new and the new sum. The first tile of a split always has a finite column, so m_new is finite
+    and exp(-inf - m_new) = 0."""
+    new_max = tl.maximum(running_max, tl.max(z, 1))
+    rescale = tl.exp(running_max - new_max)
+    e = tl.exp(z - new_max[:, None])
+    return e, rescale, new_max, running_sum * rescale + tl.sum(e, 1)
 
 
 @triton.jit
@@ -231,10 +232,10 @@ def _merge_splits(partials: torch.Tensor, vocab: int, reverse: bool, tempered: b
     """Combine the per-split partial sums `[len(_STATS), splits, N]` into the six outputs plus lse, lse_τ, lse_t."""
     stat = {name: partials[i] for name, i in _S.items()}
 
-    def logsumexp(m, l):  # splits of one head -> (lse, total l at the common max, each split's rescale)
-        top = m.amax(dim=0)
-        rescale = torch.exp(m - top)
-        total = (l * rescale).sum(dim=0)
+    def logsumexp(maxima, sums):  # splits of one head -> (lse, total sum at the common max, each split's rescale)
+        top = maxima.amax(dim=0)
+        rescale = torch.exp(maxima - top)
+        total = (sums * rescale).sum(dim=0)
         return top + torch.log(total), total, rescale
 
     lse, l1, rescale1 = logsumexp(stat["m1"], stat["l1"])
@@ -277,9 +278,9 @@ class TritonFusedFunction(torch.autograd.Function):
         n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
         tempered = temperature != 1.0
         block_n, block_v, block_k = blocks["block_n"], blocks["block_v"], blocks["block_k"]
-        if n == 0:
-            empty = hidden.new_empty(0, dtype=torch.float32)
-            outputs, lse, lse_tau, t_lse = (empty,) * 5 + (empty.bool(),), empty, empty, empty
+        if n == 0:  # an all-masked batch: nothing to launch; distinct empty tensors (autograd marks them one by one)
+            outputs = (*(hidden.new_empty(0, dtype=torch.float32) for _ in range(5)), hidden.new_empty(0, dtype=bool))
+            lse = lse_tau = t_lse = outputs[0]
         else:
             splits = blocks.get("vocab_splits") or _vocab_splits(n, vocab, block_n, block_v, device)
             # Each split is a whole number of tiles and none is empty.
