@@ -32,11 +32,20 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 EXPECTED_MODE = os.environ.get("TRL_TOKENLEVEL_TRITON_MODE")
 
 TRITON_CASES = {
-    # 141 rows, V = 123: ragged row and vocabulary tiles, three vocabulary splits of two 32-wide tiles.
-    "odd_141x123": dict(CASES["odd_141x123"], blocks=dict(block_n=16, block_v=32, block_k=16, vocab_splits=3)),
+    # 141 rows, V = 123: ragged row and vocabulary tiles; two vocabulary splits of two 32-wide tiles each.
+    "odd_141x123": dict(CASES["odd_141x123"], blocks=dict(block_n=16, block_v=32, block_k=16, vocab_splits=2)),
     # Different hidden widths (24, 40: ragged 16-wide hidden tiles), temperature 0.7, one split of seven tiles.
-    "t07_37x203": dict(n=37, v=203, hs=24, ht=40, bias=False, kw=dict(temperature=0.7), token_chunk=16,
-                       vocab_chunk=64, blocks=dict(block_n=16, block_v=32, block_k=16, vocab_splits=1)),  # fmt: skip
+    "t07_37x203": dict(
+        n=37,
+        v=203,
+        hs=24,
+        ht=40,
+        bias=False,
+        kw=dict(temperature=0.7),
+        token_chunk=16,
+        vocab_chunk=64,
+        blocks=dict(block_n=16, block_v=32, block_k=16, vocab_splits=1),
+    ),
 }
 BF16_GRAD_RTOL = 2e-2
 
@@ -128,22 +137,22 @@ def test_triton_partial_gradients(direction, monkeypatch):
     late_rows = torch.arange(case["n"], device=DEVICE) >= 20  # rows 0-15 form a block without KL gradient
     losses = {
         "log_probs only": lambda out: out.log_probs.sum(),
-        "kl of late rows": lambda out: torch.where(late_rows, out.kl, 0.0).sum(),
+        # Negative weights: a block is skipped only when all its KL gradients are 0, not when none is positive.
+        "kl of late rows": lambda out: -torch.where(late_rows, out.kl, 0.0).sum(),
         "both": lambda out: (out.log_probs + out.kl).sum(),
     }
     frozen = student["weight"].detach()
-    for hidden, weight, params in (
-        (student["hidden"], student["weight"], [student["hidden"], student["weight"]]),
-        (strided, frozen, [strided]),
-    ):
-        for name, loss in losses.items():
-            grads = {}
-            for backend in ("triton", "torch"):
-                out = fused_token_statistics(hidden, weight, None, targets, teacher["hidden"], teacher["weight"],
-                                             None, direction=direction, temperature=0.7, backend=backend)  # fmt: skip
-                grads[backend] = torch.autograd.grad(loss(out), params)
-            for got, want in zip(grads["triton"], grads["torch"]):
-                torch.testing.assert_close(got, want, **FP32, msg=f"{name}, {len(params)} params")
+    runs = [(name, student["hidden"], student["weight"], [student["hidden"], student["weight"]], loss)
+            for name, loss in losses.items()]  # fmt: skip
+    runs.append(("strided hidden, frozen weight", strided, frozen, [strided], losses["both"]))
+    for name, hidden, weight, params, loss in runs:
+        grads = {}
+        for backend in ("triton", "torch"):
+            out = fused_token_statistics(hidden, weight, None, targets, teacher["hidden"], teacher["weight"], None,
+                                         direction=direction, temperature=0.7, backend=backend)  # fmt: skip
+            grads[backend] = torch.autograd.grad(loss(out), params)
+        for got, want in zip(grads["triton"], grads["torch"]):
+            torch.testing.assert_close(got, want, **FP32, msg=name)
 
 
 def test_triton_empty_rows():
@@ -157,3 +166,25 @@ def test_triton_empty_rows():
     assert out.is_top1.dtype == torch.bool
     (grad,) = torch.autograd.grad(out.kl.sum() + out.log_probs.sum(), [student["weight"]])
     assert grad.shape == student["weight"].shape and torch.count_nonzero(grad) == 0
+
+
+def test_trainer_tdpo2_triton_matches_torch_kernel(tiny_model_path, tiny_tokenizer, tiny_preference_dataset, tmp_path):
+    """End to end: TokenDPOTrainer's TDPO2 loss and gradients with token_kernel="triton" equal those of "torch"."""
+    from ..trainers.test_token_dpo_full_distribution import _grads, _trainer
+
+    pairs = tiny_preference_dataset.select(range(8))
+    results = {}
+    for kernel in ("torch", "triton"):
+        trainer, _, batch = _trainer(tiny_model_path, tiny_tokenizer, pairs, tmp_path / kernel, token_loss_type="tdpo2",
+                                     token_kernel=kernel)  # fmt: skip
+        assert trainer.fused_distribution and trainer.fused_backend == kernel
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results[kernel] = loss.detach(), _grads(trainer.model), trainer._metrics["train"]["seq_kl/chosen"][-1]
+    (loss, grads, kl), (t_loss, t_grads, t_kl) = results["torch"], results["triton"]
+    torch.testing.assert_close(t_loss, loss, **FP32)
+    assert t_kl == pytest.approx(kl, rel=1e-5, abs=1e-6) and kl > 0
+    assert t_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(t_grads[name], grads[name], **FP32, msg=name)

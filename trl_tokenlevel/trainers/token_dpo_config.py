@@ -15,7 +15,7 @@ TOKEN_SCALAR_LOSS_TYPES = ("weighted", "tgdpo", "treg", "cdpo")
 # computed from hidden states in tiles by `ops.chunked` (never `[batch, seq, vocab]` logits).
 FULL_DISTRIBUTION_LOSS_TYPES = ("tdpo1", "tdpo2", "sparsepo", "mapo", "aligndistil")
 TOKEN_LOSS_TYPES = TOKEN_SCALAR_LOSS_TYPES + FULL_DISTRIBUTION_LOSS_TYPES
-TOKEN_KERNELS = ("auto", "trl", "liger", "torch")
+TOKEN_KERNELS = ("auto", "trl", "liger", "torch", "triton")
 MAPO_HOOK_SETS = ("all", "resid")
 ALIGNDISTIL_MODES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
 CDPO_AGGREGATIONS = ("sequence", "per_token", "per_token_completion")
@@ -50,9 +50,11 @@ class TokenDPOConfig(DPOConfig):
             How the full-distribution losses (TDPO, SparsePO, MaPO, AlignDistil) get their per-token quantities.
             `"torch"`: the fused pass (`ops.fused`): policy and reference/teachers run their backbones only and one
             tiled pass over both LM heads yields the log-probs, the KL and the logged statistics (each head read once
-            per tile forward and once backward). `"trl"`: TRL's fused log-prob head, then TRL's
-            `ChunkedDivergenceFunction` for the KL (Triton on CUDA). `"auto"`: "torch" on CPU, "trl" on CUDA/XPU
-            (no Triton backend of the fused pass yet). `"liger"` raises (Liger has no per-token divergence).
+            per tile forward and once backward). `"triton"`: the same fused pass in Triton kernels
+            (`ops.fused_triton`; CUDA, LM heads without bias, logit scale or softcap; speed not yet measured).
+            `"trl"`: TRL's fused log-prob head, then TRL's `ChunkedDivergenceFunction` for the KL (Triton on CUDA).
+            `"auto"`: "torch" on CPU, "trl" on CUDA/XPU (never "triton" until the GPU suite has timed it). `"liger"`
+            raises (Liger has no per-token divergence).
 
         > Parameters of the individual methods
 
@@ -165,7 +167,8 @@ class TokenDPOConfig(DPOConfig):
     token_kernel: str = field(
         default="auto",
         metadata={
-            "help": "Full-distribution losses: 'torch' = fused one-pass tiling over both LM heads, 'trl' = TRL's "
+            "help": "Full-distribution losses: 'torch' = fused one-pass tiling over both LM heads, 'triton' = the "
+            "same fused pass as Triton kernels (CUDA; heads without bias/logit scale/softcap), 'trl' = TRL's "
             "log-prob head + TRL's chunked divergence, 'auto' = torch on CPU, trl on CUDA/XPU.",
             "choices": list(TOKEN_KERNELS),
         },

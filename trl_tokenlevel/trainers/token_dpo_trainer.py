@@ -47,7 +47,7 @@ from ..ops.chunked import (
     chunked_total_variation,
     lm_head_params,
 )
-from ..ops.fused import fused_token_statistics
+from ..ops.fused import check_triton_available, check_triton_head, fused_token_statistics
 from ..ops.preference import (
     cdpo_loss,
     mapo_zn_rescale,
@@ -203,6 +203,9 @@ class TokenDPOTrainer(DPOTrainer):
         # The fused full-distribution pass: policy and reference run their backbones only, and one tiled pass over
         # both LM heads yields the log-probs, the KL and the metrics' statistics.
         self.fused_distribution = self._uses_fused_distribution()
+        self.fused_backend = "triton" if args.token_kernel == "triton" else "torch"
+        if self.fused_distribution and self.fused_backend == "triton":
+            self._check_triton_fused_pass()
         if self.fused_distribution:
             for frozen_or_policy in (self.model, self.ref_model):
                 if frozen_or_policy is not None:
@@ -258,14 +261,38 @@ class TokenDPOTrainer(DPOTrainer):
     def _uses_fused_distribution(self) -> bool:
         """Whether the full-distribution loss runs the fused pass (`token_kernel` "torch", or "auto" off CUDA/XPU).
 
-        "auto" keeps TRL's Triton log-prob head + TRL's Triton divergence on CUDA/XPU until a Triton backend of the
-        fused pass exists (`ops.fused._BACKENDS`) or the GPU suite shows the torch tiling ahead. MoE load-balancing
+        "auto" keeps TRL's Triton log-prob head + TRL's Triton divergence on CUDA/XPU until the GPU suite shows the
+        fused pass ahead ("torch" tiling or the "triton" backend, whose speed is unmeasured). MoE load-balancing
         losses need TRL's head forward (it adds the router loss), so they keep the two-pass path.
         """
-        if self.token_loss_type not in _FUSED_LOSS_TYPES or self.aux_loss_enabled:
+        if self.token_loss_type not in _FUSED_LOSS_TYPES:
             return False
         kernel = self.args.token_kernel
-        return kernel == "torch" or (kernel == "auto" and self.accelerator.device.type not in ("cuda", "xpu"))
+        if self.aux_loss_enabled:
+            if kernel == "triton":
+                raise ValueError(
+                    "token_kernel='triton' runs the fused pass, which models with a router auxiliary loss "
+                    "(`output_router_logits`, MoE) cannot use: TRL's LM-head forward adds that loss. Set "
+                    "token_kernel='trl' (or 'auto'), or disable the router loss in the model config."
+                )
+            return False
+        on_gpu = self.accelerator.device.type in ("cuda", "xpu")
+        return kernel in ("torch", "triton") or (kernel == "auto" and not on_gpu)
+
+    def _check_triton_fused_pass(self) -> None:
+        """token_kernel='triton' before training: triton installed, CUDA (or its interpreter), heads it supports."""
+        models = {"policy": self.model}
+        if self.token_loss_type != "aligndistil":  # AlignDistil folds its teachers' heads into plain linear maps
+            models["reference"] = self.ref_model if self.ref_model is not None else self.model
+        try:
+            check_triton_available(self.accelerator.device)
+            for name, model in models.items():
+                head = lm_head_params(causal_lm_of(model, self.accelerator))
+                check_triton_head(f"{name} model's ", head["bias"], head["logit_scale"], head["softcap"])
+        except ValueError as error:
+            raise ValueError(
+                f"token_kernel='triton' (token_kernel='torch' is the same pass in torch): {error}"
+            ) from None
 
     def _prepare_frozen(self, model: PreTrainedModel, name: str) -> PreTrainedModel:
         """Check the vocabulary, freeze, drop dropout and place a frozen auxiliary model like TRL's reference."""
@@ -707,7 +734,7 @@ class TokenDPOTrainer(DPOTrainer):
             rows(policy_hidden), policy_head["weight"], policy_head["bias"], labels[:, 1:][:, -seq_len:][valid],
             rows(ref_hidden), ref_head["weight"], ref_head["bias"], direction="forward",
             logit_scale=policy_head["logit_scale"], softcap=policy_head["softcap"],
-            teacher_logit_scale=ref_head["logit_scale"], teacher_softcap=ref_head["softcap"],
+            teacher_logit_scale=ref_head["logit_scale"], teacher_softcap=ref_head["softcap"], backend=self.fused_backend,
         )  # fmt: skip
 
         def per_token(values):  # masked_scatter keeps an all-masked batch connected to the graph (a zero loss)
@@ -979,7 +1006,7 @@ class TokenDPOTrainer(DPOTrainer):
             stats = fused_token_statistics(
                 student, heads[0]["weight"], heads[0]["bias"], input_ids[:, 1:][:, -seq_len:][valid], *teacher,
                 direction="reverse", temperature=args.aligndistil_temperature, logit_scale=heads[0]["logit_scale"],
-                softcap=heads[0]["softcap"],
+                softcap=heads[0]["softcap"], backend=self.fused_backend,
             )  # fmt: skip
             kl = stats.kl
 
