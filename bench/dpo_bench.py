@@ -201,8 +201,15 @@ def wrap_dpo_components(timer: ComponentTimer, trainer) -> None:
 
     timer.wrap("loss_fwd", trainer, "compute_loss")
     timer.wrap("backward", trainer.accelerator, "backward")
-    for function in (trl_logprob.ChunkedLogProbFunction, trl_divergence.ChunkedDivergenceFunction,
-                     chunked._ChunkedKLFunction, fused._FusedFunction):  # fmt: skip
+    functions = [trl_logprob.ChunkedLogProbFunction, trl_divergence.ChunkedDivergenceFunction,
+                 chunked._ChunkedKLFunction, fused._FusedFunction]  # fmt: skip
+    try:  # token_kernel="triton": the fused pass's Triton backend (needs the triton package)
+        from trl_tokenlevel.ops.fused_triton import TritonFusedFunction
+
+        functions.append(TritonFusedFunction)
+    except ImportError:
+        pass
+    for function in functions:
         timer.wrap("head", function, "forward")
         timer.wrap("head", function, "backward")
     timer.wrap("head", token_dpo_trainer, "chunked_total_variation")

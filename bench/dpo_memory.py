@@ -7,6 +7,7 @@ Configurations (same model init, same data and data order, same optimizer and sc
                                          token_kernel="torch")             one tiled pass over both heads
     tdpo2_twopass        ... token_kernel="trl"                            TRL's fused log-prob head (policy, reference)
                                                                            + TRL's chunked divergence for the KL
+    tdpo2_triton         ... token_kernel="triton"                         the fused pass as Triton kernels (CUDA only)
     sparsepo[_twopass]   token_loss_type="sparsepo"                        the same plus the learned token-mask network
     aligndistil[_twopass] token_loss_type="aligndistil",                   chunked TVD + reverse KL to the extrapolated
                          aligndistil_teachers=(dpo, reverse)               teacher; chosen responses only, no reference
@@ -83,10 +84,12 @@ CONFIGS = {
     "stock": {"trainer": "stock"},
     "tdpo2": {"trainer": "token", "token_loss_type": "tdpo2", "token_kernel": "torch"},
     "tdpo2_twopass": {"trainer": "token", "token_loss_type": "tdpo2", "token_kernel": "trl"},
+    "tdpo2_triton": {"trainer": "token", "token_loss_type": "tdpo2", "token_kernel": "triton"},
     "sparsepo": {"trainer": "token", "token_loss_type": "sparsepo", "token_kernel": "torch"},
     "sparsepo_twopass": {"trainer": "token", "token_loss_type": "sparsepo", "token_kernel": "trl"},
     "aligndistil": {"trainer": "token", "token_loss_type": "aligndistil", "token_kernel": "torch"},
     "aligndistil_twopass": {"trainer": "token", "token_loss_type": "aligndistil", "token_kernel": "trl"},
+    "aligndistil_triton": {"trainer": "token", "token_loss_type": "aligndistil", "token_kernel": "triton"},
     "naive_tdpo2": {"trainer": "naive_tdpo2"},
 }
 DEFAULT_CONFIGS = ["stock", "tdpo2", "tdpo2_twopass", "sparsepo", "aligndistil", "naive_tdpo2"]

@@ -5,12 +5,13 @@
 #     bash bench/gpu_suite.sh                # results to bench/results/gpu/ (or $OUT), tables to $OUT/benchmarks.md
 #     DEVICE=cpu bash bench/gpu_suite.sh     # the same steps, CPU-sized (tiny model, one short shape): a smoke test
 #
-# Budget: under 8 minutes on one H100/H200 (each step has its own `timeout`, so an overrun loses that step's JSON,
-# never the whole suite). Every benchmark follows bench/common.py's rules (fresh worker per configuration, >= 3
+# Budget: about 9 minutes on one H100/H200 (each step has its own `timeout`, so an overrun loses that step's JSON,
+# never the whole suite; the Triton fused pass's share is an estimate until a GPU run times it). Every benchmark follows bench/common.py's rules (fresh worker per configuration, >= 3
 # alternating rounds, warm-up excluded, allocated and reserved peaks). Steps, most important first:
-#   1. GPU parity tests of the kernels (bf16, CUDA) ................................................ ~30 s
+#   1. GPU parity tests of the kernels (bf16, CUDA), the Triton fused pass's included (compiles: est.) . ~1.5 min
 #   2. dpo_memory sweep 1x1024, 1x2048, 1x4096 pairs: stock, tdpo2 (fused), sparsepo (fused) ......... ~3.5 min
-#   3. dpo_memory 2x1024: stock, the two-pass TDPO2 (TRL Triton kernels) and AlignDistil (fused) ...... ~1.5 min
+#   3. dpo_memory 2x1024: stock, the two-pass TDPO2 (TRL Triton kernels), TDPO2 with the fused pass's Triton
+#      backend (token_kernel="triton"; CUDA only) and AlignDistil (fused) ................................ ~2 min
 #   4. dpo_token_overhead 2x1024: stock, weighted, cdpo ............................................. ~1 min
 #   5. grpo_token_overhead and sft_token_overhead, smallest useful subsets .......................... ~1.5 min
 #   6. python bench/make_tables.py over the JSON of this run
@@ -57,16 +58,19 @@ DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cuda ]; then
     $PY -c "import torch, transformers, trl; print('torch', torch.__version__, torch.cuda.get_device_name(0),
 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 | tee "$OUT/env.txt"
-    step gpu_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_chunked.py tests/ops/test_chunked_fused.py
+    step gpu_tests 180 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/ops/test_chunked.py \
+        tests/ops/test_chunked_fused.py tests/ops/test_fused_triton.py
     SHAPE="" SWEEP=1x1024,1x2048,1x4096 PAIRS=2x1024 GRPO_SHAPE="" SFT_PRESET=qwen0.5b SCALE=1
+    VARIANTS=stock,tdpo2_twopass,tdpo2_triton,aligndistil
 else  # CPU smoke test of the same commands: tiny Qwen2 shape, one short sequence, generous timeouts
     SHAPE="--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 2048 --tokenizer-vocab 2048"
     SWEEP=1x64 PAIRS=1x64 GRPO_SHAPE="$SHAPE --batch 4 --completion-len 32 --prompt-len 16" SFT_PRESET=small SCALE=10
+    VARIANTS=stock,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
 fi
 DPO="--device $DEVICE $SHAPE --rounds 3 --warmup 2 --steps 3 --breakdown 0"
 step dpo_memory_sweep $((240 * SCALE)) $PY bench/dpo_memory.py $DPO --configs stock,tdpo2,sparsepo --sweep $SWEEP \
     --out "$OUT/dpo_memory_${DEVICE}_sweep.json"
-step dpo_memory_variants $((100 * SCALE)) $PY bench/dpo_memory.py $DPO --configs stock,tdpo2_twopass,aligndistil \
+step dpo_memory_variants $((130 * SCALE)) $PY bench/dpo_memory.py $DPO --configs $VARIANTS \
     --sweep $PAIRS --out "$OUT/dpo_memory_${DEVICE}_variants.json"
 step dpo_token_overhead $((70 * SCALE)) $PY bench/dpo_token_overhead.py $DPO --configs stock,weighted,cdpo \
     --sweep $PAIRS --out "$OUT/dpo_token_overhead_${DEVICE}.json"

@@ -47,7 +47,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from .chunked import _gathered
 
@@ -55,9 +54,6 @@ from .chunked import _gathered
 _STATS = ("m1", "l1", "weighted_z", "z_total", "picked", "max_before", "m_tau", "l_tau", "m_t", "l_t", "picked_t",
           "kl_sum")  # fmt: skip
 _S = {name: i for i, name in enumerate(_STATS)}
-
-# Triton decides at decoration time whether `@triton.jit` compiles for the GPU or builds an interpreted function.
-INTERPRETED = bool(knobs.runtime.interpret)
 
 # GPU tile shape (not tuned; see the module docstring). `tl.dot` needs every dimension >= 16.
 BLOCKS = {"block_n": 64, "block_v": 128, "block_k": 64}
@@ -226,6 +222,11 @@ def _backward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau
                         other=0.0)  # fmt: skip
             part = _dot(tl.trans(grad_z), h, tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32), LOW_S, INTERPRET)
             tl.atomic_add(grad_w_ptr + cols[:, None] * width + ks[None, :], part, mask=col_ok[:, None] & k_ok)
+
+
+# `@triton.jit` decides when it decorates (this module's import) whether to compile for the GPU or to build a function
+# for the CPU interpreter (TRITON_INTERPRET=1).
+INTERPRETED = type(_forward_kernel).__name__ == "InterpretedFunction"
 
 
 def _merge_splits(partials: torch.Tensor, vocab: int, reverse: bool, tempered: bool):
