@@ -125,7 +125,8 @@ def test_triton_shipped_tile_shape(direction):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_triton_partial_gradients(direction, monkeypatch):
     """Gradient through log_probs only (no teacher tile in the backward), through the KL of the last rows only (row
-    blocks without a KL gradient skip the teacher), a frozen weight (no weight gradient) and strided hidden states."""
+    blocks without a KL gradient skip the teacher), a frozen weight (no weight gradient), strided hidden states and
+    targets."""
     case = TRITON_CASES["t07_37x203"]
     for key, value in case["blocks"].items():
         monkeypatch.setitem(fused_triton.BLOCKS, key, value)
@@ -142,13 +143,15 @@ def test_triton_partial_gradients(direction, monkeypatch):
         "both": lambda out: (out.log_probs + out.kl).sum(),
     }
     frozen = student["weight"].detach()
-    runs = [(name, student["hidden"], student["weight"], [student["hidden"], student["weight"]], loss)
+    strided_targets = torch.stack([targets, targets], dim=1)[:, 0]
+    runs = [(name, student["hidden"], student["weight"], targets, [student["hidden"], student["weight"]], loss)
             for name, loss in losses.items()]  # fmt: skip
-    runs.append(("strided hidden, frozen weight", strided, frozen, [strided], losses["both"]))
-    for name, hidden, weight, params, loss in runs:
+    runs.append(("strided hidden and targets, frozen weight", strided, frozen, strided_targets, [strided],
+                 losses["both"]))  # fmt: skip
+    for name, hidden, weight, y, params, loss in runs:
         grads = {}
         for backend in ("triton", "torch"):
-            out = fused_token_statistics(hidden, weight, None, targets, teacher["hidden"], teacher["weight"], None,
+            out = fused_token_statistics(hidden, weight, None, y, teacher["hidden"], teacher["weight"], None,
                                          direction=direction, temperature=0.7, backend=backend)  # fmt: skip
             grads[backend] = torch.autograd.grad(loss(out), params)
         for got, want in zip(grads["triton"], grads["torch"]):

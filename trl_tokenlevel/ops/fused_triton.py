@@ -55,8 +55,9 @@ _STATS = ("m1", "l1", "weighted_z", "z_total", "picked", "max_before", "m_tau", 
           "kl_sum")  # fmt: skip
 _S = {name: i for i, name in enumerate(_STATS)}
 
-# GPU tile shape (not tuned; see the module docstring). `tl.dot` needs every dimension >= 16.
-BLOCKS = {"block_n": 64, "block_v": 128, "block_k": 64}
+# GPU tile shape and warps per program (not tuned; see the module docstring). `tl.dot` needs every dimension >= 16.
+# Tests shrink the tiles to get ragged multi-tile cases on small shapes, and may fix `vocab_splits`.
+BLOCKS = {"block_n": 64, "block_v": 128, "block_k": 64, "num_warps": 8}
 
 
 @triton.jit
@@ -113,13 +114,14 @@ def _forward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, partials_ptr,
                     INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: V x H can exceed 2^31 elements (a 256k vocabulary at H = 8192).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     y = tl.load(targets_ptr + rows, mask=rows < n_rows, other=0)
     neg_inf = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m1, l1, weighted_z, z_total, picked, max_before = neg_inf, zero, zero, zero, zero, neg_inf
     m_tau, l_tau, m_t, l_t, picked_t, kl_sum = neg_inf, zero, neg_inf, zero, zero, zero
-    v_start = split * vocab_per_split
+    v_start = split.to(tl.int64) * vocab_per_split
     v_end = tl.minimum(v_start + vocab_per_split, vocab)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -176,8 +178,8 @@ def _backward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau
                      REVERSE: tl.constexpr, TEMPERED: tl.constexpr, LOW_S: tl.constexpr, LOW_T: tl.constexpr,
                      HAS_KL: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, INTERPRET: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 offsets, as in the forward
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
     col_ok = cols < vocab
     y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
@@ -278,7 +280,9 @@ class TritonFusedFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, t_hidden, t_weight, reverse, temperature, blocks):
         n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
         tempered = temperature != 1.0
+        blocks = dict(blocks)  # the backward uses the tile shape of this forward
         block_n, block_v, block_k = blocks["block_n"], blocks["block_v"], blocks["block_k"]
+        targets = targets.contiguous()  # read as a flat array
         if n == 0:  # an all-masked batch: nothing to launch; distinct empty tensors (autograd marks them one by one)
             outputs = (*(hidden.new_empty(0, dtype=torch.float32) for _ in range(5)), hidden.new_empty(0, dtype=bool))
             lse = lse_tau = t_lse = outputs[0]
@@ -295,7 +299,7 @@ class TritonFusedFunction(torch.autograd.Function):
                     n, vocab, hidden.shape[1], t_hidden.shape[1], per_split, temperature,
                     REVERSE=reverse, TEMPERED=tempered, LOW_S=_low_precision(hidden, weight),
                     LOW_T=_low_precision(t_hidden, t_weight), INTERPRET=INTERPRETED,
-                    BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+                    BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=blocks["num_warps"],
                 )  # fmt: skip
             outputs, lse, lse_tau, t_lse = _merge_splits(partials, vocab, reverse, tempered)
         kl = outputs[1]
@@ -328,6 +332,7 @@ class TritonFusedFunction(torch.autograd.Function):
                     REVERSE=reverse, TEMPERED=temperature != 1.0, LOW_S=_low_precision(hidden, weight),
                     LOW_T=_low_precision(t_hidden, t_weight), HAS_KL=grad_kl is not None, NEED_H=need_h,
                     NEED_W=need_w, INTERPRET=INTERPRETED, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+                    num_warps=blocks["num_warps"],
                 )  # fmt: skip
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
