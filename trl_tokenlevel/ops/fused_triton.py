@@ -67,8 +67,9 @@ def _dot(a, b, acc, LOW_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         a = a.to(tl.bfloat16)
         b = b.to(tl.bfloat16)
         if INTERPRET:
-            # Triton 3.9's interpreter multiplies the raw bit patterns of bf16 operands in `tl.dot`. Products of two
-            # bf16 values are exact in fp32, so the same numbers in fp32 give what the GPU's bf16 dot gives.
+            # Triton's interpreter has no bf16 arithmetic: its `tl.dot` multiplies the uint16 bit patterns it stores
+            # bf16 in (3.9; triton-lang/triton#11584). Products of two bf16 values are exact in fp32, so the same
+            # numbers in fp32 give what the GPU's bf16 dot gives.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
