@@ -5,10 +5,11 @@
 #     bash bench/gpu_suite.sh                # results to bench/results/gpu/ (or $OUT), tables to $OUT/benchmarks.md
 #     DEVICE=cpu bash bench/gpu_suite.sh     # the same steps, CPU-sized (tiny model, one short shape): a smoke test
 #
-# Budget: about 9 minutes on one H100/H200 (each step has its own `timeout`, so an overrun loses that step's JSON,
+# Budget: about 10 minutes on one H100/H200 (each step has its own `timeout`, so an overrun loses that step's JSON,
 # never the whole suite; the Triton fused pass's share is an estimate until a GPU run times it). Every benchmark follows bench/common.py's rules (fresh worker per configuration, >= 3
 # alternating rounds, warm-up excluded, allocated and reserved peaks). Steps, most important first:
 #   1. GPU parity tests of the kernels (bf16, CUDA), the Triton fused pass's included (compiles: est.) . ~1.5 min
+#   1b. fused_kernel: the LM-head pass alone, token_kernel torch / triton / trl, N 2048 and 8192 ........ ~1 min
 #   2. dpo_memory sweep 1x1024, 1x2048, 1x4096 pairs: stock, tdpo2 (fused), sparsepo (fused) ......... ~3.5 min
 #   3. dpo_memory 2x1024: stock, the two-pass TDPO2 (TRL Triton kernels), TDPO2 with the fused pass's Triton
 #      backend (token_kernel="triton"; CUDA only) and AlignDistil (fused) ................................ ~2 min
@@ -67,6 +68,7 @@ else  # CPU smoke test of the same commands: tiny Qwen2 shape, one short sequenc
     SWEEP=1x64 PAIRS=1x64 GRPO_SHAPE="$SHAPE --batch 4 --completion-len 32 --prompt-len 16" SFT_PRESET=small SCALE=10
     VARIANTS=stock,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
 fi
+step fused_kernel 150 $PY bench/fused_kernel.py --device $DEVICE --out "$OUT/fused_kernel_${DEVICE}.json"
 DPO="--device $DEVICE $SHAPE --rounds 3 --warmup 2 --steps 3 --breakdown 0"
 step dpo_memory_sweep $((240 * SCALE)) $PY bench/dpo_memory.py $DPO --configs stock,tdpo2,sparsepo --sweep $SWEEP \
     --out "$OUT/dpo_memory_${DEVICE}_sweep.json"
