@@ -106,6 +106,7 @@ def test_triton_not_installed_says_how_to_install(monkeypatch):
         fused_token_statistics(*_heads(), backend="triton")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CPU-only run")
 def test_trainer_token_kernel_triton_is_checked_before_training(tiny_model_path, tiny_tokenizer, tmp_path):
     """token_kernel="triton" on a CPU run (no interpreter) fails at construction, naming the fix; "auto" never picks
     the Triton backend."""
