@@ -203,8 +203,9 @@ class TokenDPOTrainer(DPOTrainer):
         # The fused full-distribution pass: policy and reference run their backbones only, and one tiled pass over
         # both LM heads yields the log-probs, the KL and the metrics' statistics.
         self.fused_distribution = self._uses_fused_distribution()
-        self.fused_backend = "triton" if args.token_kernel == "triton" else "torch"
-        if self.fused_distribution and self.fused_backend == "triton":
+        # (A plain DPOConfig has no `token_kernel`; it never runs the fused pass.)
+        self.fused_backend = "triton" if self.fused_distribution and args.token_kernel == "triton" else "torch"
+        if self.fused_backend == "triton":
             self._check_triton_fused_pass()
         if self.fused_distribution:
             for frozen_or_policy in (self.model, self.ref_model):
