@@ -51,6 +51,19 @@ def test_first_wrong_token_on_the_demo_tokenizer(demo_model_folder):
     assert tasks.first_wrong_token(problem, tokenizer("2, 5, 7")["input_ids"], tokenizer) is None
 
 
+@pytest.mark.real_model
+def test_a_too_short_answer_goes_wrong_at_the_end_of_turn_token(demo_model_folder):
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_folder)
+    problem = tasks.Problem("compare", "Larger of 72 and 22:", "72", "compare:72,22")
+    # As the DPO collator sees a ChatML completion: the answer, <|im_end|>, then the template's newline.
+    ids = tokenizer("7<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[tasks.first_wrong_token(problem, ids, tokenizer)]) == "<|im_end|>"
+    # Nothing after the answer: the last token is the best guess.
+    assert tasks.first_wrong_token(problem, tokenizer("7", add_special_tokens=False)["input_ids"], tokenizer) == 0
+    wrong_digit = tokenizer("73<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(wrong_digit[tasks.first_wrong_token(problem, wrong_digit, tokenizer)]) == "3"
+
+
 def test_messages_have_the_shots_then_the_question():
     problem = tasks.make_problems("add", 1, split="test")[0]
     messages = tasks.to_messages(problem, n_shots=2)

@@ -401,3 +401,34 @@ def test_fused_pass_with_lora_reference_matches_two_pass(tiny_model_path, tiny_t
     assert fused_grads.keys() == two_pass_grads.keys() and fused_grads
     for name, grad in two_pass_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_pass_keeps_the_moe_load_balancing_loss(tiny_tokenizer, pairs, tmp_path):
+    """A Mixtral-style MoE policy: the backbone-only forward adds the router loss as TRL's head does, so loss,
+    gradients (router weights included) and the logged aux_loss equal the two-pass path's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.3, pad_token_id=tiny_tokenizer.pad_token_id,
+                           tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    path = str(tmp_path / "moe")
+    MixtralForCausalLM(config).save_pretrained(path)
+    results = []
+    for kernel in ("trl", "torch"):
+        args = TokenDPOConfig(**base_args(tmp_path / kernel, beta=0.5, token_loss_type="tdpo2", token_kernel=kernel))
+        trainer = TokenDPOTrainer(model=_perturbed(path, seed=3), ref_model=load(path), args=args, train_dataset=pairs,
+                                  processing_class=tiny_tokenizer)  # fmt: skip
+        assert trainer.aux_loss_enabled and trainer.fused_distribution == (kernel == "torch")
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(trainer.model), trainer._metrics["train"]["aux_loss"][-1]))
+    (two_pass, two_pass_grads, two_pass_aux), (fused, fused_grads, fused_aux) = results
+    assert fused_aux == pytest.approx(two_pass_aux, rel=1e-6) and fused_aux > 0
+    torch.testing.assert_close(fused, two_pass, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == two_pass_grads.keys() and any("gate" in name for name in fused_grads)
+    for name, grad in two_pass_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=2e-5, rtol=1e-4, msg=name)

@@ -55,6 +55,14 @@ class BuiltinJobArguments:
             "test, seconds on CPU) instead of the SmolLM2-135M-Instruct demo job."
         },
     )
+    heldout_split: str = field(
+        default="test",
+        metadata={
+            "help": "Which problems the demo job's greedy accuracy is measured on: 'test' (the numbers it reports) or "
+            "'valid' (to choose settings without looking at test; bench/demo_settings.py does so).",
+            "choices": ["test", "valid"],
+        },
+    )
 
 
 def parse_with_builtin_defaults(parser, argv, tiny_defaults: dict, demo_defaults: dict):

@@ -1,8 +1,8 @@
 """What the default jobs on the demo model (SmolLM2-135M-Instruct) share: the model, held-out greedy accuracy, and
 where a rejected answer first goes wrong.
 
-The held-out problems are `make_demo_preference.heldout_problems()`: test-split problems, hash-disjoint from every
-training row. Every rank runs these evaluations (sharded models need all ranks in each forward); only the main process
+The held-out problems are `make_demo_preference.heldout_problems()`: test-split problems (or, to choose settings,
+valid-split ones), hash-disjoint from every training row. Every rank runs these evaluations (sharded models need all ranks in each forward); only the main process
 prints.
 """
 
@@ -18,22 +18,23 @@ def problem_of(row: dict) -> Problem:
     return Problem(row["task"], question, row["answer"], row["key"])
 
 
-def greedy_accuracy(model, tokenizer, problems: list[Problem] | None = None) -> tuple[float, int]:
-    """`(accuracy, n)`: exact-match accuracy of greedy answers to the held-out problems (default: all of them)."""
+def greedy_accuracy(model, tokenizer, problems: list[Problem]) -> tuple[float, int]:
+    """`(accuracy, n)`: exact-match accuracy of greedy answers to `problems`."""
     from trl_tokenlevel.data.onpolicy import accuracy, sample_completions
 
-    problems = heldout_problems() if problems is None else problems
     prompts = [to_messages(problem, n_shots=N_SHOTS) for problem in problems]
     answers = sample_completions(model, tokenizer, prompts, num_samples=1, temperature=0.0,
                                  max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))  # fmt: skip
     return accuracy(problems, [group[0] for group in answers]), len(problems)
 
 
-def print_heldout_accuracy(trainer, tokenizer, when: str, before: float | None = None) -> float:
-    """Measure `greedy_accuracy` of the trainer's model and print it (main process); returns the accuracy."""
-    accuracy, n = greedy_accuracy(trainer.model, tokenizer)
+def print_heldout_accuracy(trainer, tokenizer, when: str, split: str = "test", before: float | None = None) -> float:
+    """Measure `greedy_accuracy` of the trainer's model on the held-out problems of `split` ("test", or "valid" for
+    choosing settings) and print it (main process); returns the accuracy."""
+    accuracy, n = greedy_accuracy(trainer.model, tokenizer, heldout_problems(split))
     change = "" if before is None else f" (before training: {before:.1%})"
-    trainer.accelerator.print(f"Held-out greedy accuracy {when} ({n} problems): {accuracy:.1%}{change}")
+    name = "Held-out" if split == "test" else "Validation"
+    trainer.accelerator.print(f"{name} greedy accuracy {when} ({n} problems): {accuracy:.1%}{change}")
     return accuracy
 
 

@@ -234,10 +234,10 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
         peft_config=get_peft_config(model_args),
     )
     if demo_data:
-        before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
+        before = demo.print_heldout_accuracy(trainer, tokenizer, "before training", token_script_args.heldout_split)
     train_and_save(trainer, training_args, script_args)
     if demo_data:
-        demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
+        demo.print_heldout_accuracy(trainer, tokenizer, "after training", token_script_args.heldout_split, before)
 
     rows = heldout if heldout is not None else train_dataset
     count = min(token_script_args.heatmap_examples, len(rows))

@@ -61,14 +61,16 @@ TINY_DEFAULTS = dict(
     max_steps=30,
     logging_steps=5,
 )
-# The demo job: LoRA, 8 answers per prompt (one prompt a step), the paper's 80/20 entropy selection.
+# The demo job: LoRA, the paper's 80/20 entropy selection, 4 answers to each of 4 prompts a step. (8 answers to one
+# prompt a step left most steps without a gradient: the model answers a given comparison all right or all wrong, and a
+# group with equal rewards has zero advantage.)
 DEMO_DEFAULTS = dict(
     COMMON_BUILTIN_DEFAULTS,
     **DEMO_LORA_DEFAULTS,
     reward_funcs=["exact_match"],
     token_selection="entropy_quantile",
-    per_device_train_batch_size=8,
-    num_generations=8,
+    per_device_train_batch_size=16,
+    num_generations=4,
     max_completion_length=8,
     max_steps=6,
     logging_steps=2,
@@ -185,9 +187,9 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
     )
     if not builtin_demo_data:
         return train_and_save(trainer, training_args, script_args)
-    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
+    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training", token_script_args.heldout_split)
     train_and_save(trainer, training_args, script_args)
-    demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
+    demo.print_heldout_accuracy(trainer, tokenizer, "after training", token_script_args.heldout_split, before)
     return trainer
 
 

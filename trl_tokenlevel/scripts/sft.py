@@ -128,9 +128,9 @@ def main(script_args, job_args, training_args, model_args, dataset_args):
     )
     if not builtin_demo_data:
         return train_and_save(trainer, training_args, script_args)
-    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training")
+    before = demo.print_heldout_accuracy(trainer, tokenizer, "before training", job_args.heldout_split)
     train_and_save(trainer, training_args, script_args)
-    demo.print_heldout_accuracy(trainer, tokenizer, "after training", before)
+    demo.print_heldout_accuracy(trainer, tokenizer, "after training", job_args.heldout_split, before)
     return trainer
 
 

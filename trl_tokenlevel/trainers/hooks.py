@@ -42,9 +42,26 @@ def add_backbone_forward(causal_lm) -> None:
         if not backbone_only:
             return wrapped(*args, **kwargs)
         kwargs["use_cache"] = False
-        return backbone_of(self)(*args, **kwargs)
+        text_config = self.config.get_text_config()
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)  # as the model's own forward and TRL's head do
+        outputs = backbone_of(self)(*args, **kwargs)
+        if kwargs.get("output_router_logits"):
+            outputs["aux_loss"] = router_load_balancing_loss(self, outputs.router_logits, kwargs.get("attention_mask"))
+        return outputs
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
+
+
+def router_load_balancing_loss(causal_lm, router_logits, attention_mask):
+    """The MoE load-balancing loss the model's own forward adds (`outputs.aux_loss`): Switch Transformer's
+    `num_experts · Σ_e f_e · P_e` over the router logits of every layer, as transformers' Mixtral computes it, which
+    every MoE family reuses; padding (attention mask 0) does not count."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = causal_lm.config.get_text_config()
+    num_experts = getattr(text_config, "num_experts", None) or getattr(causal_lm, "num_experts", None)
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
 def _first_tensor(output):

@@ -260,23 +260,15 @@ class TokenDPOTrainer(DPOTrainer):
         )
 
     def _uses_fused_distribution(self) -> bool:
-        """Whether the full-distribution loss runs the fused pass (`token_kernel` "torch", or "auto" off CUDA/XPU).
+        """Whether the full-distribution loss runs the fused pass (`token_kernel` "torch"/"triton", or "auto" off CUDA/XPU).
 
         "auto" keeps TRL's Triton log-prob head + TRL's Triton divergence on CUDA/XPU until the GPU suite shows the
-        fused pass ahead ("torch" tiling or the "triton" backend, whose speed is unmeasured). MoE load-balancing
-        losses need TRL's head forward (it adds the router loss), so they keep the two-pass path.
+        fused pass ahead ("torch" tiling or the "triton" backend, whose speed is unmeasured). MoE models keep their
+        load-balancing loss: the backbone-only forward computes it from the router logits as TRL's head does.
         """
         if self.token_loss_type not in _FUSED_LOSS_TYPES:
             return False
         kernel = self.args.token_kernel
-        if self.aux_loss_enabled:
-            if kernel == "triton":
-                raise ValueError(
-                    "token_kernel='triton' runs the fused pass, which models with a router auxiliary loss "
-                    "(`output_router_logits`, MoE) cannot use: TRL's LM-head forward adds that loss. Set "
-                    "token_kernel='trl' (or 'auto'), or disable the router loss in the model config."
-                )
-            return False
         on_gpu = self.accelerator.device.type in ("cuda", "xpu")
         return kernel in ("torch", "triton") or (kernel == "auto" and not on_gpu)
 
@@ -721,7 +713,8 @@ class TokenDPOTrainer(DPOTrainer):
         SparsePO/MaPO token masks.
         """
         with self.accelerator.autocast():
-            policy_hidden = model(**model_kwargs, backbone_only=True).last_hidden_state
+            policy_outputs = model(**model_kwargs, backbone_only=True)
+        policy_hidden = policy_outputs.last_hidden_state
         ref_model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_capture(ref_model) as ref_capture:
             ref_hidden = self._reference_forward(ref_model, model_kwargs, labels, backbone_only=True)
@@ -744,6 +737,7 @@ class TokenDPOTrainer(DPOTrainer):
         outputs = SimpleNamespace(
             log_probs=per_token(stats.log_probs), entropy=per_token(stats.entropy),
             mean_logits=per_token(stats.mean_logits), is_top1=per_token(stats.is_top1),
+            aux_loss=policy_outputs.get("aux_loss"),
         )  # fmt: skip
         distribution = {"kl": per_token(stats.kl), **self._token_masks(ref_capture, valid, seq_len)}
         return outputs, per_token(stats.ref_log_probs), distribution

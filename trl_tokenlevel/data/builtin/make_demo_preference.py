@@ -43,9 +43,10 @@ def train_problems() -> list[Problem]:
     return make_problems(TASK, TRAIN_PROBLEMS, split="train", seed=SEED)
 
 
-def heldout_problems() -> list[Problem]:
-    """The held-out problems: the job's accuracy before/after is measured on all of them."""
-    return make_problems(TASK, HELDOUT_PROBLEMS, split="test", seed=SEED)
+def heldout_problems(split: str = "test") -> list[Problem]:
+    """The held-out problems of `split`: the job's accuracy before/after is measured on all of them ("test"; "valid"
+    when choosing the job's settings)."""
+    return make_problems(TASK, HELDOUT_PROBLEMS, split=split, seed=SEED)
 
 
 def generate(output: Path = OUTPUT, batch_size: int = 16) -> list[dict]:

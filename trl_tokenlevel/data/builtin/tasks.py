@@ -156,18 +156,22 @@ def first_wrong_token(problem: Problem, completion_ids: Sequence[int], tokenizer
     """Index in `completion_ids` of the token holding the first wrong character (None when correct).
 
     Found by decoding growing prefixes, so it is right for any tokenizer; leading whitespace the completion may start
-    with is skipped as `normalize` skips it. Past the last token (a too-short answer) it is the last token, which for
-    a trained completion is the end-of-turn token.
+    with is skipped as `normalize` skips it. A too-short answer (a strict prefix of the right one) goes wrong where it
+    stops: at the first token after its last character, which under a chat template is the end-of-turn token, not the
+    newline the template puts after it (the last token when nothing follows).
     """
     text = tokenizer.decode(list(completion_ids), skip_special_tokens=True)
     wrong = first_wrong_char(problem, text)
     if wrong is None:
         return None
     offset = len(text) - len(text.lstrip())
-    target = offset + wrong
+    answer_end = offset + len(normalize(text))
+    # A mistake inside the text is held by the first token whose prefix covers it; one past the end of the answer by
+    # the token after the one that completes the answer.
+    covers = offset + wrong + 1 if offset + wrong < answer_end else answer_end
     for index in range(len(completion_ids)):
-        if len(tokenizer.decode(list(completion_ids[: index + 1]), skip_special_tokens=True)) > target:
-            return index
+        if len(tokenizer.decode(list(completion_ids[: index + 1]), skip_special_tokens=True)) >= covers:
+            return index if offset + wrong < answer_end else min(index + 1, len(completion_ids) - 1)
     return len(completion_ids) - 1
 
 
