@@ -154,19 +154,24 @@ def implicit_token_rewards(trainer, rows, batch_size: int = 16):
     tokenized = tokenize_preference_dataset(rows, tokenizer)
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
     pairs = []
-    for start in range(0, len(tokenized), batch_size):
-        batch = collate(list(tokenized.select(range(start, min(start + batch_size, len(tokenized))))))
-        try:
-            with torch.no_grad():
-                rewards = trainer.compute_token_rewards(batch).float().cpu()
-        except ValueError as error:  # e.g. precomputed reference log-probs and no reference model left in memory
-            trainer.accelerator.print(f"No token-reward heatmap: {error}")
-            return None
-        mask = batch["completion_mask"][:, 1:].bool()
-        ids = [batch["input_ids"][row, 1:][mask[row]].tolist() for row in range(mask.shape[0])]
-        values = [rewards[row][mask[row]].tolist() for row in range(mask.shape[0])]
-        n = mask.shape[0] // 2  # chosen rows, then rejected rows
-        pairs += [(ids[i], values[i], ids[n + i], values[n + i]) for i in range(n)]
+    was_training = trainer.model.training
+    trainer.model.eval()  # the rewards of the trained policy, not of one dropout sample of it
+    try:
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate(list(tokenized.select(range(start, min(start + batch_size, len(tokenized))))))
+            try:
+                with torch.no_grad():
+                    rewards = trainer.compute_token_rewards(batch).float().cpu()
+            except ValueError as error:  # e.g. precomputed reference log-probs and no reference model left in memory
+                trainer.accelerator.print(f"No token-reward heatmap: {error}")
+                return None
+            mask = batch["completion_mask"][:, 1:].bool()
+            ids = [batch["input_ids"][row, 1:][mask[row]].tolist() for row in range(mask.shape[0])]
+            values = [rewards[row][mask[row]].tolist() for row in range(mask.shape[0])]
+            n = mask.shape[0] // 2  # chosen rows, then rejected rows
+            pairs += [(ids[i], values[i], ids[n + i], values[n + i]) for i in range(n)]
+    finally:
+        trainer.model.train(was_training)
     return pairs
 
 
