@@ -20,6 +20,12 @@ def test_demo_job(command, demo_model_folder, tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert re.search(r"Held-out greedy accuracy before training \(48 problems\): \d+\.\d%", printed)
     assert re.search(r"Held-out greedy accuracy after training \(48 problems\): \d+\.\d% \(before", printed)
+    by_position = re.findall(r"larger number first: (\d+\.\d)% of (\d+), second: (\d+\.\d)% of (\d+); balanced accuracy "
+                             r"(\d+\.\d)%", printed)  # fmt: skip
+    assert len(by_position) == 2  # before and after
+    for first, n_first, second, n_second, balanced in by_position:
+        assert int(n_first) + int(n_second) == 48
+        assert float(balanced) == pytest.approx((float(first) + float(second)) / 2, abs=0.06)
     assert (out / "adapter_model.safetensors").exists()
     if command == "dpo":
         assert (out / "token_rewards.html").read_text().count("class='row'") == 12  # 6 held-out pairs

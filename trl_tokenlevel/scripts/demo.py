@@ -2,14 +2,17 @@
 where a rejected answer first goes wrong.
 
 The held-out problems are `make_demo_preference.heldout_problems()`: test-split problems (or, to choose settings,
-valid-split ones), hash-disjoint from every training row. Every rank runs these evaluations (sharded models need all ranks in each forward); only the main process
-prints.
+valid-split ones), hash-disjoint from every training row. Every rank runs these evaluations (sharded models need all
+ranks in each forward); only the main process prints.
 """
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 from trl_tokenlevel.data.builtin.make_demo_preference import MAX_NEW_TOKENS, N_SHOTS, heldout_problems
-from trl_tokenlevel.data.builtin.tasks import Problem, first_wrong_token, to_messages
+from trl_tokenlevel.data.builtin.tasks import Problem, first_wrong_token, is_correct, to_messages
 
 
 def problem_of(row: dict) -> Problem:
@@ -18,23 +21,58 @@ def problem_of(row: dict) -> Problem:
     return Problem(row["task"], question, row["answer"], row["key"])
 
 
-def greedy_accuracy(model, tokenizer, problems: list[Problem]) -> tuple[float, int]:
-    """`(accuracy, n)`: exact-match accuracy of greedy answers to `problems`."""
-    from trl_tokenlevel.data.onpolicy import accuracy, sample_completions
+class HeldoutAccuracy(NamedTuple):
+    """Greedy exact-match accuracy on the held-out "Larger of a and b:" problems, overall and by where the larger number
+    stands. The base model favours one position, and the test and valid problem sets hold different shares of each, so
+    a change of that bias alone moves the overall accuracy; `balanced` (the mean of the two) does not reward it."""
+
+    overall: float
+    first: float  # problems whose larger number comes first
+    second: float
+    n_first: int
+    n_second: int
+
+    @property
+    def n(self) -> int:
+        return self.n_first + self.n_second
+
+    @property
+    def balanced(self) -> float:
+        return (self.first + self.second) / 2
+
+
+def larger_comes_first(problem: Problem) -> bool:
+    return re.findall(r"\d+", problem.question)[0] == problem.answer
+
+
+def greedy_accuracy(model, tokenizer, problems: list[Problem]) -> HeldoutAccuracy:
+    """Exact-match accuracy of greedy answers to `problems` (compare problems), overall and by position."""
+    from trl_tokenlevel.data.onpolicy import sample_completions
 
     prompts = [to_messages(problem, n_shots=N_SHOTS) for problem in problems]
     answers = sample_completions(model, tokenizer, prompts, num_samples=1, temperature=0.0,
                                  max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))  # fmt: skip
-    return accuracy(problems, [group[0] for group in answers]), len(problems)
+    right = [is_correct(problem, group[0]) for problem, group in zip(problems, answers, strict=True)]
+    first = [ok for ok, problem in zip(right, problems) if larger_comes_first(problem)]
+    second = [ok for ok, problem in zip(right, problems) if not larger_comes_first(problem)]
+    return HeldoutAccuracy(sum(right) / len(right), sum(first) / max(len(first), 1), sum(second) / max(len(second), 1),
+                           len(first), len(second))  # fmt: skip
 
 
-def print_heldout_accuracy(trainer, tokenizer, when: str, split: str = "test", before: float | None = None) -> float:
+def print_heldout_accuracy(
+    trainer, tokenizer, when: str, split: str = "test", before: HeldoutAccuracy | None = None
+) -> HeldoutAccuracy:
     """Measure `greedy_accuracy` of the trainer's model on the held-out problems of `split` ("test", or "valid" for
-    choosing settings) and print it (main process); returns the accuracy."""
-    accuracy, n = greedy_accuracy(trainer.model, tokenizer, heldout_problems(split))
-    change = "" if before is None else f" (before training: {before:.1%})"
+    choosing settings) and print it (main process), with the accuracy by position of the larger number."""
+    accuracy = greedy_accuracy(trainer.model, tokenizer, heldout_problems(split))
     name = "Held-out" if split == "test" else "Validation"
-    trainer.accelerator.print(f"{name} greedy accuracy {when} ({n} problems): {accuracy:.1%}{change}")
+    change = "" if before is None else f" (before training: {before.overall:.1%})"
+    balanced_change = "" if before is None else f" (before training: {before.balanced:.1%})"
+    trainer.accelerator.print(
+        f"{name} greedy accuracy {when} ({accuracy.n} problems): {accuracy.overall:.1%}{change}\n"
+        f"  larger number first: {accuracy.first:.1%} of {accuracy.n_first}, second: {accuracy.second:.1%} of "
+        f"{accuracy.n_second}; balanced accuracy {accuracy.balanced:.1%}{balanced_change}"
+    )
     return accuracy
 
 

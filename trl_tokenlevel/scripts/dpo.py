@@ -69,7 +69,7 @@ DEMO_DEFAULTS = dict(
     token_loss_type="tdpo2",
     per_device_train_batch_size=4,
     max_steps=8,
-    learning_rate=5e-4,
+    learning_rate=5e-4,  # chosen on validation problems: bench/demo_settings.py, docs/cli.md
     logging_steps=2,
     max_length=256,
 )

@@ -73,6 +73,7 @@ DEMO_DEFAULTS = dict(
     num_generations=4,
     max_completion_length=8,
     max_steps=6,
+    learning_rate=1.5e-4,  # chosen on validation problems: bench/demo_settings.py, docs/cli.md
     logging_steps=2,
 )
 REWARD_FUNCS = ("exact_match", "addition", "token_bleu", "majority_vote", "soft_choice")
