@@ -82,6 +82,10 @@ def _run(command: str, rest: list[str]) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     script = importlib.import_module(f"trl_tokenlevel.scripts.{command}")
     script.main(*script.parse_args(rest))
+    if command in ("dpo", "grpo", "sft"):
+        from trl_tokenlevel.scripts.common import leave_distributed_run
+
+        leave_distributed_run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,3 +170,24 @@ def train_and_save(trainer, training_args, script_args):
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
+
+
+def leave_distributed_run() -> None:
+    """End a finished multi-process job (accelerate launch, torchrun) without Python's interpreter teardown.
+
+    On CPU (gloo), tearing down the process group at interpreter exit aborted a finished run now and then, under load:
+    "terminate called without an active exception", exit -6, after the model was saved. So once every rank is past a
+    final barrier (no collective can still be in flight), each rank flushes its output and leaves with `os._exit(0)`.
+    Single-process runs return normally. Atexit handlers do not run in the multi-process case; the trainer has closed
+    its reporters and written its files by then.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

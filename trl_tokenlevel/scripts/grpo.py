@@ -37,6 +37,7 @@ from trl_tokenlevel.scripts.common import (
     DEMO_LORA_DEFAULTS,
     BuiltinJobArguments,
     build_tiny_base,
+    leave_distributed_run,
     load_train_and_heldout,
     machine_defaults,
     model_init_kwargs,
@@ -196,3 +197,4 @@ def main(script_args, token_script_args, training_args, model_args, dataset_args
 
 if __name__ == "__main__":
     main(*parse_args())
+    leave_distributed_run()

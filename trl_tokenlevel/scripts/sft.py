@@ -35,6 +35,7 @@ from trl_tokenlevel.scripts.common import (
     DEMO_LORA_DEFAULTS,
     BuiltinJobArguments,
     build_tiny_base,
+    leave_distributed_run,
     load_train_and_heldout,
     machine_defaults,
     model_init_kwargs,
@@ -136,3 +137,4 @@ def main(script_args, job_args, training_args, model_args, dataset_args):
 
 if __name__ == "__main__":
     main(*parse_args())
+    leave_distributed_run()
