@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trl_tokenlevel.ops.chunked import chunked_token_kl, chunked_token_logprobs, lm_head_params
 from trl_tokenlevel.ops.fused import fused_token_statistics
+from trl_tokenlevel.scripts.common import leave_distributed_run
 
 out, tying = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "tied")
 # "resharded": the LM head is sharded again before the ops read it (a DTensor they must gather themselves).
@@ -94,12 +95,6 @@ if rank == 0:
     with open(out, "w") as handle:
         json.dump({"loss": total.item(), "grads": grads, "world": world,
                    "dtensor": sharded and type(head["weight"]).__name__ == "DTensor"}, handle)  # fmt: skip
-if sharded:
-    dist.barrier()  # both ranks are done talking before either leaves
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load

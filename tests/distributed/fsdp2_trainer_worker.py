@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 from tests.distributed.cpu_fsdp2 import allow_fsdp_on_cpu  # noqa: E402
+from trl_tokenlevel.scripts.common import leave_distributed_run  # noqa: E402
 
 kind, model_path, out, global_batch, methods = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,14 +189,9 @@ for name in methods.split(","):
     }
     trainer.accelerator.wait_for_everyone()
     del trainer
-if dist.is_initialized() and dist.get_rank() != 0:
-    os._exit(0)  # see the end of the file
-with open(f"{out}/result.json", "w") as handle:
-    json.dump(results, handle, indent=1)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    with open(f"{out}/result.json", "w") as handle:
+        json.dump(results, handle, indent=1)
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load

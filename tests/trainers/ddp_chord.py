@@ -3,7 +3,6 @@
 Trains TokenGRPOTrainer with CHORD at μ = 1 (only the expert SFT term moves the weights) on 2 ranks, 2 rollouts per
 rank and step, and saves the final parameters from rank 0."""
 
-import os
 import sys
 
 import torch
@@ -14,6 +13,7 @@ sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 from tests.trainers.test_token_grpo_methods import chord_expert_rows, chord_layout_args  # noqa: E402
 from tests.trainers.test_token_grpo_parity import id_reward  # noqa: E402
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset  # noqa: E402
+from trl_tokenlevel.scripts.common import leave_distributed_run
 from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer  # noqa: E402
 
 model_path, out = sys.argv[1], sys.argv[2]
@@ -29,8 +29,4 @@ if dist.get_rank() == 0:
     torch.save({name: param.detach().cpu() for name, param in model.named_parameters()}, f"{out}/params.pt")
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load

@@ -2,7 +2,6 @@
 [TOKEN_LOSS_TYPE]` (default cdpo)."""
 
 import json
-import os
 import sys
 
 import torch
@@ -11,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer
 from trl_tokenlevel.data import tokenize_preference_dataset
 from trl_tokenlevel.data.builtin import load_tiny_preference_dataset
+from trl_tokenlevel.scripts.common import leave_distributed_run
 
 model_path, out, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
 token_loss_type = sys.argv[4] if len(sys.argv) > 4 else "cdpo"
@@ -57,8 +57,4 @@ if trainer.accelerator.is_main_process:
         )
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load

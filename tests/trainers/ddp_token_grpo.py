@@ -7,7 +7,6 @@ holding different numbers of valid tokens.
 """
 
 import json
-import os
 import sys
 
 import torch
@@ -16,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
 from trl_tokenlevel.ops.selection import all_gather_variable_length, high_entropy_token_mask
+from trl_tokenlevel.scripts.common import leave_distributed_run
 from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
 from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer
 
@@ -99,8 +99,4 @@ with open(f"{out}/rank{rank}.json", "w") as handle:
     )
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load

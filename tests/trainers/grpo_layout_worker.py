@@ -10,7 +10,6 @@ Every method trains 2 steps from the same weights; rank 0 writes losses and para
 
 import hashlib
 import json
-import os
 import random
 import sys
 
@@ -18,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from trl_tokenlevel.data.builtin.grpo import load_tiny_grpo_dataset
+from trl_tokenlevel.scripts.common import leave_distributed_run
 from trl_tokenlevel.trainers.token_grpo_config import TokenGRPOConfig
 from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer
 
@@ -75,14 +75,9 @@ for name in methods:
     }
     trainer.accelerator.wait_for_everyone()
     del trainer
-if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-    os._exit(0)  # see the end of the file
-with open(f"{out}/result.json", "w") as handle:
-    json.dump(results, handle)
+if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    with open(f"{out}/result.json", "w") as handle:
+        json.dump(results, handle)
 
 
-# Leave without the interpreter's teardown: destroying gloo's threads there aborted a run now and then under load
-# ("terminate called without an active exception", exit -6) after the results were written. Every collective is over.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()  # a final barrier, then os._exit(0): gloo's teardown at exit aborted finished runs under load
