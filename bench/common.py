@@ -1,10 +1,27 @@
 """Shared helpers for the benchmarks in `bench/`.
 
 Every benchmark follows the same pattern: the parent process builds a model (random weights from a config, saved to a
-temporary directory) and a dataset once, then measures each configuration in its own fresh subprocess (so peak memory
-is per configuration and no allocator state leaks between them), in alternating order over at least three rounds (to
-cancel drift), excluding warm-up steps, and writes one JSON file under `bench/results/` with the commit, the package
-versions and the device. Nothing here touches the network.
+temporary directory) and a dataset once, then measures each configuration in worker processes of its own (so peak
+memory is per configuration and no allocator or compile state is shared between configurations), in alternating order
+over at least three rounds (to cancel drift), excluding warm-up steps, and writes one JSON file under `bench/results/`
+with the commit, the package versions and the device (after every round, so a benchmark stopped by a timeout keeps
+the rounds it finished: `"complete": false`). Nothing here touches the network.
+
+Worker layout (`WorkerPool`, `--worker-scope`):
+- `run` (CPU default): a fresh process per measured run (one configuration, one round, one shape). The CPU peak is
+  the process's own `VmHWM`, which is only clean in a process that measured nothing before.
+- `config` (CUDA default): one fresh process per configuration, started at its first run and kept for all its rounds
+  and shapes (shapes one after the other, rounds in between as in `run`). Every run rebuilds the trainer from the
+  saved checkpoint (fresh weights and optimizer state); between runs the worker drops every reference, frees the
+  caching allocator's blocks and cuBLAS's workspaces (`serve`), and `MemoryProbe` resets the peaks after
+  construction, so allocated and reserved peaks are those of the run. Why: at the Qwen2.5-0.5B shape a worker's
+  start (imports, CUDA context, first construction) costs 10-20 s, far more than the measured steps; one process per
+  configuration cuts a GPU suite's starts from ~60 to 14. Limits: rounds after a configuration's first run in a
+  process measure drift and run-to-run variation, not process-start variation; their warm-up steps are warmer than
+  the first run's (every configuration alike; warm-up is excluded anyway); the reserved peak can include blocks that
+  an earlier run still holds (`process.cuda_alloc_at_start_bytes` in each result says how much was allocated when
+  the run started: 0 unless something leaked); on CPU, `VmHWM` after a reset still includes the heap an earlier run
+  left, so CPU memory needs `run`.
 
 Measurement rules shared by every script:
 - CPU peak memory is the kernel's high-water mark of the measuring process itself (`VmHWM` in `/proc/self/status`,
@@ -26,6 +43,8 @@ import os
 import platform
 import random
 import resource
+import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -353,6 +372,7 @@ class ComponentTimer:
                 timer.steps.append(dict(timer.current))
 
         self.callback = _Callback()
+        self._wrapped: list[tuple[Any, str, Any]] = []
 
     def _now(self) -> float:
         if self.cuda:
@@ -365,6 +385,7 @@ class ComponentTimer:
     def wrap(self, name: str, owner: Any, attribute: str) -> None:
         raw = owner.__dict__.get(attribute, None) if isinstance(owner, type) else None
         function = raw.__func__ if isinstance(raw, staticmethod) else getattr(owner, attribute)
+        self._wrapped.append((owner, attribute, raw if isinstance(raw, staticmethod) else function))
         timer = self
 
         def timed(*args, **kwargs):
@@ -379,6 +400,12 @@ class ComponentTimer:
                 timer._active.discard(name)
 
         setattr(owner, attribute, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
+
+    def restore(self) -> None:
+        """Put back what `wrap` replaced (a worker that measures several runs wraps classes and modules again)."""
+        for owner, attribute, original in reversed(self._wrapped):
+            setattr(owner, attribute, original)
+        self._wrapped.clear()
 
     def per_step(self, skip: int) -> dict[str, list[float]]:
         """`{name: [seconds per measured step]}` (0 for steps where a component did not run)."""
@@ -499,22 +526,207 @@ def round_orders(configs: list[str], rounds: int) -> list[list[str]]:
     return orders
 
 
-def run_worker(script: Path, payload: dict[str, Any], env: dict[str, str], timeout: float | None = None) -> dict:
-    """Run `script --worker PAYLOAD.json` in a fresh interpreter; return the JSON it writes to `payload['result_path']`.
+WORKER_SCOPES = ("run", "config")
 
-    The worker's output is kept in `<result_path>.log` and its tail is raised with the error if it fails.
+
+def default_worker_scope(device: str) -> str:
+    """`config` on CUDA (process starts dominate a GPU suite), `run` on CPU (one VmHWM per process)."""
+    return "config" if device == "cuda" else "run"
+
+
+def add_worker_scope_argument(parser) -> None:
+    parser.add_argument(
+        "--worker-scope",
+        choices=WORKER_SCOPES,
+        help="'run': a fresh worker process per measured run (configuration x round x shape); 'config': one fresh\n"
+        "process per configuration that measures all its rounds and shapes in turn (default: config on\n"
+        "CUDA, run on CPU; see bench/common.py)",
+    )
+
+
+class WorkerPool:
+    """Measured runs in worker processes: `run(payload)` returns the result dict the worker wrote to
+    `payload['result_path']`, with `process` added (the worker's pid, the index of the run in that process, and the
+    CUDA memory still allocated when the run started: 0 unless an earlier run leaked).
+
+    `scope="run"`: every run starts a fresh interpreter (`script --worker PAYLOAD.json`; output in
+    `<result_path>.log`). `scope="config"`: each configuration gets one interpreter (`script --worker -`, `serve()`),
+    kept for all its runs (rounds, shapes), which it receives as payload paths on stdin (output in
+    `<config>.worker.log` next to the first result). `start(configs)` launches them all at once, so their imports and
+    CUDA start-up overlap each other and the parent's model building; they wait idle (blocked on stdin) until their
+    runs come, one run at a time in the whole pool. No two configurations ever share a process. Workers die with the
+    parent (`PR_SET_PDEATHSIG`), and `close()` ends them, so a benchmark stopped by a timeout leaves none behind.
     """
-    result_path = Path(payload["result_path"])
-    payload_path = result_path.with_suffix(".payload.json")
-    payload_path.write_text(json.dumps(payload))
-    log_path = result_path.with_suffix(".log")
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(script), "--worker", str(payload_path)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
-    if proc.returncode != 0 or not result_path.exists():
-        tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"worker {payload.get('config')} failed (exit {proc.returncode}); log tail:\n{tail}")
-    return json.loads(result_path.read_text())
+
+    def __init__(self, script: Path, env: dict[str, str], scope: str = "run", timeout: float | None = None,
+                 cuda: bool = False):  # fmt: skip
+        if scope not in WORKER_SCOPES:
+            raise ValueError(f"scope must be one of {WORKER_SCOPES}, got {scope!r}")
+        self.script, self.scope, self.timeout = script, scope, timeout
+        self.env = {**env, "BENCH_WORKER_CUDA": "1" if cuda else "0"}
+        self.workers: dict[str, dict[str, Any]] = {}  # config -> {"proc", "log", "runs", "ready"}
+
+    def _popen(self, target: str, log, stdin=None, stdout=None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(self.script), "--worker", target], env=self.env, stdin=stdin,
+                                stdout=stdout or log, stderr=log, cwd=REPO_ROOT, text=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+
+    def start(self, configs: list[str], log_dir: Path) -> None:
+        """Launch the kept workers of `configs` now (scope `config`; a no-op for `run`)."""
+        if self.scope != "config":
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for config in configs:
+            if config not in self.workers:
+                log = open(log_dir / f"{config}.worker.log", "w")  # noqa: SIM115 (closed in close())
+                proc = self._popen("-", log, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self.workers[config] = {"proc": proc, "log": log, "runs": 0, "ready": False}
+
+    def run(self, payload: dict[str, Any]) -> dict:
+        result_path = Path(payload["result_path"])
+        payload_path = result_path.with_suffix(".payload.json")
+        payload_path.write_text(json.dumps(payload))
+        if self.scope == "run":
+            process = self._run_fresh(payload, payload_path, result_path)
+        else:
+            process = self._run_kept(payload["config"], payload_path, result_path)
+        result = json.loads(result_path.read_text())
+        result["process"] = process
+        return result
+
+    def _run_fresh(self, payload: dict, payload_path: Path, result_path: Path) -> dict:
+        log_path = result_path.with_suffix(".log")
+        with open(log_path, "w") as log:
+            proc = self._popen(str(payload_path), log)
+            try:
+                returncode = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+        if returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"worker {payload.get('config')} failed (exit {returncode}); log tail:\n"
+                               f"{log_path.read_text()[-4000:]}")  # fmt: skip
+        return {"pid": proc.pid, "run_index": 0, "cuda_alloc_at_start_bytes": 0}
+
+    def _run_kept(self, config: str, payload_path: Path, result_path: Path) -> dict:
+        self.start([config], result_path.parent)
+        worker = self.workers[config]
+        if not worker["ready"]:
+            self._reply(config)  # imports and CUDA start-up done
+            worker["ready"] = True
+        worker["proc"].stdin.write(f"{payload_path}\n")
+        worker["proc"].stdin.flush()
+        reply = self._reply(config)
+        worker["runs"] += 1
+        return {"pid": worker["proc"].pid, "run_index": worker["runs"] - 1, **reply}
+
+    def _reply(self, config: str) -> dict:
+        """The worker's next reply line; on timeout or exit, kill it and raise with its log's tail."""
+        worker = self.workers[config]
+        proc = worker["proc"]
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+        line = proc.stdout.readline() if ready else None
+        if line:
+            return json.loads(line)
+        proc.kill()
+        proc.wait()
+        worker["log"].close()
+        del self.workers[config]
+        tail = Path(worker["log"].name).read_text()[-4000:]
+        if line is None:
+            raise subprocess.TimeoutExpired(proc.args, self.timeout, output=tail)
+        raise RuntimeError(f"worker {config} failed (exit {proc.returncode}); log tail:\n{tail}")
+
+    def close(self, kill: bool = False) -> None:
+        """End the kept workers: close their stdin (they exit), or kill them (`kill`, or after 30 s)."""
+        for worker in self.workers.values():
+            proc = worker["proc"]
+            if kill:
+                proc.kill()
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            worker["log"].close()
+        self.workers.clear()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(kill=exc_type is not None)
+
+
+def _die_with_parent() -> None:
+    """In a new worker (Linux): get SIGKILL when the parent dies, whatever kills it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (what `timeout` sends) into `SystemExit`, so that `finally` and `with` blocks end the workers."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def worker_main(target: str | Path, measure, warm_up=None) -> int:
+    """Entry of a worker process: `--worker PAYLOAD.json` measures one run; `--worker -` serves runs (`serve`)."""
+    if str(target) != "-":
+        return measure(Path(target))
+    return serve(measure, warm_up)
+
+
+def serve(measure, warm_up=None) -> int:
+    """Measure the runs whose payload paths arrive on stdin, one at a time, in this one process.
+
+    First `warm_up()` (the imports a run needs) and, when the pool asks for it (`BENCH_WORKER_CUDA=1`), the CUDA
+    context, then one reply line: ready. Before and after each run: drop every reference (`gc.collect()`), return
+    the caching allocator's free blocks and cuBLAS's workspaces to the device; then one JSON reply line with the CUDA
+    memory still allocated when the run started. Replies go to the original stdout; anything else the process prints
+    goes to stderr (the log). Each run builds its trainer from the saved checkpoint again (fresh weights and optimizer
+    state), and `MemoryProbe.start()` resets the peaks after construction, as in a fresh process.
+    """
+    sys.stdout.flush()
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library output goes to the log, never into the reply channel
+    if warm_up is not None:
+        warm_up()
+    if os.environ.get("BENCH_WORKER_CUDA") == "1":
+        import torch
+
+        torch.cuda.init()
+        torch.cuda.synchronize()  # creates the context; allocates nothing
+    replies.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        left = _release_cuda_memory()
+        measure(Path(line.strip()))
+        _release_cuda_memory()
+        replies.write(json.dumps({"cuda_alloc_at_start_bytes": left}) + "\n")
+    return 0
+
+
+def _release_cuda_memory() -> int:
+    """Free what earlier runs left (objects, cached blocks, cuBLAS workspaces); return the bytes still allocated."""
+    gc.collect()
+    if "torch" not in sys.modules:
+        return 0
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return 0
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

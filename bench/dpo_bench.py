@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import statistics
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from common import (
     ComponentTimer,
     MemoryProbe,
+    add_worker_scope_argument,
+    default_worker_scope,
     make_step_timer,
     synthetic_preference_rows,
 )
@@ -62,7 +65,8 @@ def make_parser(doc: str, configs: dict, default_configs: list[str], batch_help:
     )
     run.add_argument("--logging-steps", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--worker-timeout", type=float, default=3600)
+    run.add_argument("--worker-timeout", type=float, default=3600, help="seconds one measured run may take")
+    add_worker_scope_argument(run)
     run.add_argument("--out", type=Path, help=out_help)
     run.add_argument("--workdir", type=Path, help="keep model/data/logs here instead of a temporary directory")
     run.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -85,11 +89,28 @@ def resolve_args(parser, args, presets: dict, configs: dict):
         parser.error("need --warmup >= 1 (optimizer state allocation), --steps >= 2 and --rounds >= 3")
     if args.components is None:
         args.components = args.device == "cpu"
+    if args.worker_scope is None:
+        args.worker_scope = default_worker_scope(args.device)
     return args
 
 
-def save_random_qwen2(args, tokenizer, path: Path, seed: int) -> int:
-    """A Qwen2-shaped causal LM with random weights (tied embeddings, as Qwen2.5-0.5B) saved with the tokenizer."""
+# Qwen2.5-0.5B's context length. Fixed rather than taken from the shape, so that one saved model serves every shape of a
+# sweep and every benchmark of a suite (rotary embeddings are computed per position: nothing is sized by it).
+MAX_POSITION_EMBEDDINGS = 32768
+
+
+def model_cache(workdir: Path) -> Path:
+    """Where `save_random_qwen2` keeps built models: `$BENCH_MODEL_CACHE` (shared by the benchmarks of a suite) or a
+    folder of the benchmark's own work directory (shared by its shapes)."""
+    return Path(os.environ.get("BENCH_MODEL_CACHE") or workdir / "model_cache")
+
+
+def save_random_qwen2(args, tokenizer, path: Path, seed: int, cache: Path | None = None) -> int:
+    """A Qwen2-shaped causal LM with random weights (tied embeddings, as Qwen2.5-0.5B) saved with the tokenizer.
+
+    With `cache`, a model of the same config and seed built before (by another shape or benchmark) is linked instead
+    of built again: random initialization and saving take ~8 s at the Qwen2.5-0.5B shape.
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -100,22 +121,31 @@ def save_random_qwen2(args, tokenizer, path: Path, seed: int) -> int:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq_len),
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
+    key = hashlib.sha256(f"{config.to_json_string()}|{seed}|{args.dtype}".encode()).hexdigest()[:16]
+    built = cache / key if cache is not None else None
+    if built is None or not (built / "num_params").exists():
+        built = built or path
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(built)
+        (built / "num_params").write_text(str(sum(p.numel() for p in model.parameters())))
+        del model
+        gc.collect()
+    if built != path:
+        path.mkdir(parents=True, exist_ok=True)
+        for file in built.iterdir():
+            if file.name != "num_params":
+                (path / file.name).symlink_to(file.resolve())
     tokenizer.save_pretrained(path)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
-    return num_params
+    return int((built / "num_params").read_text())
 
 
 def synthetic_preference_data(args, tokenizer, words):
@@ -169,6 +199,14 @@ def training_kwargs(p: dict) -> dict:
         use_cpu=not cuda,
         model_init_kwargs={"dtype": p["dtype"], "attn_implementation": "sdpa"},
     )
+
+
+def import_trainers() -> None:
+    """What a kept DPO worker imports before its first run (`common.serve`'s warm-up)."""
+    import datasets  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+
+    from trl_tokenlevel import TokenDPOConfig, TokenDPOTrainer  # noqa: F401
 
 
 def prepare_worker(p: dict) -> None:
@@ -240,6 +278,8 @@ def measured_training(p: dict, build_trainer):
     probe.start()
     trainer.train()
     memory = probe.result()
+    if components is not None:
+        components.restore()
 
     times = {
         "step_s": timer.step_times(p["warmup"]),
@@ -278,53 +318,58 @@ PAYLOAD_KEYS = ("device", "dtype", "seq_len", "batch", "warmup", "steps", "seed"
                 "logging_steps", "components", "breakdown")  # fmt: skip
 
 
-def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_data, payload_for) -> list[dict]:
+def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_data, payload_for,
+              on_round=None) -> list[dict]:  # fmt: skip
     """For each `--sweep` shape: build model and data, run `--rounds` rounds of every configuration in alternating
-    order (one fresh worker each), aggregate. Returns one entry per shape: shape, data statistics, orders,
-    per-configuration summaries (`common.aggregate_runs`) and the raw runs."""
-    from common import aggregate_runs, parse_sweep, round_orders, run_worker, worker_env
+    order (in `--worker-scope` workers: `common.WorkerPool`), aggregate. Returns one entry per shape: shape, data
+    statistics, orders, per-configuration summaries (`common.aggregate_runs`), the raw runs and `rounds_done`.
+    `on_round(shapes)` is called after every round with the entries so far (the last one possibly partial)."""
+    from common import WorkerPool, aggregate_runs, parse_sweep, round_orders, worker_env
 
-    env = worker_env(args.threads)
     shapes = []
-    for batch, seq_len in parse_sweep(args.sweep, (args.batch, args.seq_len)):
-        args.batch, args.seq_len = batch, seq_len
-        shape_dir = workdir / f"b{batch}_l{seq_len}"
-        (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
-        data_info = build_model_and_data(args, shape_dir)
-        print(f"  shape batch={batch} seq_len={seq_len}: model {data_info['num_params'] / 1e6:.1f}M params, "
-              f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
-        runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-        orders = round_orders(args.configs, args.rounds)
-        for round_index, order in enumerate(orders):
-            for name in order:
-                payload = {
-                    "config": name,
-                    **configs[name],
-                    **payload_for(name, data_info, shape_dir),
-                    **{key: getattr(args, key) for key in PAYLOAD_KEYS},
-                    "round": round_index,
-                    "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
-                    "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
-                }
-                result = run_worker(script, payload, env, timeout=args.worker_timeout)
-                runs[name].append(result)
-                memory = result["memory"]
-                peak = memory.get("cuda_alloc_peak_bytes", memory["rss_peak_bytes"])
-                print(f"    round {round_index} {name:20s} step {1e3 * statistics.median(result['times']['step_s']):8.1f} "
-                      f"ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  peak "
-                      f"{peak / 2**30:.3f} GiB  load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-        per_config = aggregate_runs(runs)
-        for name, results in runs.items():  # the after-training breakdown, if any: medians over rounds
-            if results[0].get("breakdown"):
-                per_config[name]["breakdown"] = {key: statistics.median(r["breakdown"][key] for r in results)
-                                                 for key in results[0]["breakdown"]}  # fmt: skip
-        shapes.append({
-            "shape": {"batch": batch, "seq_len": seq_len},
-            "data": {k: v for k, v in data_info.items() if k not in ("paths", "model_path")},
-            "orders": orders,
-            "configs": per_config,
-            "runs": runs,
-        })  # fmt: skip
+    pool = WorkerPool(script, worker_env(args.threads), args.worker_scope, args.worker_timeout, args.device == "cuda")
+    with pool:
+        pool.start(args.configs, workdir)  # kept workers start up while the model and data are built
+        for batch, seq_len in parse_sweep(args.sweep, (args.batch, args.seq_len)):
+            args.batch, args.seq_len = batch, seq_len
+            shape_dir = workdir / f"b{batch}_l{seq_len}"
+            (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
+            data_info = build_model_and_data(args, shape_dir)
+            print(f"  shape batch={batch} seq_len={seq_len}: model {data_info['num_params'] / 1e6:.1f}M params, "
+                  f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
+            runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+            orders = round_orders(args.configs, args.rounds)
+            entry = {"shape": {"batch": batch, "seq_len": seq_len},
+                     "data": {k: v for k, v in data_info.items() if k not in ("paths", "model_path")},
+                     "orders": orders, "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+            shapes.append(entry)
+            for round_index, order in enumerate(orders):
+                for name in order:
+                    payload = {
+                        "config": name,
+                        **configs[name],
+                        **payload_for(name, data_info, shape_dir),
+                        **{key: getattr(args, key) for key in PAYLOAD_KEYS},
+                        "round": round_index,
+                        "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                        "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                    }
+                    result = pool.run(payload)
+                    runs[name].append(result)
+                    memory = result["memory"]
+                    peak = memory.get("cuda_alloc_peak_bytes", memory["rss_peak_bytes"])
+                    print(f"    round {round_index} {name:20s} step "
+                          f"{1e3 * statistics.median(result['times']['step_s']):8.1f} ms  cpu "
+                          f"{1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  peak "
+                          f"{peak / 2**30:.3f} GiB  load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+                entry["configs"] = aggregate_runs(runs)
+                for name, results in runs.items():  # the after-training breakdown, if any: medians over rounds
+                    if results[0].get("breakdown"):
+                        entry["configs"][name]["breakdown"] = {key: statistics.median(r["breakdown"][key] for r in results)
+                                                               for key in results[0]["breakdown"]}  # fmt: skip
+                entry["rounds_done"] = round_index + 1
+                if on_round is not None:
+                    on_round(shapes)
     return shapes
 
 

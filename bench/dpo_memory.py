@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS_DIR,
     build_word_tokenizer,
+    exit_on_sigterm,
     format_table,
     machine_info,
     peak_rss_bytes,
@@ -65,12 +66,15 @@ from common import (  # noqa: E402
     release_free_heap,
     reset_peak_rss,
     rss_bytes,
+    worker_main,
     write_json,
 )
 from dpo_bench import (  # noqa: E402
+    import_trainers,
     main_table,
     make_parser,
     measured_training,
+    model_cache,
     prepare_worker,
     resolve_args,
     run_sweep,
@@ -226,7 +230,8 @@ def build_model_and_data(args, workdir: Path) -> dict:
         seeds["dpo_teacher"] = args.seed + TEACHER_SEEDS[0]
         seeds["reverse_teacher"] = args.seed + TEACHER_SEEDS[1]
     paths = {name: workdir / name for name in seeds}
-    num_params = [save_random_qwen2(args, tokenizer, paths[name], seed) for name, seed in seeds.items()][0]
+    num_params = [save_random_qwen2(args, tokenizer, paths[name], seed, model_cache(workdir.parent))
+                  for name, seed in seeds.items()][0]  # fmt: skip
 
     base, _, stats = synthetic_preference_data(args, tokenizer, words)
     base.save_to_disk(str(workdir / "data"))
@@ -262,7 +267,8 @@ def print_tables(args, shape_result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker)
+        return worker_main(args.worker, worker, import_trainers)
+    exit_on_sigterm()
 
     import torch
 
@@ -279,7 +285,8 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo_memory_"))
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "sweep",
-                                                     "components", "breakdown", "configs", "device")}  # fmt: skip
+                                                     "components", "breakdown", "configs", "device",
+                                                     "worker_scope")}  # fmt: skip
     print(f"dpo_memory: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
@@ -288,31 +295,35 @@ def main(argv=None) -> int:
         def payload_for(name, data_info, shape_dir):
             return {"paths": data_info["paths"], "data_path": str(shape_dir / "data")}
 
-        shapes = run_sweep(args, Path(__file__).resolve(), workdir, CONFIGS, build_model_and_data, payload_for)
-        tables = [print_tables(args, shape) for shape in shapes]
-        report = {
-            "benchmark": "dpo_memory",
-            "description": (
-                "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil with the fused pass; "
-                "*_twopass = TRL's log-prob head + TRL's chunked divergence) and a naive full-logits TDPO2 vs stock "
-                "trl.DPOTrainer: same model init, data, order and optimizer; each configuration in a fresh "
-                "subprocess, alternating order over rounds, warm-up steps excluded. Times per measured step; memory "
-                "per run (CPU: VmHWM of the worker; CUDA: max allocated and reserved). AlignDistil trains on chosen "
-                "responses only, against two frozen teachers of the policy's shape, without a reference model."
-            ),
-            "targets": TARGETS[args.device],
-            "machine": machine,
-            "settings": {
-                **settings,
-                "model": "Qwen2ForCausalLM (random)",
-                "attn_implementation": "sdpa",
-                "optimizer": "adamw_torch",
-            },  # fmt: skip
-            "wall_s": time.time() - started,
-            "tables": tables,
-            "shapes": shapes,
-        }
-        path = write_json(out, report)
+        def report(shapes, complete):
+            return {
+                "benchmark": "dpo_memory",
+                "description": (
+                    "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil with the fused "
+                    "pass; *_twopass = TRL's log-prob head + TRL's chunked divergence) and a naive full-logits TDPO2 "
+                    "vs stock trl.DPOTrainer: same model init, data, order and optimizer; each configuration in "
+                    "worker processes of its own (settings.worker_scope), alternating order over rounds, warm-up "
+                    "steps excluded. Times per measured step; memory per run (CPU: VmHWM of the worker; CUDA: max "
+                    "allocated and reserved). AlignDistil trains on chosen responses only, against two frozen "
+                    "teachers of the policy's shape, without a reference model."
+                ),
+                "targets": TARGETS[args.device],
+                "machine": machine,
+                "settings": {
+                    **settings,
+                    "model": "Qwen2ForCausalLM (random)",
+                    "attn_implementation": "sdpa",
+                    "optimizer": "adamw_torch",
+                },  # fmt: skip
+                "wall_s": time.time() - started,
+                "complete": complete,
+                "tables": [print_tables(args, shape) for shape in shapes] if complete else [],
+                "shapes": shapes,
+            }
+
+        shapes = run_sweep(args, Path(__file__).resolve(), workdir, CONFIGS, build_model_and_data, payload_for,
+                           on_round=lambda shapes: write_json(out, report(shapes, complete=False)))  # fmt: skip
+        path = write_json(out, report(shapes, complete=True))
         print(f"wrote {path}", file=sys.stderr)
     finally:
         if args.workdir is None:

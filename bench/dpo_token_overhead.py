@@ -41,15 +41,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS_DIR,
     build_word_tokenizer,
+    exit_on_sigterm,
     format_table,
     machine_info,
     pseudo_words,
+    worker_main,
     write_json,
 )
 from dpo_bench import (  # noqa: E402
+    import_trainers,
     main_table,
     make_parser,
     measured_training,
+    model_cache,
     prepare_worker,
     resolve_args,
     run_sweep,
@@ -110,7 +114,7 @@ def build_model_and_data(args, workdir: Path) -> dict:
     if len(tokenizer) > args.vocab:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but --vocab is {args.vocab}")
     model_path = workdir / "model"
-    num_params = save_random_qwen2(args, tokenizer, model_path, args.seed)
+    num_params = save_random_qwen2(args, tokenizer, model_path, args.seed, model_cache(workdir.parent))
 
     base, tokenized, stats = synthetic_preference_data(args, tokenizer, words)
     generator = torch.Generator().manual_seed(args.seed)
@@ -155,7 +159,8 @@ def print_tables(args, shape_result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker)
+        return worker_main(args.worker, worker, import_trainers)
+    exit_on_sigterm()
 
     import datasets
     import torch
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "sweep",
                                                      "components", "breakdown", "collate_repeats", "configs",
-                                                     "device")}  # fmt: skip
+                                                     "device", "worker_scope")}  # fmt: skip
     print(f"dpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
@@ -183,29 +188,33 @@ def main(argv=None) -> int:
                     "collate_repeats": args.collate_repeats}  # fmt: skip
 
         configs = {name: {"token_loss_type": CONFIGS[name][0]} for name in CONFIGS}
-        shapes = run_sweep(args, Path(__file__).resolve(), workdir, configs, build_model_and_data, payload_for)
-        tables = [print_tables(args, shape) for shape in shapes]
-        report = {
-            "benchmark": "dpo_token_overhead",
-            "description": (
-                "TokenDPOTrainer token-scalar losses vs stock trl.DPOTrainer: same model init, data, order and "
-                "optimizer; each configuration in a fresh subprocess, alternating order over rounds, warm-up steps "
-                "excluded. Times per measured step; memory per run (CPU: VmHWM of the worker; CUDA: max allocated "
-                "and reserved)."
-            ),
-            "targets": targets(args),
-            "machine": machine,
-            "settings": {
-                **settings,
-                "model": "Qwen2ForCausalLM (random)",
-                "attn_implementation": "sdpa",
-                "optimizer": "adamw_torch",
-            },  # fmt: skip
-            "wall_s": time.time() - started,
-            "tables": tables,
-            "shapes": shapes,
-        }
-        path = write_json(out, report)
+
+        def report(shapes, complete):
+            return {
+                "benchmark": "dpo_token_overhead",
+                "description": (
+                    "TokenDPOTrainer token-scalar losses vs stock trl.DPOTrainer: same model init, data, order and "
+                    "optimizer; each configuration in worker processes of its own (settings.worker_scope), "
+                    "alternating order over rounds, warm-up steps excluded. Times per measured step; memory per run "
+                    "(CPU: VmHWM of the worker; CUDA: max allocated and reserved)."
+                ),
+                "targets": targets(args),
+                "machine": machine,
+                "settings": {
+                    **settings,
+                    "model": "Qwen2ForCausalLM (random)",
+                    "attn_implementation": "sdpa",
+                    "optimizer": "adamw_torch",
+                },  # fmt: skip
+                "wall_s": time.time() - started,
+                "complete": complete,
+                "tables": [print_tables(args, shape) for shape in shapes] if complete else [],
+                "shapes": shapes,
+            }
+
+        shapes = run_sweep(args, Path(__file__).resolve(), workdir, configs, build_model_and_data, payload_for,
+                           on_round=lambda shapes: write_json(out, report(shapes, complete=False)))  # fmt: skip
+        path = write_json(out, report(shapes, complete=True))
         print(f"wrote {path}", file=sys.stderr)
     finally:
         if args.workdir is None:

@@ -172,10 +172,15 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if "triton" in args.configs and args.device == "cpu":
         print("triton on CPU runs in Triton's interpreter (TRITON_INTERPRET=1): a parity check, its times mean nothing")
+    out = args.out or RESULTS_DIR / f"fused_kernel_{args.device}.json"
+    machine = machine_info(args.device)
     shapes = []
     for n in args.tokens:
         shape = run_shape(n, args)
         shapes.append(shape)
+        # after every N, so that a run stopped by a time limit keeps the token counts it finished
+        write_json(out, {"benchmark": "fused_kernel", "args": vars(args) | {"out": str(out)}, "machine": machine,
+                         "complete": len(shapes) == len(args.tokens), "shapes": shapes})  # fmt: skip
         baseline = shape["configs"].get("twopass", next(iter(shape["configs"].values())))
         rows = []
         for config, entry in shape["configs"].items():
@@ -190,9 +195,6 @@ def main(argv=None) -> int:
         print(f"\nN={n} H={args.hidden} V={args.vocab} {args.dtype} on {args.device}")
         headers = ["kernel", "fwd ms", "bwd ms", "fwd+bwd ms", "vs twopass", "peak MiB", "max |dev|"]
         print(format_table(headers, rows))
-    out = args.out or RESULTS_DIR / f"fused_kernel_{args.device}.json"
-    write_json(out, {"benchmark": "fused_kernel", "args": vars(args) | {"out": str(out)},
-                     "machine": machine_info(args.device), "shapes": shapes})  # fmt: skip
     print(f"\nwrote {out}")
     return 0
 

@@ -3,29 +3,62 @@
 # weights: vocab 151936, hidden 896, 24 layers; bf16; gradient checkpointing), then the docs tables:
 #
 #     bash bench/gpu_suite.sh                # results to bench/results/gpu/ (or $OUT), tables to $OUT/benchmarks.md
-#     DEVICE=cpu bash bench/gpu_suite.sh     # the same steps, CPU-sized (tiny model, one short shape): a smoke test
+#     DEVICE=cpu bash bench/gpu_suite.sh     # the same steps, CPU-sized (tiny model, short shapes): a smoke test
+#     BENCH_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_suite.sh   # from a copy of the tree without .git
 #
-# Budget: about 10 minutes on one H100/H200 (each step has its own `timeout`, so an overrun loses that step's JSON,
-# never the whole suite; the Triton fused pass's share is an estimate until a GPU run times it). Every benchmark follows bench/common.py's rules (fresh worker per configuration, >= 3
-# alternating rounds, warm-up excluded, allocated and reserved peaks). Steps, most important first:
-#   1. GPU parity tests of the kernels (bf16, CUDA), the Triton fused pass's included (compiles: est.) . ~1.5 min
-#   1b. fused_kernel: the LM-head pass alone, token_kernel torch / triton / trl, N 2048 and 8192 ........ ~1 min
-#   2. dpo_memory sweep 1x1024, 1x2048, 1x4096 pairs: stock, tdpo2 (fused), sparsepo (fused) ......... ~3.5 min
-#   3. dpo_memory 2x1024: stock, the two-pass TDPO2 (TRL Triton kernels), TDPO2 with the fused pass's Triton
-#      backend (token_kernel="triton"; CUDA only) and AlignDistil (fused) ................................ ~2 min
-#   4. dpo_token_overhead 2x1024: stock, weighted, cdpo ............................................. ~1 min
-#   5. grpo_token_overhead and sft_token_overhead, smallest useful subsets .......................... ~1.5 min
-#   6. python bench/make_tables.py over the JSON of this run
+# Every benchmark follows bench/common.py's rules: each configuration in worker processes of its own (here
+# `--worker-scope config`: one process per configuration, started in parallel with the others and kept for all its
+# rounds and shapes), >= 3 alternating rounds, warm-up excluded, allocated and reserved GPU peaks, JSON written after
+# every round (a step stopped by its time limit keeps the rounds it finished; fused_kernel writes after each N).
+#
+# Time budget on one H100/H200: at most 450 s, whatever happens. Steps run most important first, and each step ends
+# by its cumulative deadline (the sum of its own and the earlier steps' caps): time an early step does not use goes
+# to the later ones, and an overrun only loses the least important tail. Worst case = setup caps (pip 20 + env 15)
+# + sum of step caps (413) + one kill grace (2) = 450 s.
+#
+#   step (most important first)                                           cap s   expected s (ESTIMATE)
+#   setup: wheels from .whl/ into /tmp/site, library versions               35      ~12
+#   1. gpu_tests: GPU parity tests of the kernels (bf16; Triton compiled)   75      ~65
+#   2. fused_kernel: LM-head pass alone, torch/triton/twopass, N 2048+8192  35      ~25
+#   3. dpo_memory sweep 1x1024,1x2048,1x4096: stock, tdpo2, sparsepo       100      ~80
+#   4. dpo_memory 2x1024: stock, tdpo2_twopass, tdpo2_triton, aligndistil   75      ~63
+#   5. dpo_token_overhead 2x1024: stock, weighted, cdpo                     45      ~38
+#   6. grpo_token_overhead: stock, entropy_quantile (16 x <= 512 tokens)    38      ~29
+#   7. sft_token_overhead: stock, otr (8 x 1024 tokens)                     40      ~39
+#   8. make_tables.py over the JSON of this run                              5       ~2
+#   total                                                                  448+2    ~353
+#
+# How the expected times were estimated (none is measured on a GPU yet; the first GPU run's $OUT/suite.txt replaces
+# them): a worker process's fixed cost (imports, CUDA context, first trainer construction) of 15-20 s, from the H200
+# runs in bench/results/*_cuda_h200.json (e.g. dpo_token_overhead: 188 s wall for 8 workers that measured ~6 s each);
+# here the workers of a benchmark start together while the parent builds the model (~8 s for 494M parameters on
+# this 2-core CPU: random init 6 s + save 2 s; reused across benchmarks via $BENCH_MODEL_CACHE), so a benchmark pays
+# it about once. The imports alone: `python -c "import torch, transformers, trl, datasets"` takes 2.7 s on this CPU,
+# 5.0-5.3 s with the DPO trainers and trl_tokenlevel, counted as ~8 s on the GPU image (CUDA libraries). A later run
+# in a kept worker rebuilds its trainer: 0.08 s on CPU at a tiny shape (2.7 s for the first one in a process),
+# counted as ~1 s with two 1 GB checkpoints to move to the GPU (H200: 1.1-1.5 s in a fresh process). Step times from
+# the H200 runs (stock 4x1024 pairs: 205-215 ms; token methods 1.2-1.45x), scaled by tokens and by 1.3 for an H100:
+# ~0.12, 0.16, 0.33 s at 1x1024, 1x2048, 1x4096 and ~0.17 s at 2x1024; 5 steps per run (warm-up included), plus
+# 2-4 s for the first step of each worker (CUDA libraries, cuBLAS). Triton compilation in gpu_tests: a guess.
+#
 # The device image may lack trl/datasets: wheels carried in .whl/ are installed into /tmp/site first (see README).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
+: > "$OUT/suite.txt"
 START=$(date +%s)
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+# Built random models, shared by the benchmarks of this run (same config and seed: linked, not built again).
+export BENCH_MODEL_CACHE=${BENCH_MODEL_CACHE:-$(mktemp -d /tmp/bench_models.XXXXXX)}
+trap 'rm -rf "$BENCH_MODEL_CACHE"' EXIT
+
+elapsed() { echo $(( $(date +%s) - START )); }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    timeout 20 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
     # On some device images dill cannot pickle pyarrow's MonthDayNano type, which breaks datasets' fingerprint hashing
     # inside TRL's dataset preparation (stock DPOTrainer included): fall back to a random fingerprint, as datasets
     # itself does when a transform cannot be hashed.
@@ -44,41 +77,55 @@ PY
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1 \
     TRL_EXPERIMENTAL_SILENCE=1 HF_HUB_DISABLE_TELEMETRY=1
+# Library versions (and the device); this also brings the libraries into the page cache for the workers.
+timeout 15 $PY -c "import torch, transformers, trl, datasets; print('torch', torch.__version__,
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'transformers', transformers.__version__,
+'trl', trl.__version__, 'datasets', datasets.__version__)" 2>&1 | tee "$OUT/env.txt"
+echo "[setup] $(elapsed) s" | tee -a "$OUT/suite.txt"
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, report the exit code and the time used
-    local name=$1 limit=$2
+SCALE=${SCALE:-1}    # multiplies every step cap (the CPU smoke test on a small shared machine needs more)
+DEADLINE=$(elapsed)
+step() {  # step NAME CAP_S COMMAND...: run until the cumulative deadline, log to $OUT/NAME.log, report exit and time
+    local name=$1 cap=$(( $2 * SCALE ))
     shift 2
+    DEADLINE=$(( DEADLINE + cap ))
+    local limit=$(( DEADLINE - $(elapsed) ))
+    if [ "$limit" -lt 5 ]; then
+        echo "[$name] skipped: $limit s left before its deadline (suite at $(elapsed) s)" | tee -a "$OUT/suite.txt"
+        return
+    fi
     local t0=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 2 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    echo "[$name] exit $rc after $(( $(date +%s) - t0 )) s (suite at $(( $(date +%s) - START )) s)" | tee -a "$OUT/suite.txt"
+    echo "[$name] exit $rc after $(( $(date +%s) - t0 )) s of $limit (cap $cap; suite at $(elapsed) s)" \
+        | tee -a "$OUT/suite.txt"
     tail -n 12 "$OUT/$name.log"
 }
 
-DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cuda ]; then
-    $PY -c "import torch, transformers, trl; print('torch', torch.__version__, torch.cuda.get_device_name(0),
-'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 | tee "$OUT/env.txt"
-    step gpu_tests 180 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/ops/test_chunked.py \
-        tests/ops/test_chunked_fused.py tests/ops/test_fused_triton.py
-    SHAPE="" SWEEP=1x1024,1x2048,1x4096 PAIRS=2x1024 GRPO_SHAPE="" SFT_PRESET=qwen0.5b SCALE=1
+    SHAPE="" SWEEP=1x1024,1x2048,1x4096 PAIRS=2x1024 GRPO_SHAPE="" SFT_PRESET=qwen0.5b
     VARIANTS=stock,tdpo2_twopass,tdpo2_triton,aligndistil
-else  # CPU smoke test of the same commands: tiny Qwen2 shape, one short sequence, generous timeouts
+    step gpu_tests 75 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/ops/test_chunked.py \
+        tests/ops/test_chunked_fused.py tests/ops/test_fused_triton.py
+else  # CPU smoke test of the same commands: tiny Qwen2 shape, two short shapes in the sweep
     SHAPE="--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 2048 --tokenizer-vocab 2048"
-    SWEEP=1x64 PAIRS=1x64 GRPO_SHAPE="$SHAPE --batch 4 --completion-len 32 --prompt-len 16" SFT_PRESET=small SCALE=10
+    SWEEP=1x32,1x64 PAIRS=1x64 GRPO_SHAPE="$SHAPE --batch 4 --completion-len 32 --prompt-len 16" SFT_PRESET=small
     VARIANTS=stock,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
+    SCALE=${SCALE_CPU:-3}
+    echo "[gpu_tests] skipped on CPU" | tee -a "$OUT/suite.txt"
 fi
-step fused_kernel 150 $PY bench/fused_kernel.py --device $DEVICE --out "$OUT/fused_kernel_${DEVICE}.json"
-DPO="--device $DEVICE $SHAPE --rounds 3 --warmup 2 --steps 3 --breakdown 0"
-step dpo_memory_sweep $((240 * SCALE)) $PY bench/dpo_memory.py $DPO --configs stock,tdpo2,sparsepo --sweep $SWEEP \
+KEPT="--worker-scope config"  # also on CPU, so that the smoke test runs the GPU layout
+step fused_kernel 35 $PY bench/fused_kernel.py --device $DEVICE --out "$OUT/fused_kernel_${DEVICE}.json"
+DPO="--device $DEVICE $SHAPE $KEPT --rounds 3 --warmup 2 --steps 3 --breakdown 0"
+step dpo_memory_sweep 100 $PY bench/dpo_memory.py $DPO --configs stock,tdpo2,sparsepo --sweep $SWEEP \
     --out "$OUT/dpo_memory_${DEVICE}_sweep.json"
-step dpo_memory_variants $((130 * SCALE)) $PY bench/dpo_memory.py $DPO --configs $VARIANTS \
-    --sweep $PAIRS --out "$OUT/dpo_memory_${DEVICE}_variants.json"
-step dpo_token_overhead $((70 * SCALE)) $PY bench/dpo_token_overhead.py $DPO --configs stock,weighted,cdpo \
-    --sweep $PAIRS --out "$OUT/dpo_token_overhead_${DEVICE}.json"
-step grpo_token_overhead $((50 * SCALE)) $PY bench/grpo_token_overhead.py --device $DEVICE $GRPO_SHAPE --rounds 3 \
+step dpo_memory_variants 75 $PY bench/dpo_memory.py $DPO --configs $VARIANTS --sweep $PAIRS \
+    --out "$OUT/dpo_memory_${DEVICE}_variants.json"
+step dpo_token_overhead 45 $PY bench/dpo_token_overhead.py $DPO --configs stock,weighted,cdpo --sweep $PAIRS \
+    --out "$OUT/dpo_token_overhead_${DEVICE}.json"
+step grpo_token_overhead 38 $PY bench/grpo_token_overhead.py --device $DEVICE $GRPO_SHAPE $KEPT --rounds 3 \
     --warmup 1 --steps 2 --configs stock,entropy_quantile --out "$OUT/grpo_token_overhead_${DEVICE}.json"
-step sft_token_overhead $((45 * SCALE)) $PY bench/sft_token_overhead.py --device $DEVICE --preset $SFT_PRESET \
+step sft_token_overhead 40 $PY bench/sft_token_overhead.py --device $DEVICE --preset $SFT_PRESET $KEPT \
     --rounds 3 --warmup 1 --steps 2 --configs stock otr --out "$OUT/sft_token_overhead_${DEVICE}.json"
-step tables 20 $PY bench/make_tables.py --results "$OUT" --out "$OUT/benchmarks.md"
-echo "suite total $(( $(date +%s) - START )) s" | tee -a "$OUT/suite.txt"
+step tables 5 $PY bench/make_tables.py --results "$OUT" --out "$OUT/benchmarks.md"
+echo "suite total $(elapsed) s" | tee -a "$OUT/suite.txt"

@@ -34,7 +34,6 @@ full-distribution passes.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -50,8 +49,12 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     ComponentTimer,
     MemoryProbe,
+    WorkerPool,
+    add_worker_scope_argument,
     aggregate_runs,
     build_word_tokenizer,
+    default_worker_scope,
+    exit_on_sigterm,
     format_table,
     machine_info,
     make_step_timer,
@@ -59,10 +62,11 @@ from common import (  # noqa: E402
     pseudo_words,
     ratio_cell,
     round_orders,
-    run_worker,
     worker_env,
+    worker_main,
     write_json,
 )
+from dpo_bench import model_cache, save_random_qwen2  # noqa: E402
 
 TARGET_RATIO = 1.05
 
@@ -114,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     run.add_argument("--threads", type=int, help="OMP/torch threads in every run (default 1)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--worker-timeout", type=float, default=3600)
+    run.add_argument("--worker-timeout", type=float, default=3600, help="seconds one measured run may take")
+    add_worker_scope_argument(run)
     run.add_argument("--out", type=Path, help="JSON path (default bench/results/grpo_token_overhead_<device>.json)")
     run.add_argument("--workdir", type=Path, help="keep model/data/logs here instead of a temporary directory")
     run.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -126,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.components is None:
         args.components = args.device == "cpu"
+    if args.worker_scope is None:
+        args.worker_scope = default_worker_scope(args.device)
     args.tokenizer_vocab = min(args.tokenizer_vocab, args.vocab)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -142,28 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model_and_data(args, workdir: Path) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     words = pseudo_words(max(2048, args.tokenizer_vocab // 2), args.seed)
     tokenizer = build_word_tokenizer(words, args.tokenizer_vocab, args.seed)
-    config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.prompt_len + args.completion_len), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, args.dtype))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model_path = workdir / "model"
-    model.save_pretrained(model_path)
-    tokenizer.save_pretrained(model_path)
-    num_params = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
+    num_params = save_random_qwen2(args, tokenizer, model_path, args.seed, model_cache(workdir.parent))
 
     import random
 
@@ -222,7 +213,8 @@ def print_table(args, shape_result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker)
+        return worker_main(args.worker, worker, import_trainers)
+    exit_on_sigterm()
     import datasets
     import torch
 
@@ -234,69 +226,81 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo_token_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {
-        key: getattr(args, key) for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device")
+        key: getattr(args, key)
+        for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device", "worker_scope")
     }
     print(f"grpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
         started = time.time()
         machine = machine_info(args.device)
-        env = worker_env(args.threads)
         script = Path(__file__).resolve()
+
+        def report(shapes, complete):
+            return {
+                "benchmark": "grpo_token_overhead",
+                "description": (
+                    "TokenGRPOTrainer token methods vs stock trl.GRPOTrainer on identical replayed rollouts "
+                    "(rollout_func): same model init, prompts, completions, data order, optimizer and seed; each "
+                    "configuration in worker processes of its own (settings.worker_scope), alternating order over "
+                    "rounds, warm-up steps excluded. Step time = interval between optimizer-step ends (scoring + loss "
+                    "forward/backward + optimizer + shaping + logging); in-loop components per step; memory: CPU "
+                    "VmHWM of the worker, CUDA max allocated and reserved."
+                ),
+                "target_ratio": TARGET_RATIO,
+                "machine": machine,
+                "settings": {
+                    **settings,
+                    "model": "Qwen2ForCausalLM (random)",
+                    "loss_type": "dapo",
+                    "beta": 0.0,
+                    "logging_steps": 1,
+                },  # fmt: skip
+                "wall_s": time.time() - started,
+                "complete": complete,
+                "tables": [shape["table"] for shape in shapes if "table" in shape],
+                "shapes": shapes,
+            }
+
         shapes = []
-        for batch, completion_len in parse_sweep(args.sweep, (args.batch, args.completion_len)):
-            args.batch, args.completion_len = batch, completion_len
-            shape_dir = workdir / f"b{batch}_c{completion_len}"
-            (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
-            data_info = build_model_and_data(args, shape_dir)
-            runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-            orders = round_orders(args.configs, args.rounds)
-            for round_index, order in enumerate(orders):
-                for name in order:
-                    payload = {
-                        "config": name, "round": round_index, "overrides": CONFIGS[name][0],
-                        "model_path": data_info["model_path"], "data_path": str(shape_dir / "data"),
-                        "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
-                        "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
-                        **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations", "warmup",
-                                                                "steps", "seed", "threads", "device", "dtype",
-                                                                "components")},
-                    }  # fmt: skip
-                    result = run_worker(script, payload, env, timeout=args.worker_timeout)
-                    runs[name].append(result)
-                    times = result["times"]
-                    print(f"  round {round_index} {name:17s} step {1e3 * statistics.median(times['step_s']):8.1f} ms  "
-                          f"cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
-                          f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-            per_config = aggregate_runs(runs)
-            shaping_overhead(per_config)
-            shape_result = {"shape": {"batch": batch, "completion_len": completion_len},
-                            "data": {k: v for k, v in data_info.items() if k != "model_path"}, "orders": orders,
-                            "configs": per_config, "runs": runs}  # fmt: skip
-            shape_result["table"] = print_table(args, shape_result)
-            shapes.append(shape_result)
-        report = {
-            "benchmark": "grpo_token_overhead",
-            "description": (
-                "TokenGRPOTrainer token methods vs stock trl.GRPOTrainer on identical replayed rollouts (rollout_func): "
-                "same model init, prompts, completions, data order, optimizer and seed; each configuration in a fresh "
-                "subprocess, alternating order over rounds, warm-up steps excluded. Step time = interval between "
-                "optimizer-step ends (scoring + loss forward/backward + optimizer + shaping + logging); in-loop "
-                "components per step; memory: CPU VmHWM of the worker, CUDA max allocated and reserved."
-            ),
-            "target_ratio": TARGET_RATIO,
-            "machine": machine,
-            "settings": {
-                **settings,
-                "model": "Qwen2ForCausalLM (random)",
-                "loss_type": "dapo",
-                "beta": 0.0,
-                "logging_steps": 1,
-            },  # fmt: skip
-            "wall_s": time.time() - started,
-            "tables": [shape["table"] for shape in shapes],
-            "shapes": shapes,
-        }
-        print(f"wrote {write_json(out, report)}", file=sys.stderr)
+        pool = WorkerPool(
+            script, worker_env(args.threads), args.worker_scope, args.worker_timeout, args.device == "cuda"
+        )
+        with pool:
+            pool.start(args.configs, workdir)  # kept workers start up while the model and data are built
+            for batch, completion_len in parse_sweep(args.sweep, (args.batch, args.completion_len)):
+                args.batch, args.completion_len = batch, completion_len
+                shape_dir = workdir / f"b{batch}_c{completion_len}"
+                (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
+                data_info = build_model_and_data(args, shape_dir)
+                runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+                orders = round_orders(args.configs, args.rounds)
+                shape_result = {"shape": {"batch": batch, "completion_len": completion_len},
+                                "data": {k: v for k, v in data_info.items() if k != "model_path"}, "orders": orders,
+                                "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+                shapes.append(shape_result)
+                for round_index, order in enumerate(orders):
+                    for name in order:
+                        payload = {
+                            "config": name, "round": round_index, "overrides": CONFIGS[name][0],
+                            "model_path": data_info["model_path"], "data_path": str(shape_dir / "data"),
+                            "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                            "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                            **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations",
+                                                                    "warmup", "steps", "seed", "threads", "device",
+                                                                    "dtype", "components")},
+                        }  # fmt: skip
+                        result = pool.run(payload)
+                        runs[name].append(result)
+                        times = result["times"]
+                        print(f"  round {round_index} {name:17s} step {1e3 * statistics.median(times['step_s']):8.1f} "
+                              f"ms  cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
+                              f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+                    shape_result["configs"] = aggregate_runs(runs)
+                    shaping_overhead(shape_result["configs"])
+                    shape_result["rounds_done"] = round_index + 1
+                    write_json(out, report(shapes, complete=False))
+                shape_result["table"] = print_table(args, shape_result)
+        print(f"wrote {write_json(out, report(shapes, complete=True))}", file=sys.stderr)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -332,6 +336,14 @@ def replay_rollout_func(tokenizer, completion_len: int, seed: int):
                 "logprobs": [[0.0] * len(ids) for ids in completions]}  # fmt: skip
 
     return rollout
+
+
+def import_trainers() -> None:
+    """What a kept worker imports before its first run (`common.serve`'s warm-up)."""
+    import datasets  # noqa: F401
+    from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+
+    from trl_tokenlevel.trainers.token_grpo_trainer import TokenGRPOTrainer  # noqa: F401
 
 
 def worker(payload_path: Path) -> int:

@@ -62,6 +62,7 @@ def _provenance(report: dict) -> str:
         f"{device}; commit `{machine.get('git_commit')}`, {machine.get('date')}; torch {machine.get('torch')}, "
         f"transformers {machine.get('transformers')}, trl {machine.get('trl')}; {settings.get('dtype', '')} "
         f"{', '.join(f'{r} rounds' for r in sorted(rounds))}{load}"
+        + ("; stopped before the end (time limit): partial" if report.get("complete") is False else "")
     )
 
 
@@ -88,7 +89,11 @@ def shape_table(shape: dict, device: str) -> str:
 
 
 def shape_title(shape: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in shape["shape"].items())
+    title = ", ".join(f"{key} {value}" for key, value in shape["shape"].items())
+    rounds, planned = shape.get("rounds_done"), len(shape.get("orders", []))
+    if rounds is not None and rounds < planned:  # the benchmark was stopped (suite time limit) after these rounds
+        title += f" (partial: {rounds} of {planned} rounds)"
+    return title
 
 
 def legacy_table(report: dict) -> str:
@@ -145,7 +150,8 @@ def render(results_dir: Path) -> str:
                 continue
             out += [_provenance(report), ""]
             for shape in report["shapes"]:
-                out += [f"**{shape_title(shape)}**", "", shape_table(shape, device), ""]
+                if shape["configs"]:  # empty: stopped before its first round ended
+                    out += [f"**{shape_title(shape)}**", "", shape_table(shape, device), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

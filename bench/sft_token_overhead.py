@@ -35,8 +35,12 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     ComponentTimer,
     MemoryProbe,
+    WorkerPool,
+    add_worker_scope_argument,
     aggregate_runs,
     build_word_tokenizer,
+    default_worker_scope,
+    exit_on_sigterm,
     format_table,
     machine_info,
     make_step_timer,
@@ -44,8 +48,8 @@ from common import (  # noqa: E402
     pseudo_words,
     ratio_cell,
     round_orders,
-    run_worker,
     worker_env,
+    worker_main,
     write_json,
 )
 
@@ -77,13 +81,13 @@ PRESETS = {
 def build_assets(preset: dict, workdir: Path, num_rows: int, seed: int = 0) -> tuple[str, str]:
     import random
 
-    from dpo_bench import save_random_qwen2
+    from dpo_bench import model_cache, save_random_qwen2
 
     words = pseudo_words(4000, seed)
     tokenizer = build_word_tokenizer(words, vocab_size=min(preset["vocab"], 16384), seed=seed)
     shape = SimpleNamespace(**preset, seq_len=preset["prompt"] + preset["completion"])
     model_dir = workdir / "model"
-    save_random_qwen2(shape, tokenizer, model_dir, seed)
+    save_random_qwen2(shape, tokenizer, model_dir, seed, model_cache(workdir.parent))
 
     rng = random.Random(seed)
 
@@ -151,11 +155,14 @@ def main() -> int:
         default=None,
         help="in-loop component timings (default on for CPU, off for CUDA: they synchronize)",
     )
+    parser.add_argument("--worker-timeout", type=float, default=3600, help="seconds one measured run may take")
+    add_worker_scope_argument(parser)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/sft_token_overhead_<device>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
-        return worker(cli.worker)
+        return worker_main(cli.worker, worker, import_trainers)
+    exit_on_sigterm()
     if cli.rounds < 3 or cli.steps < 2 or cli.warmup < 1:
         parser.error("need --rounds >= 3, --steps >= 2 and --warmup >= 1")
     import torch
@@ -164,63 +171,77 @@ def main() -> int:
         print("sft_token_overhead: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
         return 0
     components = cli.device == "cpu" if cli.components is None else cli.components
+    if cli.worker_scope is None:
+        cli.worker_scope = default_worker_scope(cli.device)
     base = PRESETS[cli.preset]
     configs = ["stock", *[c for c in cli.configs if c != "stock"]]
-    env = worker_env(cli.threads)
     started = time.time()
     machine = machine_info(cli.device)
+    out = cli.out or RESULTS_DIR / f"sft_token_overhead_{cli.device}.json"
+
+    def report(shapes, complete):
+        return {
+            "benchmark": "sft_token_overhead",
+            "description": (
+                "Token-level SFT vs stock SFTTrainer, same model and data, each configuration in worker processes of "
+                "its own (settings.worker_scope), alternating order over rounds, warm-up steps excluded; times per "
+                "measured step, memory per run (CPU: VmHWM of the worker, reset after construction; CUDA: max "
+                "allocated and reserved)."
+            ),
+            "machine": machine,
+            "settings": {
+                **{k: v for k, v in vars(cli).items() if k not in ("worker", "out")},
+                "preset_values": base,
+                "components": components,
+                "config_overrides": {n: CONFIGS[n] for n in configs},
+                "attn_implementation": "eager",
+                "model": "Qwen2ForCausalLM (random)",
+            },  # fmt: skip
+            "targets": TARGETS,
+            "wall_s": time.time() - started,
+            "complete": complete,
+            "tables": [shape["table"] for shape in shapes if "table" in shape],
+            "shapes": shapes,
+        }
+
     shapes = []
     workdir = Path(tempfile.mkdtemp(prefix="sft_token_overhead_"))
+    pool = WorkerPool(Path(__file__).resolve(), worker_env(cli.threads), cli.worker_scope, cli.worker_timeout,
+                      cli.device == "cuda")  # fmt: skip
     try:
-        for batch, length in parse_sweep(cli.sweep, (base["batch"], base["prompt"] + base["completion"])):
-            prompt = max(4, round(length * base["prompt"] / (base["prompt"] + base["completion"])))
-            preset = {**base, "batch": batch, "prompt": prompt, "completion": length - prompt}
-            shape_dir = workdir / f"b{batch}_l{length}"
-            shape_dir.mkdir()
-            model_dir, data_path = build_assets(preset, shape_dir, num_rows=batch * (cli.warmup + cli.steps))
-            runs: dict[str, list[dict]] = {name: [] for name in configs}
-            orders = round_orders(configs, cli.rounds)
-            for round_index, order in enumerate(orders):
-                for name in order:
-                    payload = dict(config=name, round=round_index, model_dir=model_dir, data_path=data_path,
-                                   device=cli.device, steps=cli.steps, warmup=cli.warmup, batch=batch,
-                                   max_length=length, dtype=preset["dtype"], components=components,
-                                   gradient_checkpointing=preset["gradient_checkpointing"], threads=cli.threads,
-                                   result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
-                    result = run_worker(Path(__file__).resolve(), payload, env, timeout=3600)
-                    runs[name].append(result)
-                    print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(result['times']['step_s']):8.1f}"
-                          f" ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  "
-                          f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-            shape_result = {"shape": {"batch": batch, "max_length": length, "prompt": prompt},
-                            "orders": orders, "configs": aggregate_runs(runs), "runs": runs}  # fmt: skip
-            shape_result["table"] = print_table(cli.device == "cuda", shape_result)
-            shapes.append(shape_result)
+        with pool:
+            pool.start(configs, workdir)  # kept workers start up while the model and data are built
+            for batch, length in parse_sweep(cli.sweep, (base["batch"], base["prompt"] + base["completion"])):
+                prompt = max(4, round(length * base["prompt"] / (base["prompt"] + base["completion"])))
+                preset = {**base, "batch": batch, "prompt": prompt, "completion": length - prompt}
+                shape_dir = workdir / f"b{batch}_l{length}"
+                shape_dir.mkdir()
+                model_dir, data_path = build_assets(preset, shape_dir, num_rows=batch * (cli.warmup + cli.steps))
+                runs: dict[str, list[dict]] = {name: [] for name in configs}
+                orders = round_orders(configs, cli.rounds)
+                shape_result = {"shape": {"batch": batch, "max_length": length, "prompt": prompt},
+                                "orders": orders, "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+                shapes.append(shape_result)
+                for round_index, order in enumerate(orders):
+                    for name in order:
+                        payload = dict(config=name, round=round_index, model_dir=model_dir, data_path=data_path,
+                                       device=cli.device, steps=cli.steps, warmup=cli.warmup, batch=batch,
+                                       max_length=length, dtype=preset["dtype"], components=components,
+                                       gradient_checkpointing=preset["gradient_checkpointing"], threads=cli.threads,
+                                       result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
+                        result = pool.run(payload)
+                        runs[name].append(result)
+                        print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(result['times']['step_s']):8.1f}"
+                              f" ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  "
+                              f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+                    shape_result["configs"] = aggregate_runs(runs)
+                    shape_result["rounds_done"] = round_index + 1
+                    write_json(out, report(shapes, complete=False))
+                shape_result["table"] = print_table(cli.device == "cuda", shape_result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    result = {
-        "benchmark": "sft_token_overhead",
-        "description": (
-            "Token-level SFT vs stock SFTTrainer, same model and data, each configuration in a fresh subprocess, "
-            "alternating order over rounds, warm-up steps excluded; times per measured step, memory per run "
-            "(CPU: VmHWM of the worker, reset after construction; CUDA: max allocated and reserved)."
-        ),
-        "machine": machine,
-        "settings": {
-            **{k: v for k, v in vars(cli).items() if k not in ("worker", "out")},
-            "preset_values": base,
-            "components": components,
-            "config_overrides": {n: CONFIGS[n] for n in configs},
-            "attn_implementation": "eager",
-            "model": "Qwen2ForCausalLM (random)",
-        },  # fmt: skip
-        "targets": TARGETS,
-        "wall_s": time.time() - started,
-        "tables": [shape["table"] for shape in shapes],
-        "shapes": shapes,
-    }
-    path = write_json(cli.out or RESULTS_DIR / f"sft_token_overhead_{cli.device}.json", result)
+    path = write_json(out, report(shapes, complete=True))
     print(f"written to {path}")
     return 0
 
@@ -228,6 +249,14 @@ def main() -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Worker: one configuration in a fresh process
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def import_trainers() -> None:
+    """What a kept worker imports before its first run (`common.serve`'s warm-up)."""
+    import datasets  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    from trl_tokenlevel.trainers.token_sft_trainer import TokenSFTTrainer  # noqa: F401
 
 
 def worker(payload_path: str) -> int:
