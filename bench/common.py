@@ -553,8 +553,8 @@ class WorkerPool:
     `<result_path>.log`). `scope="config"`: each configuration gets one interpreter (`script --worker -`, `serve()`),
     kept for all its runs (rounds, shapes), which it receives as payload paths on stdin (output in
     `<config>.worker.log` next to the first result). `start(configs)` launches them all at once, so their imports and
-    CUDA start-up overlap each other and the parent's model building; they wait idle (blocked on stdin) until their
-    runs come, one run at a time in the whole pool. No two configurations ever share a process. Workers die with the
+    CUDA start-up overlap each other and the parent's model building; the first run waits until all are ready, and they
+    wait idle (blocked on stdin) until their runs come, one run at a time in the whole pool. No two configurations ever share a process. Workers die with the
     parent (`PR_SET_PDEATHSIG`), and `close()` ends them, so a benchmark stopped by a timeout leaves none behind.
     """
 
@@ -611,10 +611,11 @@ class WorkerPool:
 
     def _run_kept(self, config: str, payload_path: Path, result_path: Path) -> dict:
         self.start([config], result_path.parent)
+        for name, other in list(self.workers.items()):  # no worker may be starting up while a run is measured
+            if not other["ready"]:
+                self._reply(name)
+                other["ready"] = True
         worker = self.workers[config]
-        if not worker["ready"]:
-            self._reply(config)  # imports and CUDA start-up done
-            worker["ready"] = True
         worker["proc"].stdin.write(f"{payload_path}\n")
         worker["proc"].stdin.flush()
         reply = self._reply(config)

@@ -311,7 +311,7 @@ def measured_training(p: dict, build_trainer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parent: one measured sweep (every shape, every round, every configuration in a fresh worker) and the main table
+# Parent: one measured sweep (every shape, every round, every configuration in its own workers) and the main table
 # ---------------------------------------------------------------------------------------------------------------------
 
 PAYLOAD_KEYS = ("device", "dtype", "seq_len", "batch", "warmup", "steps", "seed", "threads", "gradient_checkpointing",

@@ -18,7 +18,8 @@ logits, fp32 log-ratios, `ops.preference.per_token_kl_from_logits` and `ops.pref
 
 The parent builds a Qwen2-shaped model with random weights from a config (and, for AlignDistil, two teachers of the
 same shape with other seeds), a byte-level BPE tokenizer trained in memory on pseudo-words, and synthetic preference
-rows, saved once per shape (`--sweep BATCHxLEN,...`). Every configuration runs in its own fresh subprocess, in
+rows, saved once per shape (`--sweep BATCHxLEN,...`). Every configuration runs in worker processes of its own
+(`--worker-scope`: a fresh one per run on CPU, one kept for all rounds and shapes on CUDA; `bench/common.py`), in
 alternating order over `--rounds` (>= 3) rounds, training `--warmup` + `--steps` optimizer steps; only the measured
 steps count.
 
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Worker: one configuration, one fresh process
+# Worker: one run of one configuration (a kept worker measures run after run: `common.serve`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

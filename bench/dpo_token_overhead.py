@@ -10,8 +10,8 @@ Configurations (same model init, same data and data order, same optimizer and sc
 
 The parent builds a Qwen2-shaped model with random weights from a config, a byte-level BPE tokenizer trained in memory
 on pseudo-words, and synthetic preference rows, once per shape (`--sweep BATCHxLEN,...`), then runs every configuration
-in its own fresh subprocess, in alternating order over `--rounds` (>= 3) rounds; each trains `--warmup` + `--steps`
-optimizer steps and reports the measured steps only.
+in worker processes of its own (`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` (>= 3)
+rounds; each trains `--warmup` + `--steps` optimizer steps and reports the measured steps only.
 
 Measured per configuration (`bench/common.py` rules): in-loop component timings of every measured step (CPU default:
 `compute_loss` + `backward`, and the LM-head kernels, in process CPU time), the wall and CPU-time interval between
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Worker: one configuration, one fresh process
+# Worker: one run of one configuration (a kept worker measures run after run: `common.serve`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

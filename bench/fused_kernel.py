@@ -18,7 +18,7 @@ Per configuration, in alternating order over `--rounds` rounds (`common.round_or
 `--warmup` calls (which include Triton's compilation): forward and backward time (CUDA events on CUDA, wall time on
 CPU; medians and spread), the peak memory allocated above the inputs (CUDA), and the largest deviation of log-probs and
 KL from "torch" (a parity check at the measured shape). This is an in-process kernel benchmark; `dpo_memory.py`
-(`tdpo2`, `tdpo2_twopass`, `tdpo2_triton`) measures whole training steps in fresh workers.
+(`tdpo2`, `tdpo2_twopass`, `tdpo2_triton`) measures whole training steps in workers of their own.
 
 What decides `token_kernel="auto"` on CUDA: the forward+backward medians of "triton" and "torch" against "twopass" at
 both token counts, together with the step times of `dpo_memory.py`.

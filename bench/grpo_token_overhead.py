@@ -16,8 +16,8 @@ Configurations (same model init, prompts, rollouts, data order, optimizer and se
 "Same rollouts": every run replays identical completions through TRL's `rollout_func` hook (token ids drawn once from
 a seeded generator per prompt and sample index, variable lengths ending in EOS), so a step is exactly TRL's scoring +
 training work plus our shaping; generation time, which would dilute the ratio, is out of the measurement (HAPO's
-adaptive-temperature sampler therefore is not timed here). Every configuration runs in its own fresh subprocess, in
-alternating order over `--rounds` rounds; each trains `--warmup` + `--steps` optimizer steps and reports the measured
+adaptive-temperature sampler therefore is not timed here). Every configuration runs in worker processes of its own
+(`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` rounds; each trains `--warmup` + `--steps` optimizer steps and reports the measured
 steps. Ratios are to stock: pooled medians, with the min-max of the per-round paired ratios. Because a shared machine
 makes wall and even CPU time of separate processes drift by 10% or more, every run also records in-loop component
 timings per measured step (`bench/common.py`; CPU default): the token shaping (`_shape_token_batch`), `compute_loss`
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Worker: one configuration, one fresh process
+# Worker: one run of one configuration (a kept worker measures run after run: `common.serve`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Step time and peak memory of token-level SFT (OTR, ssToken) against stock `trl.SFTTrainer`.
 
 One Qwen2-shaped model (random weights from a config) and one synthetic prompt-completion dataset are built once per
-shape (`--sweep BATCHxLENGTH,...`); each configuration then trains the same steps on the same data in its own fresh
-subprocess, in alternating order over `--rounds` (>= 3) rounds, warm-up steps excluded. Every configuration uses eager
+shape (`--sweep BATCHxLENGTH,...`); each configuration then trains the same steps on the same data in worker processes
+of its own (`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` (>= 3) rounds, warm-up steps excluded. Every configuration uses eager
 attention (ssToken's attention score needs it), so the stock baseline runs the same model. Measured
 (`bench/common.py` rules): in-loop component timings per measured step (CPU default: `compute_loss` + `backward` in
 process CPU time), the wall and CPU-time interval between optimizer-step ends, and peak memory (CPU: `VmHWM` of the
@@ -247,7 +247,7 @@ def main() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Worker: one configuration in a fresh process
+# Worker: one run of one configuration (a kept worker measures run after run: `common.serve`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
