@@ -10,18 +10,18 @@ the rounds it finished: `"complete": false`). Nothing here touches the network.
 Worker layout (`WorkerPool`, `--worker-scope`):
 - `run` (CPU default): a fresh process per measured run (one configuration, one round, one shape). The CPU peak is
   the process's own `VmHWM`, which is only clean in a process that measured nothing before.
-- `config` (CUDA default): one fresh process per configuration, started at its first run and kept for all its rounds
-  and shapes (shapes one after the other, rounds in between as in `run`). Every run rebuilds the trainer from the
-  saved checkpoint (fresh weights and optimizer state); between runs the worker drops every reference, frees the
-  caching allocator's blocks and cuBLAS's workspaces (`serve`), and `MemoryProbe` resets the peaks after
-  construction, so allocated and reserved peaks are those of the run. Why: at the Qwen2.5-0.5B shape a worker's
-  start (imports, CUDA context, first construction) costs 10-20 s, far more than the measured steps; one process per
-  configuration cuts a GPU suite's starts from ~60 to 14. Limits: rounds after a configuration's first run in a
-  process measure drift and run-to-run variation, not process-start variation; their warm-up steps are warmer than
-  the first run's (every configuration alike; warm-up is excluded anyway); the reserved peak can include blocks that
-  an earlier run still holds (`process.cuda_alloc_at_start_bytes` in each result says how much was allocated when
-  the run started: 0 unless something leaked); on CPU, `VmHWM` after a reset still includes the heap an earlier run
-  left, so CPU memory needs `run`.
+- `config` (CUDA default): one fresh process per configuration, all started together when the benchmark starts and
+  each kept for all its rounds and shapes (runs in the same order as with `run`: shape by shape, alternating rounds).
+  Every run rebuilds the trainer from the saved checkpoint (fresh weights and optimizer state); between runs the
+  worker drops every reference, frees the caching allocator's blocks and cuBLAS's workspaces (`serve`), and
+  `MemoryProbe` resets the peaks after construction, so allocated and reserved peaks are those of the run. Why: at
+  the Qwen2.5-0.5B shape a worker's start (imports, CUDA context, first construction) costs ~15-20 s (estimated
+  from the H200 runs in `results/`), more than its measured steps; the GPU suite starts 14 workers instead of 60.
+  Limits: later rounds of a configuration see run-to-run variation and drift, not process-start variation; their
+  warm-up steps are warmer than the first run's (alike for every configuration; excluded anyway); a reserved peak
+  could include blocks an earlier run still holds (each result's `process.cuda_alloc_at_start_bytes`, the bytes
+  allocated when the run started, is 0 unless something leaked); on CPU, `VmHWM` after a reset still includes the
+  heap an earlier run left, so CPU memory needs `run`.
 
 Measurement rules shared by every script:
 - CPU peak memory is the kernel's high-water mark of the measuring process itself (`VmHWM` in `/proc/self/status`,
@@ -552,10 +552,10 @@ class WorkerPool:
     `scope="run"`: every run starts a fresh interpreter (`script --worker PAYLOAD.json`; output in
     `<result_path>.log`). `scope="config"`: each configuration gets one interpreter (`script --worker -`, `serve()`),
     kept for all its runs (rounds, shapes), which it receives as payload paths on stdin (output in
-    `<config>.worker.log` next to the first result). `start(configs)` launches them all at once, so their imports and
-    CUDA start-up overlap each other and the parent's model building; the first run waits until all are ready, and they
-    wait idle (blocked on stdin) until their runs come, one run at a time in the whole pool. No two configurations ever share a process. Workers die with the
-    parent (`PR_SET_PDEATHSIG`), and `close()` ends them, so a benchmark stopped by a timeout leaves none behind.
+    `<config>.worker.log`). `start(configs)` launches them all at once, so that their imports and CUDA start-up
+    overlap each other and the parent's model building; the first run waits until all are ready; idle workers wait
+    blocked on stdin; one run at a time in the whole pool. No two configurations ever share a process. Workers die
+    with the parent (`PR_SET_PDEATHSIG`), and `close()` ends them, so a benchmark stopped by a timeout leaves none.
     """
 
     def __init__(self, script: Path, env: dict[str, str], scope: str = "run", timeout: float | None = None,

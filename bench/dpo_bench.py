@@ -143,6 +143,7 @@ def save_random_qwen2(args, tokenizer, path: Path, seed: int, cache: Path | None
         path.mkdir(parents=True, exist_ok=True)
         for file in built.iterdir():
             if file.name != "num_params":
+                (path / file.name).unlink(missing_ok=True)
                 (path / file.name).symlink_to(file.resolve())
     tokenizer.save_pretrained(path)
     return int((built / "num_params").read_text())
@@ -365,8 +366,10 @@ def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_
                 entry["configs"] = aggregate_runs(runs)
                 for name, results in runs.items():  # the after-training breakdown, if any: medians over rounds
                     if results[0].get("breakdown"):
-                        entry["configs"][name]["breakdown"] = {key: statistics.median(r["breakdown"][key] for r in results)
-                                                               for key in results[0]["breakdown"]}  # fmt: skip
+                        keys = results[0]["breakdown"]
+                        entry["configs"][name]["breakdown"] = {
+                            key: statistics.median(r["breakdown"][key] for r in results) for key in keys
+                        }
                 entry["rounds_done"] = round_index + 1
                 if on_round is not None:
                     on_round(shapes)

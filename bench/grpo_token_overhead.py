@@ -13,18 +13,18 @@ Configurations (same model init, prompts, rollouts, data order, optimizer and se
     tw_grpo           token_advantage="tw_grpo"            (full distributions: an extra vocabulary-tiled head pass;
                                                             reported, not held to the target)
 
-"Same rollouts": every run replays identical completions through TRL's `rollout_func` hook (token ids drawn once from
-a seeded generator per prompt and sample index, variable lengths ending in EOS), so a step is exactly TRL's scoring +
+"Same rollouts": every run replays identical completions through TRL's `rollout_func` hook (token ids drawn once from a
+seeded generator per prompt and sample index, variable lengths ending in EOS), so a step is exactly TRL's scoring +
 training work plus our shaping; generation time, which would dilute the ratio, is out of the measurement (HAPO's
 adaptive-temperature sampler therefore is not timed here). Every configuration runs in worker processes of its own
-(`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` rounds; each trains `--warmup` + `--steps` optimizer steps and reports the measured
-steps. Ratios are to stock: pooled medians, with the min-max of the per-round paired ratios. Because a shared machine
-makes wall and even CPU time of separate processes drift by 10% or more, every run also records in-loop component
-timings per measured step (`bench/common.py`; CPU default): the token shaping (`_shape_token_batch`), `compute_loss`
-and `backward`, in process CPU time; `1 + shaping / stock step` is the load-robust overhead of the shaping (it does not
-see loss-side extras such as SPINE's backward through the entropy, which the `loss fwd+bwd` ratio does). Memory: CPU
-`VmHWM` of the worker; CUDA max allocated and reserved. Target: at most 1.05x for methods without extra models or
-full-distribution passes.
+(`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` rounds; each trains `--warmup` + `--steps`
+optimizer steps and reports the measured steps. Ratios are to stock: pooled medians, with the min-max of the per-round
+paired ratios. Because a shared machine makes wall and even CPU time of separate processes drift by 10% or more, every
+run also records in-loop component timings per measured step (`bench/common.py`; CPU default): the token shaping
+(`_shape_token_batch`), `compute_loss` and `backward`, in process CPU time; `1 + shaping / stock step` is the
+load-robust overhead of the shaping (it does not see loss-side extras such as SPINE's backward through the entropy,
+which the `loss fwd+bwd` ratio does). Memory: CPU `VmHWM` of the worker; CUDA max allocated and reserved. Target: at
+most 1.05x for methods without extra models or full-distribution passes.
 
     python bench/grpo_token_overhead.py                     # CPU defaults, several minutes on 2 cores
     python bench/grpo_token_overhead.py --configs stock,entropy_quantile,hapo --sweep 8x64,8x128

@@ -2,11 +2,11 @@
 
 One Qwen2-shaped model (random weights from a config) and one synthetic prompt-completion dataset are built once per
 shape (`--sweep BATCHxLENGTH,...`); each configuration then trains the same steps on the same data in worker processes
-of its own (`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` (>= 3) rounds, warm-up steps excluded. Every configuration uses eager
-attention (ssToken's attention score needs it), so the stock baseline runs the same model. Measured
-(`bench/common.py` rules): in-loop component timings per measured step (CPU default: `compute_loss` + `backward` in
-process CPU time), the wall and CPU-time interval between optimizer-step ends, and peak memory (CPU: `VmHWM` of the
-worker; CUDA: max allocated and reserved). Results, with machine, commit and library versions, go to
+of its own (`--worker-scope`, `bench/common.py`), in alternating order over `--rounds` (>= 3) rounds, warm-up steps
+excluded. Every configuration uses eager attention (ssToken's attention score needs it), so the stock baseline runs the
+same model. Measured (`bench/common.py` rules): in-loop component timings per measured step (CPU default: `compute_loss`
++ `backward` in process CPU time), the wall and CPU-time interval between optimizer-step ends, and peak memory (CPU:
+`VmHWM` of the worker; CUDA: max allocated and reserved). Results, with machine, commit and library versions, go to
 `bench/results/sft_token_overhead_<device>.json`; ratios are against `stock`, with the min-max of per-round ratios.
 
 ```bash
@@ -231,8 +231,9 @@ def main() -> int:
                                        result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
                         result = pool.run(payload)
                         runs[name].append(result)
-                        print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(result['times']['step_s']):8.1f}"
-                              f" ms  cpu {1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  "
+                        times = result["times"]
+                        print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(times['step_s']):8.1f}"
+                              f" ms  cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
                               f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
                     shape_result["configs"] = aggregate_runs(runs)
                     shape_result["rounds_done"] = round_index + 1

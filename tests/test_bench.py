@@ -66,9 +66,11 @@ def run_fake_sweep(script: Path, workdir: Path, scope: str):
     def build(args, shape_dir):
         return {"num_params": 1, "mean_sequence_tokens": args.seq_len}
 
-    shapes = dpo_bench.run_sweep(sweep_args(scope), script, workdir, {"stock": {}, "slow": {}}, build,
-                                 lambda name, data, shape_dir: {},
-                                 on_round=lambda shapes: progress.append([s["rounds_done"] for s in shapes]))  # fmt: skip
+    def on_round(shapes):
+        progress.append([shape["rounds_done"] for shape in shapes])
+
+    configs, no_payload = {"stock": {}, "slow": {}}, lambda name, data, shape_dir: {}
+    shapes = dpo_bench.run_sweep(sweep_args(scope), script, workdir, configs, build, no_payload, on_round=on_round)
     return shapes, progress
 
 
