@@ -563,13 +563,12 @@ class WorkerPool:
         if scope not in WORKER_SCOPES:
             raise ValueError(f"scope must be one of {WORKER_SCOPES}, got {scope!r}")
         self.script, self.scope, self.timeout = script, scope, timeout
-        self.env = {**env, "BENCH_WORKER_CUDA": "1" if cuda else "0"}
+        self.env = {**env, "BENCH_WORKER_CUDA": "1" if cuda else "0", "BENCH_PARENT_PID": str(os.getpid())}
         self.workers: dict[str, dict[str, Any]] = {}  # config -> {"proc", "log", "runs", "ready"}
 
     def _popen(self, target: str, log, stdin=None, stdout=None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(self.script), "--worker", target], env=self.env, stdin=stdin,
-                                stdout=stdout or log, stderr=log, cwd=REPO_ROOT, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                stdout=stdout or log, stderr=log, cwd=REPO_ROOT, text=True)  # fmt: skip
 
     def start(self, configs: list[str], log_dir: Path) -> None:
         """Launch the kept workers of `configs` now (scope `config`; a no-op for `run`)."""
@@ -662,13 +661,18 @@ class WorkerPool:
 
 
 def _die_with_parent() -> None:
-    """In a new worker (Linux): get SIGKILL when the parent dies, whatever kills it."""
+    """In a worker started by a `WorkerPool` (Linux): get SIGKILL when the parent dies, whatever kills it."""
+    parent = os.environ.get("BENCH_PARENT_PID")
+    if parent is None:
+        return
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != int(parent):  # the parent died before the prctl
+        os._exit(1)
 
 
 def exit_on_sigterm() -> None:
@@ -678,6 +682,7 @@ def exit_on_sigterm() -> None:
 
 def worker_main(target: str | Path, measure, warm_up=None) -> int:
     """Entry of a worker process: `--worker PAYLOAD.json` measures one run; `--worker -` serves runs (`serve`)."""
+    _die_with_parent()
     if str(target) != "-":
         return measure(Path(target))
     return serve(measure, warm_up)

@@ -3,7 +3,7 @@
 A stand-in worker script (no torch: each run writes a result computed from its payload, plus its pid) lets these tests
 check the orchestration itself in a second or two: both `--worker-scope` layouts give the same JSON, `config` keeps one
 process per configuration across rounds and shapes and `run` starts one per run, failures and time limits end the
-worker with its log, and a parent stopped by SIGTERM (the suite's `timeout`) leaves no worker behind. The real
+worker with its log, and a parent stopped by SIGTERM or SIGKILL (the suite's `timeout`) leaves no worker behind. The real
 benchmarks run end to end in `DEVICE=cpu bash bench/gpu_suite.sh` and in the slow test at the end.
 """
 
@@ -152,8 +152,10 @@ def test_a_run_over_the_time_limit_is_killed(fake_script, tmp_path, scope):
         assert time.monotonic() - started < 20
 
 
-def test_sigterm_to_the_parent_ends_its_kept_workers(fake_script, tmp_path):
-    """The suite's `timeout` sends SIGTERM: the benchmark keeps what it wrote and no worker outlives it."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_parent_leaves_no_worker_behind(fake_script, tmp_path, stop):
+    """The suite's `timeout` sends SIGTERM (the parent ends its workers), then SIGKILL (they die with the parent):
+    either way the benchmark keeps what it wrote and no worker outlives it."""
     driver = tmp_path / "driver.py"
     driver.write_text(f"""
 import json, sys
@@ -174,8 +176,8 @@ with common.WorkerPool(Path({str(fake_script)!r}), common.worker_env(1), "config
         time.sleep(0.05)
     worker_pid = int((tmp_path / "pid").read_text())
     time.sleep(0.3)  # the worker is inside its 600 s run
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    proc.send_signal(stop)
+    assert proc.wait(timeout=30) == (128 + stop if stop == signal.SIGTERM else -stop)
     deadline = time.monotonic() + 10
     while alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
