@@ -14,7 +14,7 @@
 # Time budget on one H100/H200: at most 450 s, whatever happens. Steps run most important first, and each step ends
 # by its cumulative deadline (the sum of its own and the earlier steps' caps): time an early step does not use goes
 # to the later ones, and an overrun only loses the least important tail. Worst case = setup caps (pip 20 + env 15)
-# + sum of step caps (413) + one kill grace (2) = 450 s.
+# + sum of step caps (412) + one kill grace (2) = 449 s.
 #
 #   step (most important first)                                           cap s   expected s (ESTIMATE)
 #   setup: wheels from .whl/ into /tmp/site, library versions               35      ~12
@@ -25,21 +25,25 @@
 #   5. dpo_token_overhead 2x1024: stock, weighted, cdpo                     45      ~38
 #   6. grpo_token_overhead: stock, entropy_quantile (16 x <= 512 tokens)    38      ~29
 #   7. sft_token_overhead: stock, otr (8 x 1024 tokens)                     40      ~39
-#   8. make_tables.py over the JSON of this run                              5       ~2
-#   total                                                                  448+2    ~353
+#   8. make_tables.py over the JSON of this run                              4       ~1
+#   total                                                                  447+2    ~352
 #
-# How the expected times were estimated (none is measured on a GPU yet; the first GPU run's $OUT/suite.txt replaces
-# them): a worker process's fixed cost (imports, CUDA context, first trainer construction) of 15-20 s, from the H200
-# runs in bench/results/*_cuda_h200.json (e.g. dpo_token_overhead: 188 s wall for 8 workers that measured ~6 s each);
-# here the workers of a benchmark start together while the parent builds the model (~8 s for 494M parameters on
-# this 2-core CPU: random init 6 s + save 2 s; reused across benchmarks via $BENCH_MODEL_CACHE), so a benchmark pays
-# it about once. The imports alone: `python -c "import torch, transformers, trl, datasets"` takes 2.7 s on this CPU,
-# 5.0-5.3 s with the DPO trainers and trl_tokenlevel, counted as ~8 s on the GPU image (CUDA libraries). A later run
-# in a kept worker rebuilds its trainer: 0.08 s on CPU at a tiny shape (2.7 s for the first one in a process),
-# counted as ~1 s with two 1 GB checkpoints to move to the GPU (H200: 1.1-1.5 s in a fresh process). Step times from
-# the H200 runs (stock 4x1024 pairs: 205-215 ms; token methods 1.2-1.45x), scaled by tokens and by 1.3 for an H100:
-# ~0.12, 0.16, 0.33 s at 1x1024, 1x2048, 1x4096 and ~0.17 s at 2x1024; 5 steps per run (warm-up included), plus
-# 2-4 s for the first step of each worker (CUDA libraries, cuBLAS). Triton compilation in gpu_tests: a guess.
+# How the expected times were estimated (nothing here has run on a GPU yet; the first GPU run's $OUT/suite.txt
+# replaces these guesses):
+# - Worker processes: 14 (3+4+3+2+2; before: 27+12+9+6+6 = 60, one per configuration x round x shape). A process's
+#   fixed cost (imports, CUDA context, first trainer construction, exit) is ~15-20 s, from the H200 runs in
+#   bench/results/*_cuda_h200.json (dpo_token_overhead: 188 s wall for 8 workers that measured ~6 s each). Here the
+#   workers of a benchmark start together, while the parent builds the model, so a benchmark pays it about once.
+#   Measured on this 2-core CPU: `python -c "import torch, transformers, trl, datasets"` 2.7 s, 4.2-5.3 s with the DPO
+#   trainers and trl_tokenlevel (counted ~8 s on the GPU image: CUDA libraries, cold disk); building and saving the
+#   494M-parameter model 8.2 s (then linked in 0.01 s from $BENCH_MODEL_CACHE by the later benchmarks).
+# - Each run in a kept worker rebuilds its trainer: 0.35-0.42 s on this CPU at the real shape (494M, 1x1024, imports
+#   warm), counted ~1 s on a GPU (two 1 GB checkpoints to move to the device).
+# - Step times from the H200 runs (stock at 4x1024 pairs: 205-215 ms; token methods 1.2-1.45x), scaled by tokens and
+#   by 1.3 for an H100: ~0.12, 0.16, 0.33 s at 1x1024, 1x2048, 1x4096, ~0.17 s at 2x1024; 5 steps per run (warm-up
+#   included), plus 2-4 s for the first step in each worker (CUDA libraries, cuBLAS).
+# - gpu_tests: 16 s for the 4 non-Triton GPU tests on the H200; the compiled Triton cases (a nested pytest) are a
+#   guess. fused_kernel: ~108 LM-head passes of 10-15 TFLOP each, plus imports and Triton (cached by gpu_tests).
 #
 # The device image may lack trl/datasets: wheels carried in .whl/ are installed into /tmp/site first (see README).
 set -u
@@ -51,8 +55,11 @@ START=$(date +%s)
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 # Built random models, shared by the benchmarks of this run (same config and seed: linked, not built again).
-export BENCH_MODEL_CACHE=${BENCH_MODEL_CACHE:-$(mktemp -d /tmp/bench_models.XXXXXX)}
-trap 'rm -rf "$BENCH_MODEL_CACHE"' EXIT
+if [ -z "${BENCH_MODEL_CACHE:-}" ]; then
+    BENCH_MODEL_CACHE=$(mktemp -d /tmp/bench_models.XXXXXX)
+    trap 'rm -rf "$BENCH_MODEL_CACHE"' EXIT
+fi
+export BENCH_MODEL_CACHE
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
@@ -133,5 +140,5 @@ step grpo_token_overhead 38 $PY bench/grpo_token_overhead.py --device $DEVICE $G
     --warmup 1 --steps 2 --configs stock,entropy_quantile --out "$OUT/grpo_token_overhead_${DEVICE}.json"
 step sft_token_overhead 40 $PY bench/sft_token_overhead.py --device $DEVICE --preset $SFT_PRESET $KEPT \
     --rounds 3 --warmup 1 --steps 2 --configs stock otr --out "$OUT/sft_token_overhead_${DEVICE}.json"
-step tables 5 $PY bench/make_tables.py --results "$OUT" --out "$OUT/benchmarks.md"
+step tables 4 $PY bench/make_tables.py --results "$OUT" --out "$OUT/benchmarks.md"
 echo "suite total $(elapsed) s" | tee -a "$OUT/suite.txt"
