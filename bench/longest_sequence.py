@@ -88,7 +88,8 @@ DEFAULT_CONFIGS = {"cpu": "stock,tdpo2,tdpo2_twopass", "cuda": "stock,tdpo2,tdpo
 SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "tokenizer_vocab", "dtype",
               "gradient_checkpointing")  # fmt: skip
 # CUDA: dpo_memory's Qwen2.5-0.5B shape (random weights, bf16, gradient checkpointing) at its 4 pairs per step.
-# CPU: a tiny model whose memory over construction grows visibly with the length (see `--help` of the flags).
+# CPU: a tiny model (1.5M parameters, fp32) at 1 pair per step; its peak RSS over construction grows from ~0.2 to
+# ~0.6-1.2 GiB between 256 and 2048 tokens, so the 0.45 GiB emulated cap falls inside the searched range.
 PRESETS = {
     "cpu": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8192, tokenizer_vocab=4096,
                 dtype="float32", gradient_checkpointing=False, batch=1, granularity=256, max_length=2048, start=256,
@@ -194,8 +195,8 @@ def search_longest(
         hi = min(failures, default=None)
         lo = max((n for n, outcome in outcomes.items() if outcome == FIT and (hi is None or n < hi)), default=0)
         stops = [outcome for outcome in results if outcome != FIT and outcome not in DOES_NOT_FIT]
-        if stops:
-            stopped_by = "budget" if out_of_time() else stops[0]
+        if stops:  # an error is reported as such; a probe killed at the deadline means the budget ran out
+            stopped_by = "error" if "error" in stops else "budget" if out_of_time() else stops[0]
             break
     monotone = not any(outcome == FIT and hi is not None and n > hi for n, outcome in outcomes.items())
     return {
@@ -461,6 +462,18 @@ def text_table(configs: dict) -> str:
     return format_table(headers, rows)
 
 
+def write_report(out: Path, report: dict, searches: dict, records: dict, args, started: float) -> dict:
+    """Summarize the searches done so far into `report` and write it; a configuration not searched yet is absent
+    and the report says `complete: false`."""
+    configs = {name: summarize_config(searches[name], records[name], args.granularity) for name in searches}
+    add_ratios(configs)
+    done = len(configs) == len(args.configs) and all(e["complete"] for e in configs.values())
+    report.update(wall_s=round(time.monotonic() - started, 1), complete=done, table=text_table(configs),
+                  configs=configs)  # fmt: skip
+    write_json(out, report)
+    return configs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
@@ -504,9 +517,8 @@ def main(argv=None) -> int:
             "model": "Qwen2ForCausalLM (random)",
             "attn_implementation": "sdpa",
             "optimizer": "adamw_torch",
-        },  # fmt: skip
+        },
     }
-    failed = False
     try:
         tokenizer, words, model_path, num_params = build_model(args, workdir)
         report["settings"]["num_params"] = num_params
@@ -514,6 +526,7 @@ def main(argv=None) -> int:
         runner = ProbeRunner(args, workdir, tokenizer, words, model_path, deadline)
         records = {name: [] for name in args.configs}
         searches = {"stock": search_config(runner, "stock", args.parallel, None, records["stock"])}
+        write_report(out, report, searches, records, args, started)  # stock's answer survives an outer kill
         stock = searches["stock"]
         guess = stock["longest"] if stock["complete"] and stock["longest"] else None
         others = [name for name in args.configs if name != "stock"]
@@ -523,19 +536,14 @@ def main(argv=None) -> int:
                 futures = {name: pool.submit(search_config, runner, name, width, guess, records[name])
                            for name, width in zip(others, widths)}  # fmt: skip
                 searches.update({name: future.result() for name, future in futures.items()})
-        configs = {name: summarize_config(searches[name], records[name], args.granularity) for name in args.configs}
-        add_ratios(configs)
-        table = text_table(configs)
-        print(f"\nlongest sequence within {args.memory_cap_gib} GiB ({'CUDA cap' if args.device == 'cuda' else 'CPU emulation'}), "
-              f"batch {args.batch} pairs, {args.steps} steps:\n{table}")  # fmt: skip
-        failed = any(e["stopped_by"] not in (None, "budget") for e in configs.values())
-        report.update(wall_s=round(time.monotonic() - started, 1), complete=all(e["complete"] for e in configs.values()),
-                      table=table, configs=configs)  # fmt: skip
-        path = write_json(out, report)
-        print(f"wrote {path}", file=sys.stderr)
+        configs = write_report(out, report, searches, records, args, started)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    kind = "CUDA cap" if args.device == "cuda" else "CPU emulation"
+    print(f"\nlongest sequence within {args.memory_cap_gib} GiB ({kind}), {args.batch} pair(s) per step, {args.steps} "
+          f"steps:\n{report['table']}\nwrote {out}")  # fmt: skip
+    failed = any(e["stopped_by"] not in (None, "budget") for e in configs.values())
     if failed:
         print("longest_sequence: a probe failed with an error other than out-of-memory (see 'probes' in the JSON)",
               file=sys.stderr)  # fmt: skip
@@ -608,6 +616,9 @@ def worker(payload_path: Path) -> int:
                                f"expected exactly {p['seq_len']}: the rows are too short for this length")  # fmt: skip
         if cuda:  # the cap is enforced by the allocator: finishing the steps is fitting
             result["outcome"] = FIT
+        elif not result["memory"]["peak_reset_ok"]:
+            raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs): the CPU emulation needs the peak over "
+                               "construction")  # fmt: skip
         else:
             result["outcome"] = FIT if result["memory"]["rss_peak_delta_bytes"] <= p["cap_bytes"] else "over_cap"
     peak_key = "cuda_reserved_peak_bytes" if cuda else "rss_peak_delta_bytes"

@@ -143,6 +143,11 @@ def test_an_error_stops_the_search_and_is_not_a_non_fit(bench):
     result = bench.search_longest(probe, max_units=64)
     assert result["stopped_by"] == "error" and not result["complete"]
     assert result["longest"] == 2 and result["shortest_failing"] is None
+    late = bench.search_longest(probe, max_units=64, width=4, out_of_time=lambda: False)
+    assert late["stopped_by"] == "error"
+    at_deadline = bench.search_longest(lambda units: ["timeout", "error"][: len(units)], max_units=64, width=2,
+                                       out_of_time=iter([False, True]).__next__)  # fmt: skip
+    assert at_deadline["stopped_by"] == "error"  # an error is never hidden as "budget"
 
 
 def test_a_fit_above_a_failure_is_flagged(bench):
