@@ -179,7 +179,9 @@ def render(results_dir: Path) -> str:
     for path in sorted(results_dir.rglob("longest_sequence_*.json")):
         report = json.loads(path.read_text())
         if report.get("benchmark") == "longest_sequence":
-            device = report.get("machine", {}).get("device", "cpu") + (", emulated cap" if report.get("emulated") else "")
+            device = report.get("machine", {}).get("device", "cpu") + (
+                ", emulated cap" if report.get("emulated") else ""
+            )
             out += [f"## `longest_sequence` ({device}) — `{_shown(path)}`", ""] + longest_sequence_section(report)
     return "\n".join(out).rstrip() + "\n"
 
