@@ -32,8 +32,8 @@ The search (`search_longest`), in units of `--granularity`, assuming that fittin
     not depend on each other, the cap is per process), which turns bisection into a k-ary split.
   * the other configurations, warm, all at once: the first probes are stock's longest length L and L + granularity
     (equal to stock: two probes), then the step doubles away from L up or down, then bisection.
-  * `--budget-s` bounds the whole run (model building included): no probe starts after it, a running probe is killed
-    at it, and the configuration's bounds are recorded as partial (`complete: false`, `stopped_by: "budget"`).
+  * `--budget-s` bounds the whole run (model building included): no probe starts with less time left than the
+    quickest probe so far took, a running probe is killed at it, and the configuration's bounds are recorded as partial (`complete: false`, `stopped_by: "budget"`).
 Results: per configuration every probe (length, outcome, wall seconds, peak allocated/reserved bytes on CUDA or
 `VmHWM` over construction on CPU, the collated sequence lengths), the longest fitting length, the shortest failing
 one, and the ratio of the longest fitting length to stock's.
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -304,9 +305,10 @@ class ProbeRunner:
         self.slots = threading.BoundedSemaphore(args.parallel)  # at most --parallel workers at once, in all searches
         self.data_paths: dict[int, str] = {}
         self.count = 0
+        self.shortest_probe_s = 0.0  # the quickest finished probe so far: no probe starts with less time left
 
     def out_of_time(self) -> bool:
-        return time.monotonic() >= self.deadline
+        return time.monotonic() + self.shortest_probe_s >= self.deadline
 
     def data_path(self, length: int) -> str:
         """Rows of `length` tokens or more (prompt `--prompt-frac` of it; the collator truncates to `length`)."""
@@ -354,9 +356,14 @@ class ProbeRunner:
         }
         with self.slots:
             timeout = min(args.probe_timeout, self.deadline - time.monotonic())
+            if self.out_of_time():
+                timeout = 0  # it could not finish
             started = time.monotonic()
             result = run_probe(Path(__file__).resolve(), payload, self.env, timeout)
             result.update(length=length, wall_s=round(time.monotonic() - started, 2))
+        if result["outcome"] == FIT or result["outcome"] in DOES_NOT_FIT:
+            with self.lock:
+                self.shortest_probe_s = min(self.shortest_probe_s or math.inf, result["wall_s"])
         shown = {key: result[key] for key in ("peak_gib", "sequence_tokens") if key in result}
         print(f"    {name:14s} {length:6d} tokens: {result['outcome']:8s} {result['wall_s']:6.1f} s {shown}",
               file=sys.stderr)  # fmt: skip
@@ -446,7 +453,10 @@ def add_ratios(configs: dict) -> None:
     finished, else the ratio is between partial bounds."""
     stock = configs["stock"]
     for entry in configs.values():
-        entry["x_stock"] = entry["longest_fitting"] / stock["longest_fitting"] if stock["longest_fitting"] else None
+        known = entry["complete"] or entry["longest_fitting"]  # a partial search that found no fit says nothing
+        entry["x_stock"] = (
+            entry["longest_fitting"] / stock["longest_fitting"] if stock["longest_fitting"] and known else None
+        )
         entry["ratio_exact"] = entry["complete"] and stock["complete"]
 
 
