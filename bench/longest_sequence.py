@@ -33,7 +33,8 @@ The search (`search_longest`), in units of `--granularity`, assuming that fittin
   * the other configurations, warm, all at once: the first probes are stock's longest length L and L + granularity
     (equal to stock: two probes), then the step doubles away from L up or down, then bisection.
   * `--budget-s` bounds the whole run (model building included): no probe starts with less time left than the
-    quickest probe so far took, a running probe is killed at it, and the configuration's bounds are recorded as partial (`complete: false`, `stopped_by: "budget"`).
+    quickest probe so far took, a running probe is killed at the deadline, and the bounds found so far are written
+    as partial (`complete: false`, `stopped_by: "budget"`). The JSON is also written after stock's search.
 Results: per configuration every probe (length, outcome, wall seconds, peak allocated/reserved bytes on CUDA or
 `VmHWM` over construction on CPU, the collated sequence lengths), the longest fitting length, the shortest failing
 one, and the ratio of the longest fitting length to stock's.
@@ -41,14 +42,14 @@ one, and the ratio of the longest fitting length to stock's.
     python bench/longest_sequence.py                                   # CPU emulation, tiny model (~1-2 min)
     python bench/longest_sequence.py --device cuda                     # Qwen2.5-0.5B shape, bf16, grad ckpt, 12 GiB
 
-GPU wall time (estimated, not yet measured): the H200 run of `dpo_memory` at this shape (bench/results/
-dpo_memory_cuda_h200.log) took 9-13 s to construct a trainer, 1.4-4.7 s for the first step and 0.21-0.25 s per
-further step of 4 pairs x 1024 tokens; stock's peak was ~1.9 GiB of weights (policy + reference) + ~2.8 GiB of
-gradients and AdamW state + ~0.13 MiB per token, so under a 12 GiB cap stock should fit ~7k tokens at 4 pairs
-(~58k tokens per step, ~2 s per step). With ~6 s of interpreter start and imports per worker, one round of up to 5
-concurrent probes should take 25-40 s. Stock needs ~3 rounds (512-8192 doubling, then two k-ary splits), the other
-configurations 1 round together if they equal stock (up to ~4 more if they do not), plus ~30 s to build the model:
-about 2.5-4 minutes, bounded by `--budget-s` (CUDA default 270 s).
+GPU wall time (estimated, not yet measured): the H200 run of `dpo_memory` at this shape (November, an older commit:
+bench/results/dpo_memory_cuda_h200.log) took 9-13 s to construct a trainer, 1.4-4.7 s for the first step and
+0.21-0.25 s per further step of 4 pairs x 1024 tokens; stock's peak was ~1.9 GiB of weights (policy + reference)
++ ~2.8 GiB of gradients and AdamW state + ~0.13 MiB per token, so under a 12 GiB cap stock should fit ~7k tokens at
+4 pairs (~58k tokens per step, ~2 s per step). With ~6 s of interpreter start and imports per worker, one round of up to
+5 concurrent probes should take 25-40 s. Stock needs ~3 rounds (512-8192 doubling, then two k-ary splits), the other
+configurations 1-2 rounds together if they equal stock (up to ~4 more if they do not), plus ~30 s to build the
+model: about 2.5-4 minutes, bounded by `--budget-s` (CUDA default 270 s).
 """
 
 from __future__ import annotations
@@ -97,9 +98,8 @@ PRESETS = {
     "cpu": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8192, tokenizer_vocab=4096,
                 dtype="float32", gradient_checkpointing=False, batch=1, granularity=256, max_length=2048, start=256,
                 memory_cap_gib=0.45, threads=1, parallel=1, budget_s=600.0),
-    "cuda": dict(**{key: DPO_MEMORY_PRESETS["cuda"][key] for key in SHAPE_KEYS}, batch=DPO_MEMORY_PRESETS["cuda"]["batch"],
-                 granularity=512, max_length=32768, start=512, memory_cap_gib=12.0, threads=2, parallel=0,
-                 budget_s=270.0),
+    "cuda": dict(**{key: DPO_MEMORY_PRESETS["cuda"][key] for key in (*SHAPE_KEYS, "batch")}, granularity=512,
+                 max_length=32768, start=512, memory_cap_gib=12.0, threads=2, parallel=0, budget_s=270.0),
 }  # fmt: skip
 
 # Probe outcomes. "fit": trained `--steps` steps within the cap. Does not fit: "oom" (CUDA: the capped allocator
@@ -240,8 +240,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt-frac", type=float, default=0.25, help="share of each probed length taken by the prompt"
     )
     search = parser.add_argument_group("search")
-    search.add_argument("--memory-cap-gib", type=float,
-                        help="CUDA: per-process allocator cap; CPU: emulated cap on peak RSS over construction")  # fmt: skip
+    search.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        help="CUDA: per-process allocator cap; CPU: emulated cap on peak RSS over construction",
+    )
     search.add_argument("--granularity", type=int, help="probed lengths are multiples of this many tokens")
     search.add_argument("--max-length", type=int, help="longest length probed (rounded down to the granularity)")
     search.add_argument("--start", type=int, help="first length of stock's doubling search (tokens)")

@@ -119,7 +119,8 @@ def longest_sequence_section(report: dict) -> list[str]:
         f"multiples of {settings.get('granularity')} up to {settings.get('max_length')}; memory cap: "
         f"{report.get('memory_cap')}.",
         "",
-        "| config | longest fitting length | x stock | first failing length | peak GiB at the longest | probes | status |",
+        "| config | longest fitting length | x stock | first failing length | peak GiB at the longest | probes "
+        "| status |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, entry in report.get("configs", {}).items():
