@@ -94,8 +94,8 @@ def resolve_args(parser, args, presets: dict, configs: dict):
     return args
 
 
-# Qwen2.5-0.5B's context length. Fixed rather than taken from the shape, so that one saved model serves every shape of a
-# sweep and every benchmark of a suite (rotary embeddings are computed per position: nothing is sized by it).
+# Qwen2.5-0.5B's context length, raised only for a longer `args.seq_len`: not taken from the shape, so that one saved
+# model serves every shape of a sweep and every benchmark of a suite (rotary embeddings are computed per position).
 MAX_POSITION_EMBEDDINGS = 32768
 
 
@@ -121,7 +121,7 @@ def save_random_qwen2(args, tokenizer, path: Path, seed: int, cache: Path | None
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        max_position_embeddings=max(MAX_POSITION_EMBEDDINGS, getattr(args, "seq_len", 0)),
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -9,7 +9,8 @@ Every `<benchmark>_<device>*.json` under the results folder (subfolders included
 memory per configuration, each with its ratio to stock and, in parentheses, the min-max of the per-round paired
 ratios; the device, commit, versions, rounds and load average come from the JSON. Files written by the harness
 before the fused full-distribution pass (no `shapes` key) are listed as legacy tables with their own ratio columns.
-Nothing here measures anything.
+`longest_sequence_*.json` (`bench/longest_sequence.py`) becomes one table of the longest fitting length per
+configuration and its ratio to stock. Nothing here measures anything.
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def legacy_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def longest_sequence_section(report: dict) -> list[str]:
+    """`bench/longest_sequence.py`: the longest fitting length per configuration, its ratio to stock, the first
+    failing length and the probes, under a real (CUDA) or emulated (CPU) memory cap."""
+    machine, settings = report.get("machine", {}), report.get("settings", {})
+    device = machine.get("gpu") or f"{machine.get('cpu_model', '?')} ({machine.get('sched_affinity', '?')} cores)"
+    lines = [
+        f"{device}; commit `{machine.get('git_commit')}`, {machine.get('date')}; torch {machine.get('torch')}, "
+        f"transformers {machine.get('transformers')}, trl {machine.get('trl')}; {settings.get('dtype')}, "
+        f"{settings.get('batch')} pair(s) per step, {settings.get('steps')} optimizer steps per probe, lengths in "
+        f"multiples of {settings.get('granularity')} up to {settings.get('max_length')}; memory cap: "
+        f"{report.get('memory_cap')}.",
+        "",
+        "| config | longest fitting length | x stock | first failing length | peak GiB at the longest | probes "
+        "| status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report.get("configs", {}).items():
+        ratio = "-" if entry["x_stock"] is None else f"{entry['x_stock']:.3f}x"
+        if entry["x_stock"] is not None and not entry["ratio_exact"]:
+            ratio += " (partial)"
+        status = "complete" if entry["complete"] else f"partial: {entry['stopped_by']}"
+        if entry["reached_max"]:
+            status += ", fits up to the maximum"
+        peak = entry.get("peak_gib_at_longest")
+        cells = [f"`{name}`", str(entry["longest_fitting"]), ratio, str(entry["shortest_failing"] or "-"),
+                 "-" if peak is None else f"{peak:.3f}", str(len(entry["probes"])), status]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -152,6 +183,13 @@ def render(results_dir: Path) -> str:
             for shape in report["shapes"]:
                 if shape["configs"]:  # empty: stopped before its first round ended
                     out += [f"**{shape_title(shape)}**", "", shape_table(shape, device), ""]
+    for path in sorted(results_dir.rglob("longest_sequence_*.json")):
+        report = json.loads(path.read_text())
+        if report.get("benchmark") == "longest_sequence":
+            device = report.get("machine", {}).get("device", "cpu") + (
+                ", emulated cap" if report.get("emulated") else ""
+            )
+            out += [f"## `longest_sequence` ({device}) — `{_shown(path)}`", ""] + longest_sequence_section(report)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -163,6 +163,34 @@ def test_fused_bf16_inputs(case_name, direction):
         assert error < 2e-2, f"relative gradient error {error:.2e}"
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_fused_bf16_products_round_the_logit_gradient_only(direction):
+    """The precision contract of bf16 heads (`ops.chunked` module docstring), which CUDA runs on tensor cores: the
+    logits are the exact fp32 sums of bf16 products, and the backward's two products take the logit gradient rounded
+    to bf16. So the hidden and weight gradients equal the fp32 full-logits products of bf16(dL/dz) to fp32 rounding,
+    and differ from the unrounded products by bf16 rounding."""
+    case = CASES["odd_141x123"]
+    out, grads, inputs = _fused(case, direction, dtype=torch.bfloat16)
+    student, teacher, upstream, second, targets, params = inputs
+    hidden, weight = (t.detach().float() for t in (student["hidden"], student["weight"]))
+    z = (hidden @ weight.t()).requires_grad_()
+    with torch.no_grad():
+        z_t = teacher["hidden"].float() @ teacher["weight"].float().t()
+    log_p = F.log_softmax(z, -1)
+    loss = upstream.float() * log_p.gather(1, targets[:, None]).squeeze(1) + second.float() * ref_kl(z, z_t, direction)
+    (grad_z,) = torch.autograd.grad(loss.sum(), z)
+    rounded = grad_z.bfloat16().float()
+    for got, want_rounded, want_exact in zip(
+        [g.float() for g in grads], [rounded @ weight, rounded.t() @ hidden], [grad_z @ weight, grad_z.t() @ hidden]
+    ):
+        # `got` is returned in bf16 (the parameters' dtype): compare after the same final rounding. (Unrounded products
+        # give about 2.5e-3 here; the rounded ones 0 to 2e-5, from fp32 summation order and rare bf16 ties.)
+        assert (got - want_rounded.bfloat16().float()).norm() / want_rounded.norm() < 1e-4
+        rounding_gap = (want_rounded - want_exact).norm() / want_exact.norm()
+        assert 1e-5 < rounding_gap < 1e-2  # the two contracts are distinguishable, and both are within bf16 tolerance
+        assert (got - want_rounded).norm() < (got - want_exact).norm()
+
+
 def test_fused_masked_vocabulary_and_empty_rows():
     case = CASES["tiled_5x1000_bias"]
     student, teacher, upstream = make_heads(case)
@@ -242,3 +270,15 @@ def test_fused_bf16_cuda_matches_full_logits(direction):
     torch.testing.assert_close(out.kl, values["kl"].detach(), rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, ref_grads):
         assert (got.float() - want).norm() / want.norm() < 2e-2
+    # The bf16 tiles ran on tensor cores with fp32 results (`torch.mm(..., out_dtype=float32)`), not as fp32 products:
+    # the products were not refused by this PyTorch, and the same op on CPU (bf16 operands upcast: the same products)
+    # agrees to fp32 summation order.
+    from trl_tokenlevel.ops import chunked
+
+    assert chunked._HALF_MM_FP32_OUT
+    cpu = {k: v.detach().cpu().requires_grad_() for k, v in student.items() if v is not None}
+    out_cpu = fused_token_statistics(cpu["hidden"], cpu["weight"], None, targets.cpu(), teacher["hidden"].cpu(),
+                                     teacher["weight"].cpu(), None, direction=direction, token_chunk=128,
+                                     vocab_chunk=8192)  # fmt: skip
+    torch.testing.assert_close(out.log_probs.cpu(), out_cpu.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kl.cpu(), out_cpu.kl, rtol=1e-5, atol=1e-5)

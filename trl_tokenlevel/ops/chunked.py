@@ -7,6 +7,14 @@ fp32 (fp64 when the inputs are fp64), with an online logsumexp across vocabulary
 recompute their tiles in the backward instead of saving them. Memory is O(token_chunk * vocab_chunk) on top of the
 inputs and the `[V, H]` weight gradient.
 
+Precision of the products: a head whose hidden states and weight are both bf16 (or both fp16) multiplies its tiles
+with half-precision operands and fp32 accumulation, and gets the tile back in fp32 without rounding it to half
+precision first (`torch.mm(..., out_dtype=torch.float32)`: tensor cores on CUDA). The backward's products with the
+weight and the hidden states take the logit gradient rounded to the same half dtype (relative error 2^-9 per entry,
+as TRL's fused head), summed in fp32. Every other head (fp32, fp64, or mixed dtypes) multiplies in the compute dtype.
+Where half-precision products with an fp32 result are not available (CPU), the half operands are upcast first: the
+same products (every bf16/fp16 value is exactly an fp32 value), summed in fp32, so CPU tests check the GPU's math.
+
 Logits go through the same transform as TRL's fused LM head (`trl/trainer/utils.py::add_fused_lm_head`, applied in
 `trl/kernels/chunked_logprob.py::_torch_transform`), in this order:
 
@@ -145,21 +153,67 @@ def _gathered(*params: torch.Tensor | None) -> Iterator[None]:
         yield
 
 
+def _operand_dtype(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """dtype of one head's tile products (module docstring): its own half dtype when hidden and weight share one."""
+    half = (torch.bfloat16, torch.float16)
+    if compute_dtype == torch.float32 and hidden.dtype == weight.dtype and hidden.dtype in half:
+        return hidden.dtype
+    return compute_dtype
+
+
+# Whether `torch.mm`/`torch.addmm` accept `out_dtype=torch.float32` for half operands on CUDA (PyTorch >= 2.8); set to
+# False the first time they refuse, after which the operands are upcast instead.
+_HALF_MM_FP32_OUT = True
+
+
+def _half_mm_on_gpu(device: torch.device, operand_dtype: torch.dtype, accumulator_dtype: torch.dtype) -> bool:
+    """Whether products of `operand_dtype` operands can return `accumulator_dtype` directly on `device`."""
+    half = operand_dtype in (torch.bfloat16, torch.float16)
+    return _HALF_MM_FP32_OUT and device.type == "cuda" and half and accumulator_dtype == torch.float32
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`a @ b` with the result (and the accumulation) in `dtype`, from operands in their own (maybe half) dtype."""
+    global _HALF_MM_FP32_OUT
+    if _half_mm_on_gpu(a.device, a.dtype, dtype):
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError):  # an older PyTorch: upcast instead, from now on
+            _HALF_MM_FP32_OUT = False
+    return a.to(dtype) @ b.to(dtype)
+
+
+def _addmm_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`accumulator += a @ b` in the accumulator's dtype, without rounding `a @ b` to the operands' dtype first."""
+    global _HALF_MM_FP32_OUT
+    if _half_mm_on_gpu(a.device, a.dtype, accumulator.dtype):
+        try:
+            torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+            return
+        except (RuntimeError, TypeError):
+            _HALF_MM_FP32_OUT = False
+    accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
 class _Head:
     """One LM head seen through the logits transform; produces fp32/fp64 logit tiles on demand."""
 
     def __init__(self, hidden, weight, bias, logit_scale, softcap, temperature, dtype):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.logit_scale, self.softcap, self.temperature, self.dtype = logit_scale, softcap, temperature, dtype
+        self.operand_dtype = _operand_dtype(hidden, weight, dtype)
+        # Where half products with an fp32 result are unavailable, hold the operands upcast (the same values) once
+        # per token chunk rather than upcasting them in every product.
+        self.storage_dtype = self.operand_dtype if _half_mm_on_gpu(hidden.device, self.operand_dtype, dtype) else dtype
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         # Cast once per token chunk, not once per tile.
-        return self.hidden[start:end].to(self.dtype)
+        return self.hidden[start:end].to(self.storage_dtype)
 
     def tile(self, h: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Transformed logits `z[:, start:end]` of rows `h`, and tanh(.) of the softcap (None without one), which
-        the backward needs for d softcap / d logit = 1 - tanh^2."""
-        z = h @ self.weight[start:end].to(self.dtype).t()
+        """Transformed logits `z[:, start:end]` of rows `h` in the compute dtype, and tanh(.) of the softcap (None
+        without one), which the backward needs for d softcap / d logit = 1 - tanh^2."""
+        z = _mm_fp32(h.to(self.storage_dtype), self.weight[start:end].to(self.storage_dtype).t(), self.dtype)
         if self.bias is not None:
             z = z + self.bias[start:end].to(self.dtype)
         z = z * self.logit_scale
@@ -176,16 +230,18 @@ class _Head:
             grad = grad * (1 - th * th)
         return grad * self.logit_scale
 
-
-def _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, rows: slice, columns: slice) -> None:
-    """Add one tile's logit gradient `grad_raw` (`[rows, columns]`, compute dtype) to the hidden, weight and bias
-    gradients, each None when not needed: dL/dh += g W, dL/dW += g^T h, dL/db += sum over rows of g."""
-    if grad_h is not None:
-        grad_h[rows] += grad_raw @ weight[columns].to(grad_raw.dtype)
-    if grad_w is not None:
-        grad_w[columns] += grad_raw.t() @ h
-    if grad_b is not None:
-        grad_b[columns] += grad_raw.sum(dim=0)
+    def add_tile_grads(self, grad_raw, h, grad_h, grad_w, grad_b, rows: slice, columns: slice) -> None:
+        """Add one tile's logit gradient `grad_raw` (`[rows, columns]`, compute dtype) of rows `h` to the hidden,
+        weight and bias gradients (compute dtype), each None when not needed:
+        dL/dh += g W,  dL/dW += g^T h,  dL/db += sum over rows of g.
+        The two products take g in the operand dtype (module docstring); the bias sum takes it unrounded."""
+        g = grad_raw.to(self.operand_dtype).to(self.storage_dtype)
+        if grad_h is not None:
+            _addmm_fp32(grad_h[rows], g, self.weight[columns].to(self.storage_dtype))
+        if grad_w is not None:
+            _addmm_fp32(grad_w[columns], g.t(), h.to(self.storage_dtype))
+        if grad_b is not None:
+            grad_b[columns] += grad_raw.sum(dim=0)
 
 
 def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
@@ -321,7 +377,7 @@ class _ChunkedKLFunction(torch.autograd.Function):
                         else:
                             grad_z = p_s - log_pt.exp()
                         grad_raw = student.chain(grad_z * g, th)
-                        _add_tile_grads(grad_raw, h_s, s_weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
+                        student.add_tile_grads(grad_raw, h_s, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(s_hidden.dtype) if grad_h is not None else None,
             grad_w.to(s_weight.dtype) if grad_w is not None else None,
@@ -513,7 +569,7 @@ class _ChunkedLogProbFunction(torch.autograd.Function):
                         columns = torch.arange(v0, v1, device=hidden.device)
                         one_hot = (columns == y.unsqueeze(-1)).to(dtype)
                         grad_raw = head.chain(g * (one_hot - torch.exp(z - lse[r0:r1].unsqueeze(-1))), th)
-                        _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
+                        head.add_tile_grads(grad_raw, h, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,

@@ -30,8 +30,8 @@ then the softcap/scale chain rule and fp32 GEMMs into grad_hidden / grad_weight 
 O(token_chunk · vocab_chunk) on top of the inputs and the `[V, H]` weight gradient.
 
 Backends: `"torch"` is the plain-torch tiling below, on any device, for every transform. `"triton"`
-(`ops.fused_triton`) runs the same equations in Triton kernels on CUDA (both heads' tiles folded in registers, the
-backward's products accumulated with atomics); it supports heads without bias, logit scale or softcap (any temperature,
+(`ops.fused_triton`) runs the same equations in Triton kernels on CUDA (the forward folds both heads' tiles in
+registers; the backward writes the logit gradient chunk by chunk and leaves the two products to cuBLAS); it supports heads without bias, logit scale or softcap (any temperature,
 both directions, fp32/bf16) and raises a ValueError naming the option otherwise. Its parity with "torch" is tested
 with Triton's CPU interpreter (`tests/ops/test_fused_triton.py`); its speed on a GPU is unmeasured, so the trainers'
 `token_kernel="auto"` never picks it.
@@ -45,7 +45,6 @@ from typing import NamedTuple
 import torch
 
 from .chunked import (
-    _add_tile_grads,
     _check_head,
     _check_pair,
     _check_positive_int,
@@ -221,7 +220,7 @@ class _FusedFunction(torch.autograd.Function):
                                 d_kl = p_tau - torch.exp(log_p_t)
                             grad_z += g_kl[r0:r1] * d_kl / temperature
                         grad_raw = policy.chain(grad_z, th)
-                        _add_tile_grads(grad_raw, h, weight, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
+                        policy.add_tile_grads(grad_raw, h, grad_h, grad_w, grad_b, slice(r0, r1), slice(v0, v1))
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,

@@ -21,25 +21,27 @@ max-rescaled sum of logsumexp partials, the KL sum rescaled with its weighting h
 
 Splitting the vocabulary keeps the GPU busy when N is small (N / BLOCK_N programs alone would leave most SMs idle).
 
-Backward. The grid is (row blocks) x (vocabulary tiles). Each program recomputes its policy tile (and its teacher
-tile, only when some row of the block has a KL gradient), forms the gradient with respect to the policy's logits
+Backward. For each `[grad_rows, grad_cols]` chunk of (rows, vocabulary), one kernel recomputes the chunk's policy
+tiles (and its teacher tiles, only in row blocks where some row has a KL gradient) and writes the gradient with
+respect to the policy's logits into a chunk-sized buffer:
 
     grad_z = g_lp · (onehot(y) - p) + g_kl · dKL/dz^τ / τ,
     dKL(t||s)/dz^τ = p^τ - p_t,   dKL(s||t)/dz^τ = p^τ · (log p^τ - log p_t - KL)
 
-and adds `grad_z W_tile` into grad_hidden and `grad_z^T h` into grad_weight with fp32 atomic adds, one `BLOCK_K`
-slice of the hidden axis at a time. For bf16 heads those two products take grad_z rounded to bf16 (fp32 accumulation),
-as tensor cores need; that rounding (relative 2^-9 per entry) is well inside the 2e-2 bf16 gradient tolerance. The
-atomic adds make the gradient's summation order, and so its last bits, vary from run to run.
+then two cuBLAS products add the chunk's share to the gradients, accumulated in fp32:
+grad_hidden[rows] += grad_z W[cols] and grad_weight[cols] += grad_z^T hidden[rows]. For bf16 heads the buffer is
+bf16 (the logit gradient rounded to bf16, relative 2^-9 per entry, as TRL's fused head and the torch backend do; well
+inside the 2e-2 bf16 gradient tolerance) and the products run on tensor cores with fp32 results. No atomics: the
+gradient is the same, bit for bit, from run to run. The buffer holds `grad_rows x grad_cols` entries (4096 x 16384
+bf16 = 128 MiB as shipped), about half of what TRL's own fused head allocates for its tile.
 
 Scope: no bias, `logit_scale` 1 and no softcap on either head (the Qwen/Llama/SmolLM heads the trainers meet);
 fp32 or bf16 inputs. Anything else raises a ValueError that points to `backend="torch"`, which supports everything.
 It runs on CUDA tensors, or on CPU tensors when `TRITON_INTERPRET=1` was set before this module was first imported
 (Triton's interpreter executes the kernels with numpy: for tests, not for speed).
 
-What a faster version would do (unmeasured; needs a GPU): autotune BLOCK_*/num_warps/num_stages, use TMA/wgmma-sized
-tiles on Hopper, and replace the grad_hidden atomics (V / BLOCK_V adds per element) by a split-V partial buffer or a
-second kernel over row blocks.
+What a faster version would do (unmeasured; needs a GPU): autotune BLOCK_*/num_warps/num_stages and the chunk shape,
+and use TMA/wgmma-sized tiles on Hopper.
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import _gathered
+from .chunked import _addmm_fp32, _gathered, _spans
 
 # The partial sums one forward program writes per (statistic, vocabulary split, row); see the module docstring.
 _STATS = ("m1", "l1", "weighted_z", "z_total", "picked", "max_before", "m_tau", "l_tau", "m_t", "l_t", "picked_t",
           "kl_sum")  # fmt: skip
 _S = {name: i for i, name in enumerate(_STATS)}
 
-# GPU tile shape and warps per program (not tuned; see the module docstring). `tl.dot` needs every dimension >= 16.
-# Tests shrink the tiles to get ragged multi-tile cases on small shapes, and may fix `vocab_splits`.
-BLOCKS = {"block_n": 64, "block_v": 128, "block_k": 64, "num_warps": 8}
+# GPU tile shape and warps per program, and the backward's (rows, vocabulary) chunk (not tuned; see the module
+# docstring). `tl.dot` needs every block dimension >= 16. Tests shrink them to get ragged multi-tile, multi-chunk
+# cases on small shapes, and may fix `vocab_splits`.
+BLOCKS = {"block_n": 64, "block_v": 128, "block_k": 64, "num_warps": 8, "grad_rows": 4096, "grad_cols": 16384}
 
 
 @triton.jit
@@ -172,21 +175,22 @@ def _forward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, partials_ptr,
 
 
 @triton.jit
-def _backward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau_ptr, t_lse_ptr, kl_ptr, g_lp_ptr,
-                     g_kl_ptr, grad_h_ptr, grad_w_ptr,
-                     stride_hn, stride_hk, stride_wv, stride_wk, stride_thn, stride_thk, stride_twv, stride_twk,
-                     n_rows, vocab, width, t_width, temperature,
-                     REVERSE: tl.constexpr, TEMPERED: tl.constexpr, LOW_S: tl.constexpr, LOW_T: tl.constexpr,
-                     HAS_KL: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, INTERPRET: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _grad_logits_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau_ptr, t_lse_ptr, kl_ptr, g_lp_ptr,
+                        g_kl_ptr, out_ptr,
+                        stride_hn, stride_hk, stride_wv, stride_wk, stride_thn, stride_thk, stride_twv, stride_twk,
+                        stride_on, n_rows, n_cols, col_start, width, t_width, temperature,
+                        REVERSE: tl.constexpr, TEMPERED: tl.constexpr, LOW_S: tl.constexpr, LOW_T: tl.constexpr,
+                        HAS_KL: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
+    """grad_z of one chunk into `out [n_rows, n_cols]`; every pointer starts at the chunk (rows, columns `col_start`+)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 offsets, as in the forward
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
-    col_ok = cols < vocab
-    y = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    col_ok = cols < n_cols
+    y = tl.load(targets_ptr + rows, mask=row_ok, other=0) - col_start  # the target's column within the chunk
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)
-    z = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, rows, cols, n_rows, vocab, width,
+    z = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, rows, cols, n_rows, n_cols, width,
                      LOW_S, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_K)  # fmt: skip
     p = tl.exp(z - lse[:, None])
     grad_z = g_lp[:, None] * ((cols[None, :] == y[:, None]).to(tl.float32) - p)
@@ -201,7 +205,7 @@ def _backward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau
                 log_p_tau = z - lse[:, None]
                 p_tau = p
             z_t = _logits_tile(th_ptr, stride_thn, stride_thk, tw_ptr, stride_twv, stride_twk, rows, cols, n_rows,
-                               vocab, t_width, LOW_T, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_K)  # fmt: skip
+                               n_cols, t_width, LOW_T, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_K)  # fmt: skip
             log_p_t = z_t / temperature - tl.load(t_lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
             if REVERSE:
                 kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
@@ -209,22 +213,8 @@ def _backward_kernel(h_ptr, w_ptr, th_ptr, tw_ptr, targets_ptr, lse_ptr, lse_tau
             else:
                 d_kl = p_tau - tl.exp(log_p_t)
             grad_z += g_kl[:, None] * d_kl / temperature
-    # Padding rows and columns (and any overflow in their exp) contribute nothing.
-    grad_z = tl.where(row_ok[:, None] & col_ok[None, :], grad_z, 0.0)
-
-    for k0 in range(0, width, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks[None, :] < width
-        if NEED_H:  # grad_hidden[rows] += grad_z @ W[cols]
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok,
-                        other=0.0)  # fmt: skip
-            part = _dot(grad_z, w, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), LOW_S, INTERPRET)
-            tl.atomic_add(grad_h_ptr + rows[:, None] * width + ks[None, :], part, mask=row_ok[:, None] & k_ok)
-        if NEED_W:  # grad_weight[cols] += grad_z^T @ hidden[rows]
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk, mask=row_ok[:, None] & k_ok,
-                        other=0.0)  # fmt: skip
-            part = _dot(tl.trans(grad_z), h, tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32), LOW_S, INTERPRET)
-            tl.atomic_add(grad_w_ptr + cols[:, None] * width + ks[None, :], part, mask=col_ok[:, None] & k_ok)
+    keep = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], grad_z.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 # `@triton.jit` decides when it decorates (this module's import) whether to compile for the GPU or to build a function
@@ -323,18 +313,30 @@ class TritonFusedFunction(torch.autograd.Function):
             zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
             g_lp = zeros if grad_logps is None else grad_logps.float().contiguous()
             g_kl = zeros if grad_kl is None else grad_kl.float().contiguous()
-            block_n, block_v, block_k = blocks["block_n"], blocks["block_v"], blocks["block_k"]
+            low_s = _low_precision(hidden, weight)
+            chunk_rows, chunk_cols = min(n, blocks["grad_rows"]), min(vocab, blocks["grad_cols"])
+            buffer = torch.empty(chunk_rows, chunk_cols, dtype=torch.bfloat16 if low_s else torch.float32,
+                                 device=hidden.device)  # fmt: skip
+            block_n, block_v = blocks["block_n"], blocks["block_v"]
             with _gathered(weight, t_weight):
-                _backward_kernel[(triton.cdiv(n, block_n), triton.cdiv(vocab, block_v))](
-                    hidden, weight, t_hidden, t_weight, targets, lse, lse_tau, t_lse, kl, g_lp, g_kl,
-                    zeros if grad_h is None else grad_h, zeros if grad_w is None else grad_w,
-                    *hidden.stride(), *weight.stride(), *t_hidden.stride(), *t_weight.stride(),
-                    n, vocab, hidden.shape[1], t_hidden.shape[1], temperature,
-                    REVERSE=reverse, TEMPERED=temperature != 1.0, LOW_S=_low_precision(hidden, weight),
-                    LOW_T=_low_precision(t_hidden, t_weight), HAS_KL=grad_kl is not None, NEED_H=need_h,
-                    NEED_W=need_w, INTERPRET=INTERPRETED, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
-                    num_warps=blocks["num_warps"],
-                )  # fmt: skip
+                for r0, r1 in _spans(n, chunk_rows):
+                    for v0, v1 in _spans(vocab, chunk_cols):
+                        grad_z = buffer[: r1 - r0, : v1 - v0]
+                        h, w, h_t, w_t = hidden[r0:r1], weight[v0:v1], t_hidden[r0:r1], t_weight[v0:v1]
+                        _grad_logits_kernel[(triton.cdiv(r1 - r0, block_n), triton.cdiv(v1 - v0, block_v))](
+                            h, w, h_t, w_t, targets[r0:r1], lse[r0:r1], lse_tau[r0:r1], t_lse[r0:r1], kl[r0:r1],
+                            g_lp[r0:r1], g_kl[r0:r1], grad_z,
+                            *h.stride(), *w.stride(), *h_t.stride(), *w_t.stride(), grad_z.stride(0),
+                            r1 - r0, v1 - v0, v0, hidden.shape[1], t_hidden.shape[1], temperature,
+                            REVERSE=reverse, TEMPERED=temperature != 1.0, LOW_S=low_s,
+                            LOW_T=_low_precision(t_hidden, t_weight), HAS_KL=grad_kl is not None,
+                            INTERPRET=INTERPRETED, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=blocks["block_k"],
+                            num_warps=blocks["num_warps"],
+                        )  # fmt: skip
+                        if need_h:
+                            _addmm_fp32(grad_h[r0:r1], grad_z, w)
+                        if need_w:
+                            _addmm_fp32(grad_w[v0:v1], grad_z.t(), h)
         return (
             grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
