@@ -109,6 +109,13 @@ step() {  # step NAME CAP_S COMMAND...: run until the cumulative deadline, log t
     tail -n 12 "$OUT/$name.log"
 }
 
+KEPT="--worker-scope config"  # also on CPU, so that the smoke test runs the GPU layout
+# Kept workers hold a CUDA context each, at the same time: a GPU in an exclusive compute mode allows one per device.
+MODE=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)
+if [ "$DEVICE" = cuda ] && [ -n "$MODE" ] && [ "$MODE" != Default ]; then
+    KEPT="--worker-scope run"
+    echo "[setup] compute mode $MODE: a fresh worker per run (slower; later steps may not fit)" | tee -a "$OUT/suite.txt"
+fi
 if [ "$DEVICE" = cuda ]; then
     SHAPE="" SWEEP=1x1024,1x2048,1x4096 PAIRS=2x1024 GRPO_SHAPE="" SFT_PRESET=qwen0.5b
     VARIANTS=stock,tdpo2_twopass,tdpo2_triton,aligndistil
@@ -120,13 +127,6 @@ else  # CPU smoke test of the same commands: tiny Qwen2 shape, two short shapes 
     VARIANTS=stock,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
     SCALE=${SCALE_CPU:-3}
     echo "[gpu_tests] skipped on CPU" | tee -a "$OUT/suite.txt"
-fi
-KEPT="--worker-scope config"  # also on CPU, so that the smoke test runs the GPU layout
-# Kept workers hold a CUDA context each, at the same time: a GPU in an exclusive compute mode allows one per device.
-MODE=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)
-if [ "$DEVICE" = cuda ] && [ -n "$MODE" ] && [ "$MODE" != Default ]; then
-    KEPT="--worker-scope run"
-    echo "[setup] compute mode $MODE: a fresh worker per run (slower; later steps may not fit)" | tee -a "$OUT/suite.txt"
 fi
 step fused_kernel 35 $PY bench/fused_kernel.py --device $DEVICE --out "$OUT/fused_kernel_${DEVICE}.json"
 DPO="--device $DEVICE $SHAPE $KEPT --rounds 3 --warmup 2 --steps 3 --breakdown 0"
