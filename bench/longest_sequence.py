@@ -22,6 +22,17 @@ The memory budget `--memory-cap-gib`:
     runs by up to ~0.06 GiB at this size (stock at 512 tokens: 0.456 and 0.521 GiB in two runs), so a CPU answer
     near the cap can move by one granularity step.
 
+Worker layouts (`--worker-scope`, as in `bench/common.py`):
+  * "run" (CPU default): every probe in a fresh worker process, the searches below sharing `--parallel` slots.
+  * "config" (CUDA default): one kept worker process per configuration, all started at once, each probing its own
+    lengths one after the other (a cold search for every configuration, all configurations at the same time, each
+    process under its own cap). A run that runs out of memory is caught inside the worker, which drops every
+    reference and returns the allocator's blocks before the next probe (as `accelerate.find_executable_batch_size`
+    retries in-process); each probe records the CUDA memory still allocated when it started
+    (`process.cuda_alloc_at_start_bytes`, 0 unless something leaked). A worker that dies is replaced for the next
+    probe. This pays the interpreter and CUDA start-up once per configuration instead of once per probe: on a GPU
+    that start-up (~15-20 s) is most of a probe's cost.
+
 Every row is really `max_length` tokens long (rows are built longer and TRL truncates them): the worker records
 every collated sequence's token count and fails the probe if any differs from the probed length (padding or short
 rows would hide memory growth; equal lengths also keep SDPA on its mask-free causal kernel).
@@ -41,15 +52,20 @@ one, and the ratio of the longest fitting length to stock's.
 
     python bench/longest_sequence.py                                   # CPU emulation, tiny model (~1-2 min)
     python bench/longest_sequence.py --device cuda                     # Qwen2.5-0.5B shape, bf16, grad ckpt, 12 GiB
+    python bench/longest_sequence.py --device cuda --batch 1 --memory-cap-gib 8 --granularity 2048 --start 8192 \
+        --budget-s 55                                                   # bench/gpu_suite.sh's short form
 
 GPU wall time (estimated, not yet measured): the H200 run of `dpo_memory` at this shape (November, an older commit:
-bench/results/dpo_memory_cuda_h200.log) took 9-13 s to construct a trainer, 1.4-4.7 s for the first step and
-0.21-0.25 s per further step of 4 pairs x 1024 tokens; stock's peak was ~1.9 GiB of weights (policy + reference)
-+ ~2.8 GiB of gradients and AdamW state + ~0.13 MiB per token, so under a 12 GiB cap stock should fit ~7k tokens at
-4 pairs (~58k tokens per step, ~2 s per step). With ~6 s of interpreter start and imports per worker, one round of up to
-5 concurrent probes should take 25-40 s. Stock needs ~3 rounds (512-8192 doubling, then two k-ary splits), the other
-configurations 1-2 rounds together if they equal stock (up to ~4 more if they do not), plus ~30 s to build the
-model: about 2.5-4 minutes, bounded by `--budget-s` (CUDA default 270 s).
+bench/results/dpo_memory_cuda_h200.log) took 9-13 s to construct a trainer the first time in a process, 1.4-4.7 s for
+the first step and 0.21-0.25 s per further step of 4 pairs x 1024 tokens; stock's peak was ~1.9 GiB of weights (policy
++ reference) + ~2.8 GiB of gradients and AdamW state + ~0.13 MiB per token. So under a 12 GiB cap stock should fit ~7k
+tokens at 4 pairs (~2 s per step), and under gpu_suite.sh's 8 GiB at 1 pair ~11-12k tokens (~0.6 s per step).
+Kept workers ("config", the CUDA default): ~15-20 s of start-up, overlapped with the model building, then per probe
+~1-2 s to rebuild the trainer plus the steps, slowed ~2x by the other configurations' workers sharing the GPU; a cold
+search from 8192 with granularity 2048 takes ~4 probes (8k, 16k, 12k, then 10k or 14k): about 20 + 4 x 10 = 60 s.
+With fresh workers ("run"): one round of up to 5 concurrent probes ~25-40 s, stock ~3 rounds, the others 1-2 more if
+they equal stock (up to ~4 if not), plus ~30 s of model building: 2.5-4 minutes. `--budget-s` bounds either (CUDA
+default 270 s; gpu_suite.sh gives it 55 s and accepts partial bounds).
 """
 
 from __future__ import annotations
@@ -73,15 +89,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
+    WORKER_SCOPES,
+    WorkerPool,
     build_word_tokenizer,
     format_table,
     machine_info,
     pseudo_words,
     synthetic_preference_rows,
     worker_env,
+    worker_main,
     write_json,
 )
-from dpo_bench import measured_training, prepare_worker, save_random_qwen2  # noqa: E402
+from dpo_bench import import_trainers, measured_training, prepare_worker, save_random_qwen2  # noqa: E402
 from dpo_memory import CONFIGS as DPO_MEMORY_CONFIGS  # noqa: E402
 from dpo_memory import PRESETS as DPO_MEMORY_PRESETS  # noqa: E402
 from dpo_memory import build_trainer  # noqa: E402
@@ -97,9 +116,10 @@ SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", 
 PRESETS = {
     "cpu": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=8192, tokenizer_vocab=4096,
                 dtype="float32", gradient_checkpointing=False, batch=1, granularity=256, max_length=2048, start=256,
-                memory_cap_gib=0.45, threads=1, parallel=1, budget_s=600.0),
+                memory_cap_gib=0.45, threads=1, parallel=1, budget_s=600.0, worker_scope="run"),
     "cuda": dict(**{key: DPO_MEMORY_PRESETS["cuda"][key] for key in (*SHAPE_KEYS, "batch")}, granularity=512,
-                 max_length=32768, start=512, memory_cap_gib=12.0, threads=2, parallel=0, budget_s=270.0),
+                 max_length=32768, start=2048, memory_cap_gib=12.0, threads=2, parallel=0, budget_s=270.0,
+                 worker_scope="config"),
 }  # fmt: skip
 
 # Probe outcomes. "fit": trained `--steps` steps within the cap. Does not fit: "oom" (CUDA: the capped allocator
@@ -254,6 +274,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "most 6; CPU default 1)")  # fmt: skip
     search.add_argument("--budget-s", type=float, help="wall-clock bound of the whole run (partial bounds after it)")
     search.add_argument("--probe-timeout", type=float, default=600.0, help="wall-clock bound of one probe")
+    search.add_argument("--worker-scope", choices=WORKER_SCOPES,
+                        help="'run': every probe in a fresh process (CPU default: one VmHWM per process), searches\n"
+                        "sharing --parallel slots; 'config' (CUDA default): one kept process per configuration\n"
+                        "probes its lengths in turn, all configurations at once (see the module docstring)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch/OMP threads per worker")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/longest_sequence_<device>.json)")
@@ -298,11 +322,13 @@ def auto_parallel(args) -> int:
 
 
 class ProbeRunner:
-    """Builds each probed length's rows once and runs probe workers, each in a fresh process, until the deadline."""
+    """Builds each probed length's rows once and runs probe workers until the deadline: each probe in a fresh process
+    (`pools` None), or in its configuration's kept process (`pools`: one `common.WorkerPool` per configuration)."""
 
-    def __init__(self, args, workdir: Path, tokenizer, words: list[str], model_path: str, deadline: float):
+    def __init__(self, args, workdir: Path, tokenizer, words: list[str], model_path: str, deadline: float,
+                 pools: dict[str, WorkerPool] | None = None):  # fmt: skip
         self.args, self.workdir, self.tokenizer, self.words = args, workdir, tokenizer, words
-        self.model_path, self.deadline = model_path, deadline
+        self.model_path, self.deadline, self.pools = model_path, deadline, pools
         self.env = worker_env(args.threads)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(args.parallel)  # at most --parallel workers at once, in all searches
@@ -362,7 +388,10 @@ class ProbeRunner:
             if self.out_of_time():
                 timeout = 0  # it could not finish
             started = time.monotonic()
-            result = run_probe(Path(__file__).resolve(), payload, self.env, timeout)
+            if self.pools is None:
+                result = run_probe(Path(__file__).resolve(), payload, self.env, timeout)
+            else:
+                result = run_kept_probe(self.pools[name], payload, timeout)
             result.update(length=length, wall_s=round(time.monotonic() - started, 2))
         if result["outcome"] == FIT or result["outcome"] in DOES_NOT_FIT:
             with self.lock:
@@ -393,7 +422,22 @@ def run_probe(script: Path, payload: dict, env: dict, timeout: float) -> dict:
     return classify_failed_worker(proc.returncode, _tail(log_path))
 
 
-def classify_failed_worker(returncode: int, log_tail: str) -> dict:
+def run_kept_probe(pool: WorkerPool, payload: dict, timeout: float) -> dict:
+    """Run one probe in its configuration's kept process. An out-of-memory error inside the run is caught there and
+    reported as "oom" (the process frees everything and stays); a process that dies or overruns is classified as
+    `run_probe` does, and the pool starts a fresh one for the next probe."""
+    if timeout <= 0:
+        return {"outcome": "timeout", "error": "no time left in --budget-s"}
+    pool.timeout = timeout
+    try:
+        return pool.run(payload)
+    except subprocess.TimeoutExpired as error:
+        return {"outcome": "timeout", "error": f"killed after {timeout:.0f} s", "log_tail": str(error.output)[-3000:]}
+    except RuntimeError as error:  # the process exited without a result; the message ends with its log's tail
+        return classify_failed_worker(None, str(error)[-3000:])
+
+
+def classify_failed_worker(returncode: int | None, log_tail: str) -> dict:
     """A worker that exited without a result: "oom" if its log shows an out-of-memory error, else "error"."""
     outcome = "oom" if any(marker in log_tail for marker in OOM_MARKERS) else "error"
     return {"outcome": outcome, "exit_code": returncode, "error": f"worker exited {returncode}", "log_tail": log_tail}
@@ -492,7 +536,7 @@ def write_report(out: Path, report: dict, searches: dict, records: dict, args, s
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker)
+        return worker_main(args.worker, worker, import_trainers)
     started = time.monotonic()
     deadline = started + args.budget_s
     import torch
@@ -508,10 +552,11 @@ def main(argv=None) -> int:
     out = args.out or RESULTS_DIR / f"longest_sequence_{args.device}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="longest_sequence_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    args.parallel = auto_parallel(args)
+    kept = args.worker_scope == "config"
+    args.parallel = len(args.configs) if kept else auto_parallel(args)
     settings = {key: getattr(args, key) for key in (*SHAPE_KEYS, "batch", "prompt_frac", "steps", "granularity",
                 "max_length", "start", "memory_cap_gib", "parallel", "budget_s", "probe_timeout", "threads", "seed",
-                "configs", "device")}  # fmt: skip
+                "configs", "device", "worker_scope")}  # fmt: skip
     cap = (f"real: torch.cuda.set_per_process_memory_fraction({args.memory_cap_gib} GiB / device memory) per worker"
            if args.device == "cuda" else f"EMULATED: a probe fits when its peak RSS over construction (VmHWM of "
            f"the worker) is at most {args.memory_cap_gib} GiB; nothing runs out of memory on CPU")  # fmt: skip
@@ -520,9 +565,15 @@ def main(argv=None) -> int:
         "benchmark": "longest_sequence",
         "description": (
             "Longest max_length (prompt + completion, a multiple of the granularity) at which each configuration "
-            f"trains {args.steps} optimizer steps of {args.batch} preference pairs within the memory cap; every probe "
-            "in a fresh worker; stock DPO searched first (doubling, then bisection), the token losses warm-started "
-            "from stock's answer. Ratio = longest fitting length / stock's."
+            f"trains {args.steps} optimizer steps of {args.batch} preference pairs within the memory cap. "
+            + (
+                "One kept worker per configuration probes its lengths in turn (doubling, then bisection), all "
+                "configurations at once; an out-of-memory run is caught and freed in-process."
+                if kept
+                else "Every probe in a fresh worker; stock DPO searched first (doubling, then bisection), the token "
+                "losses warm-started from stock's answer."
+            )
+            + " Ratio = longest fitting length / stock's."
         ),
         "memory_cap": cap,
         "emulated": args.device != "cuda",
@@ -534,25 +585,40 @@ def main(argv=None) -> int:
             "optimizer": "adamw_torch",
         },
     }
+    pools = None
+    if kept:  # started now, so that their imports and CUDA start-up overlap the model building
+        script, env = Path(__file__).resolve(), worker_env(args.threads)
+        pools = {name: WorkerPool(script, env, "config", args.probe_timeout, args.device == "cuda")
+                 for name in args.configs}  # fmt: skip
+        for name, pool in pools.items():
+            pool.start([name], workdir / "runs")
     try:
         tokenizer, words, model_path, num_params = build_model(args, workdir)
         report["settings"]["num_params"] = num_params
         print(f"  model {num_params / 1e6:.1f}M params; {args.parallel} probe(s) at once", file=sys.stderr)
-        runner = ProbeRunner(args, workdir, tokenizer, words, model_path, deadline)
+        runner = ProbeRunner(args, workdir, tokenizer, words, model_path, deadline, pools)
         records = {name: [] for name in args.configs}
-        searches = {"stock": search_config(runner, "stock", args.parallel, None, records["stock"])}
-        write_report(out, report, searches, records, args, started)  # stock's answer survives an outer kill
-        stock = searches["stock"]
-        guess = stock["longest"] if stock["complete"] and stock["longest"] else None
-        others = [name for name in args.configs if name != "stock"]
-        if others:
-            widths = slot_widths(args.parallel, len(others))
-            with ThreadPoolExecutor(max_workers=len(others)) as pool:
-                futures = {name: pool.submit(search_config, runner, name, width, guess, records[name])
-                           for name, width in zip(others, widths)}  # fmt: skip
-                searches.update({name: future.result() for name, future in futures.items()})
+        if kept:  # every configuration's own cold search, one probe at a time each, all at once
+            with ThreadPoolExecutor(max_workers=len(args.configs)) as executor:
+                futures = {name: executor.submit(search_config, runner, name, 1, None, records[name])
+                           for name in args.configs}  # fmt: skip
+                searches = {name: future.result() for name, future in futures.items()}
+        else:
+            searches = {"stock": search_config(runner, "stock", args.parallel, None, records["stock"])}
+            write_report(out, report, searches, records, args, started)  # stock's answer survives an outer kill
+            stock = searches["stock"]
+            guess = stock["longest"] if stock["complete"] and stock["longest"] else None
+            others = [name for name in args.configs if name != "stock"]
+            if others:
+                widths = slot_widths(args.parallel, len(others))
+                with ThreadPoolExecutor(max_workers=len(others)) as executor:
+                    futures = {name: executor.submit(search_config, runner, name, width, guess, records[name])
+                               for name, width in zip(others, widths)}  # fmt: skip
+                    searches.update({name: future.result() for name, future in futures.items()})
         configs = write_report(out, report, searches, records, args, started)
     finally:
+        for pool in (pools or {}).values():
+            pool.close()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     kind = "CUDA cap" if args.device == "cuda" else "CPU emulation"

@@ -142,6 +142,62 @@ def longest_sequence_section(report: dict) -> list[str]:
     return [*lines, ""]
 
 
+TARGET_LABELS = {
+    "cpu_step_s": "CPU time per step",
+    "fwd_bwd": "CPU time of compute_loss + backward (in-loop)",
+    "step_s": "step time",
+    "rss_peak_bytes": "peak RSS (VmHWM)",
+    "cuda_alloc_peak_bytes": "peak allocated",
+}
+
+
+def targets_section(results_dir: Path) -> list[str]:
+    """Issue 13's targets, as each `dpo_memory` JSON states them (`targets`: {config: {ratio key: bound}}), against
+    the measured ratio to stock: "met" when the pooled ratio is within the bound, "every round" when each round's
+    paired ratio is too; and the longest-sequence target (TDPO2's longest fitting length equals stock's)."""
+    rows = []
+    for path in sorted(results_dir.rglob("dpo_memory_*.json")):
+        report = json.loads(path.read_text())
+        device = report.get("machine", {}).get("device", "cpu")
+        for shape in report.get("shapes", []):
+            for config, bounds in report.get("targets", {}).items():
+                ratios = shape["configs"].get(config, {}).get("ratios", {})
+                for key, bound in bounds.items():
+                    ratio = ratios.get(key)
+                    if ratio is None:
+                        continue
+                    met = ratio["pooled"] <= bound
+                    every = ratio.get("paired_max", ratio["pooled"]) <= bound
+                    verdict = ("met, every round" if every else "met (pooled)") if met else "**not met**"
+                    rows.append([f"`{_shown(path)}`", device, shape_title(shape), f"`{config}`", TARGET_LABELS[key],
+                                 f"<= {bound:.2f}x", _ratio(ratio), verdict])  # fmt: skip
+    for path in sorted(results_dir.rglob("longest_sequence_*.json")):
+        report = json.loads(path.read_text())
+        device = report.get("machine", {}).get("device", "cpu") + (", emulated" if report.get("emulated") else "")
+        for config, entry in report.get("configs", {}).items():
+            if config == "stock" or entry.get("x_stock") is None:
+                continue
+            exact = entry.get("ratio_exact")
+            verdict = ("met" if entry["x_stock"] >= 1 else "**not met**") + ("" if exact else " (partial bounds)")
+            rows.append([f"`{_shown(path)}`", device, f"batch {report['settings']['batch']}", f"`{config}`",
+                         "longest fitting length", ">= 1.00x", f"{entry['x_stock']:.2f}x", verdict])  # fmt: skip
+    if not rows:
+        return []
+    headers = ["results", "device", "shape", "config", "quantity", "target (x stock)", "measured", "verdict"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [
+        "## Issue 13 targets",
+        "",
+        "Each target as its result file states it, against the measured ratio to stock DPO (pooled median, per-round",
+        "paired min-max in parentheses). CPU results come from a shared 2-core machine; the GPU targets need a GPU run",
+        "(`bash bench/gpu_suite.sh`), and a CPU longest-sequence result is an emulation, not evidence for the GPU target.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -160,6 +216,7 @@ def render(results_dir: Path) -> str:
         "steps: on a shared CPU they are the trustworthy ratios. CPU memory is the worker's own `VmHWM`; GPU memory is",
         "`max_memory_allocated` / `max_memory_reserved`. GiB = 2^30 bytes. How each benchmark works: `bench/README.md`.",
         "",
+        *targets_section(results_dir),
     ]
     for benchmark in BENCHMARKS:
         for path in sorted(results_dir.rglob(f"{benchmark}_*.json")):

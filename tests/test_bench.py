@@ -237,3 +237,38 @@ def test_dpo_memory_both_scopes_end_to_end(tmp_path):
     stock = config["shapes"][0]["runs"]["stock"] + config["shapes"][1]["runs"]["stock"]
     assert len({r["process"]["pid"] for r in stock}) == 1
     assert len({r["process"]["pid"] for r in run["shapes"][0]["runs"]["stock"]}) == 3
+
+
+def test_make_tables_states_each_target_verdict(tmp_path):
+    """The issue 13 target table: a bound met by the pooled ratio and by every round, by the pooled ratio only, not
+    met; a longest-sequence ratio from partial bounds is marked as such."""
+    import make_tables
+
+    def ratio(pooled, high):
+        return {"pooled": pooled, "paired_min": pooled - 0.1, "paired_max": high, "paired_rounds": [pooled, high]}
+
+    memory = {
+        "benchmark": "dpo_memory",
+        "machine": {"device": "cuda"},
+        "targets": {"tdpo2": {"step_s": 1.10, "cuda_alloc_peak_bytes": 1.05}, "aligndistil": {"step_s": 1.25}},
+        "shapes": [{"shape": {"batch": 1, "seq_len": 1024}, "configs": {
+            "tdpo2": {"ratios": {"step_s": ratio(1.02, 1.08), "cuda_alloc_peak_bytes": ratio(1.04, 1.07)}},
+            "aligndistil": {"ratios": {"step_s": ratio(1.30, 1.40)}},
+        }}],
+    }  # fmt: skip
+    longest = {
+        "benchmark": "longest_sequence",
+        "machine": {"device": "cuda"},
+        "settings": {"batch": 1},
+        "configs": {"stock": {"x_stock": 1.0}, "tdpo2": {"x_stock": 1.0, "ratio_exact": False}},
+    }
+    (tmp_path / "dpo_memory_cuda.json").write_text(json.dumps(memory))
+    (tmp_path / "longest_sequence_cuda.json").write_text(json.dumps(longest))
+    rows = [line for line in make_tables.targets_section(tmp_path) if line.startswith("| `")]
+    verdicts = {(row.split(" | ")[3], row.split(" | ")[4]): row.rsplit(" | ", 1)[1].rstrip(" |") for row in rows}
+    assert verdicts == {
+        ("`tdpo2`", "step time"): "met, every round",
+        ("`tdpo2`", "peak allocated"): "met (pooled)",
+        ("`aligndistil`", "step time"): "**not met**",
+        ("`tdpo2`", "longest fitting length"): "met (partial bounds)",
+    }

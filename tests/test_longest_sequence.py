@@ -2,6 +2,7 @@
 starts, concurrent probes, nothing fits, everything fits, the budget running out, errors, non-monotone answers), the
 classification of failed workers, and one end-to-end CPU run of real probe workers (emulated cap)."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -166,6 +167,31 @@ def test_slot_widths_share_the_parallel_probes(bench):
     assert bench.slot_widths(6, 2) == [3, 3]
 
 
+def test_kept_probe_failures_are_classified(bench):
+    """A kept process that overruns is a timeout, one that died of an out-of-memory error is "oom", any other death an
+    error; no time left runs nothing."""
+    import subprocess
+
+    class Pool:
+        def __init__(self, error):
+            self.error, self.timeout, self.ran = error, None, False
+
+        def run(self, payload):
+            self.ran = True
+            raise self.error
+
+    cases = [
+        (subprocess.TimeoutExpired("worker", 5, output="log"), "timeout"),
+        (RuntimeError("worker stock failed (exit 1); log tail:\ntorch.OutOfMemoryError: CUDA out of memory."), "oom"),
+        (RuntimeError("worker stock failed (exit 1); log tail:\nValueError: bad"), "error"),
+    ]
+    for error, outcome in cases:
+        pool = Pool(error)
+        assert bench.run_kept_probe(pool, {"config": "stock"}, 5.0)["outcome"] == outcome and pool.timeout == 5.0
+    idle = Pool(AssertionError("must not run"))
+    assert bench.run_kept_probe(idle, {"config": "stock"}, 0.0)["outcome"] == "timeout" and not idle.ran
+
+
 def test_failed_workers_are_classified_from_their_log(bench):
     oom = bench.classify_failed_worker(1, "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to")
     assert oom["outcome"] == "oom" and oom["exit_code"] == 1
@@ -190,18 +216,28 @@ def test_out_of_memory_errors_are_recognized(bench):
         assert bench.is_out_of_memory(wrapped)
 
 
-def test_cpu_run_end_to_end(bench, tmp_path):
-    """Real workers on a tiny model: stock fits everything up to 128 tokens at a huge emulated cap (64, 128); TDPO2
-    starts warm from stock's 128 (1 probe); every probe's rows are exactly the probed length."""
+@pytest.mark.parametrize("scope", ["run", "config"])
+def test_cpu_run_end_to_end(bench, tmp_path, scope):
+    """Real workers on a tiny model: stock fits everything up to 128 tokens at a huge emulated cap (64, 128); with a
+    fresh process per probe ("run") TDPO2 starts warm from stock's 128 (1 probe), with one kept process per
+    configuration ("config") it searches cold, in turn, in one process; every probe's rows are exactly the probed
+    length."""
     out = tmp_path / "longest.json"
     argv = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
             "--vocab", "1024", "--tokenizer-vocab", "1024", "--granularity", "64", "--max-length", "128",
-            "--start", "64", "--memory-cap-gib", "50", "--configs", "stock,tdpo2", "--out", str(out)]  # fmt: skip
+            "--start", "64", "--memory-cap-gib", "50", "--configs", "stock,tdpo2", "--out", str(out),
+            "--worker-scope", scope]  # fmt: skip
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["emulated"] and "EMULATED" in report["memory_cap"] and report["complete"]
+    assert report["settings"]["worker_scope"] == scope
     stock, tdpo2 = report["configs"]["stock"], report["configs"]["tdpo2"]
-    assert [p["length"] for p in stock["probes"]] == [64, 128] and [p["length"] for p in tdpo2["probes"]] == [128]
+    assert [p["length"] for p in stock["probes"]] == [64, 128]
+    assert [p["length"] for p in tdpo2["probes"]] == ([128] if scope == "run" else [64, 128])
+    if scope == "config":  # each configuration's probes ran one after the other in one process
+        for entry in (stock, tdpo2):
+            processes = [p["process"] for p in entry["probes"]]
+            assert len({p["pid"] for p in processes}) == 1 and [p["run_index"] for p in processes] == [0, 1]
     for entry in (stock, tdpo2):
         assert entry["longest_fitting"] == 128 and entry["reached_max"] and entry["x_stock"] == 1.0
         for probe in entry["probes"]:
@@ -221,9 +257,9 @@ def test_cuda_cap_turns_out_of_memory_into_non_fits(bench, tmp_path):
             "--intermediate", "64", "--vocab", "1024", "--tokenizer-vocab", "1024", "--batch", "1",
             "--granularity", "64", "--max-length", "128", "--start", "64", "--parallel", "2",
             "--configs", "stock,tdpo2"]  # fmt: skip
-    for cap, expected in (("0.001", "oom"), ("4", "fit")):
-        out = tmp_path / f"cap_{cap}.json"
-        assert bench.main([*tiny, "--memory-cap-gib", cap, "--out", str(out)]) == 0
+    for (cap, expected), scope in itertools.product((("0.001", "oom"), ("4", "fit")), ("run", "config")):
+        out = tmp_path / f"cap_{cap}_{scope}.json"
+        assert bench.main([*tiny, "--memory-cap-gib", cap, "--worker-scope", scope, "--out", str(out)]) == 0
         report = json.loads(out.read_text())
         assert not report["emulated"] and report["complete"]
         for entry in report["configs"].values():
