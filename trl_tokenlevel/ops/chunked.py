@@ -178,6 +178,8 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     if _half_mm_on_gpu(a.device, a.dtype, dtype):
         try:
             return torch.mm(a, b, out_dtype=dtype)
+        except torch.OutOfMemoryError:  # a real failure, not a missing feature: the fast path stays on
+            raise
         except (RuntimeError, TypeError):  # an older PyTorch: upcast instead, from now on
             _HALF_MM_FP32_OUT = False
     return a.to(dtype) @ b.to(dtype)
@@ -190,6 +192,8 @@ def _addmm_fp32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         try:
             torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):
             _HALF_MM_FP32_OUT = False
     accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
