@@ -18,8 +18,10 @@ from common import (
     MemoryProbe,
     add_worker_scope_argument,
     default_worker_scope,
+    machine_info,
     make_step_timer,
     synthetic_preference_rows,
+    write_json,
 )
 
 
@@ -377,6 +379,48 @@ def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_
 
 
 TARGET_LABELS = {"step_s": "wall", "cpu_step_s": "cpu", "rss_peak_bytes": "rss", "cuda_alloc_peak_bytes": "alloc"}
+
+
+def sweep_and_write(
+    args,
+    script: Path,
+    workdir: Path,
+    configs: dict,
+    build_model_and_data,
+    payload_for,
+    out: Path,
+    benchmark: str,
+    description: str,
+    targets: dict,
+    settings: dict,
+    print_tables,
+) -> Path:
+    """`run_sweep`, writing the benchmark's JSON after every round (`complete: false`) and once more at the end."""
+    started, machine = time.time(), machine_info(args.device)
+
+    def report(shapes, complete):
+        return {
+            "benchmark": benchmark,
+            "description": description,
+            "targets": targets,
+            "machine": machine,
+            "settings": {
+                **settings,
+                "model": "Qwen2ForCausalLM (random)",
+                "attn_implementation": "sdpa",
+                "optimizer": "adamw_torch",
+            },  # fmt: skip
+            "wall_s": time.time() - started,
+            "complete": complete,
+            "tables": [print_tables(args, shape) for shape in shapes] if complete else [],
+            "shapes": shapes,
+        }
+
+    shapes = run_sweep(args, script, workdir, configs, build_model_and_data, payload_for,
+                       on_round=lambda shapes: write_json(out, report(shapes, complete=False)))  # fmt: skip
+    path = write_json(out, report(shapes, complete=True))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
 
 
 def main_table(per_config: dict, cuda: bool, targets: dict | None = None) -> str:

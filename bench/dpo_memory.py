@@ -61,14 +61,12 @@ from common import (  # noqa: E402
     build_word_tokenizer,
     exit_on_sigterm,
     format_table,
-    machine_info,
     peak_rss_bytes,
     pseudo_words,
     release_free_heap,
     reset_peak_rss,
     rss_bytes,
     worker_main,
-    write_json,
 )
 from dpo_bench import (  # noqa: E402
     import_trainers,
@@ -78,8 +76,8 @@ from dpo_bench import (  # noqa: E402
     model_cache,
     prepare_worker,
     resolve_args,
-    run_sweep,
     save_random_qwen2,
+    sweep_and_write,
     synthetic_preference_data,
     training_kwargs,
 )
@@ -290,42 +288,32 @@ def main(argv=None) -> int:
                                                      "worker_scope")}  # fmt: skip
     print(f"dpo_memory: {settings} workdir={workdir}", file=sys.stderr)
     try:
-        started = time.time()
-        machine = machine_info(args.device)
 
         def payload_for(name, data_info, shape_dir):
             return {"paths": data_info["paths"], "data_path": str(shape_dir / "data")}
 
-        def report(shapes, complete):
-            return {
-                "benchmark": "dpo_memory",
-                "description": (
-                    "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil with the fused "
-                    "pass; *_twopass = TRL's log-prob head + TRL's chunked divergence) and a naive full-logits TDPO2 "
-                    "vs stock trl.DPOTrainer: same model init, data, order and optimizer; each configuration in "
-                    "worker processes of its own (settings.worker_scope), alternating order over rounds, warm-up "
-                    "steps excluded. Times per measured step; memory per run (CPU: VmHWM of the worker; CUDA: max "
-                    "allocated and reserved). AlignDistil trains on chosen responses only, against two frozen "
-                    "teachers of the policy's shape, without a reference model."
-                ),
-                "targets": TARGETS[args.device],
-                "machine": machine,
-                "settings": {
-                    **settings,
-                    "model": "Qwen2ForCausalLM (random)",
-                    "attn_implementation": "sdpa",
-                    "optimizer": "adamw_torch",
-                },  # fmt: skip
-                "wall_s": time.time() - started,
-                "complete": complete,
-                "tables": [print_tables(args, shape) for shape in shapes] if complete else [],
-                "shapes": shapes,
-            }
-
-        shapes = run_sweep(args, Path(__file__).resolve(), workdir, CONFIGS, build_model_and_data, payload_for,
-                           on_round=lambda shapes: write_json(out, report(shapes, complete=False)))  # fmt: skip
-        path = write_json(out, report(shapes, complete=True))
-        print(f"wrote {path}", file=sys.stderr)
+        sweep_and_write(
+            args,
+            Path(__file__).resolve(),
+            workdir,
+            CONFIGS,
+            build_model_and_data,
+            payload_for,
+            out,
+            benchmark="dpo_memory",
+            description=(
+                "Full-distribution token losses (TokenDPOTrainer tdpo2, sparsepo, aligndistil with the fused "
+                "pass; *_twopass = TRL's log-prob head + TRL's chunked divergence) and a naive full-logits TDPO2 "
+                "vs stock trl.DPOTrainer: same model init, data, order and optimizer; each configuration in "
+                "worker processes of its own (settings.worker_scope), alternating order over rounds, warm-up "
+                "steps excluded. Times per measured step; memory per run (CPU: VmHWM of the worker; CUDA: max "
+                "allocated and reserved). AlignDistil trains on chosen responses only, against two frozen "
+                "teachers of the policy's shape, without a reference model."
+            ),
+            targets=TARGETS[args.device],
+            settings=settings,
+            print_tables=print_tables,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -43,10 +43,8 @@ from common import (  # noqa: E402
     build_word_tokenizer,
     exit_on_sigterm,
     format_table,
-    machine_info,
     pseudo_words,
     worker_main,
-    write_json,
 )
 from dpo_bench import (  # noqa: E402
     import_trainers,
@@ -56,8 +54,8 @@ from dpo_bench import (  # noqa: E402
     model_cache,
     prepare_worker,
     resolve_args,
-    run_sweep,
     save_random_qwen2,
+    sweep_and_write,
     synthetic_preference_data,
     training_kwargs,
 )
@@ -180,8 +178,6 @@ def main(argv=None) -> int:
                                                      "device", "worker_scope")}  # fmt: skip
     print(f"dpo_token_overhead: {settings} workdir={workdir}", file=sys.stderr)
     try:
-        started = time.time()
-        machine = machine_info(args.device)
 
         def payload_for(name, data_info, shape_dir):
             return {"model_path": data_info["model_path"], "data_path": str(shape_dir / "data" / name),
@@ -189,33 +185,25 @@ def main(argv=None) -> int:
 
         configs = {name: {"token_loss_type": CONFIGS[name][0]} for name in CONFIGS}
 
-        def report(shapes, complete):
-            return {
-                "benchmark": "dpo_token_overhead",
-                "description": (
-                    "TokenDPOTrainer token-scalar losses vs stock trl.DPOTrainer: same model init, data, order and "
-                    "optimizer; each configuration in worker processes of its own (settings.worker_scope), "
-                    "alternating order over rounds, warm-up steps excluded. Times per measured step; memory per run "
-                    "(CPU: VmHWM of the worker; CUDA: max allocated and reserved)."
-                ),
-                "targets": targets(args),
-                "machine": machine,
-                "settings": {
-                    **settings,
-                    "model": "Qwen2ForCausalLM (random)",
-                    "attn_implementation": "sdpa",
-                    "optimizer": "adamw_torch",
-                },  # fmt: skip
-                "wall_s": time.time() - started,
-                "complete": complete,
-                "tables": [print_tables(args, shape) for shape in shapes] if complete else [],
-                "shapes": shapes,
-            }
-
-        shapes = run_sweep(args, Path(__file__).resolve(), workdir, configs, build_model_and_data, payload_for,
-                           on_round=lambda shapes: write_json(out, report(shapes, complete=False)))  # fmt: skip
-        path = write_json(out, report(shapes, complete=True))
-        print(f"wrote {path}", file=sys.stderr)
+        sweep_and_write(
+            args,
+            Path(__file__).resolve(),
+            workdir,
+            configs,
+            build_model_and_data,
+            payload_for,
+            out,
+            benchmark="dpo_token_overhead",
+            description=(
+                "TokenDPOTrainer token-scalar losses vs stock trl.DPOTrainer: same model init, data, order and "
+                "optimizer; each configuration in worker processes of its own (settings.worker_scope), "
+                "alternating order over rounds, warm-up steps excluded. Times per measured step; memory per run "
+                "(CPU: VmHWM of the worker; CUDA: max allocated and reserved)."
+            ),
+            targets=targets(args),
+            settings=settings,
+            print_tables=print_tables,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
