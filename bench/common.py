@@ -501,6 +501,13 @@ def ratio_cell(ratio: dict | None) -> str:
     return f"{ratio['pooled']:.3f}x ({ratio['paired_min']:.2f}-{ratio['paired_max']:.2f})"
 
 
+def apply_presets(args, presets: dict[str, dict]) -> None:
+    """Fill every argument left unset (None) on the command line from the device's preset."""
+    for key, value in presets[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def parse_sweep(spec: str | None, default: tuple[int, int]) -> list[tuple[int, int]]:
     """`"2x256,4x512"` -> `[(2, 256), (4, 512)]` (batch x sequence); `None` -> `[default]`."""
     if not spec:

@@ -17,6 +17,7 @@ from common import (
     ComponentTimer,
     MemoryProbe,
     add_worker_scope_argument,
+    apply_presets,
     default_worker_scope,
     machine_info,
     make_step_timer,
@@ -79,9 +80,7 @@ def resolve_args(parser, args, presets: dict, configs: dict):
     """Fill unset shape/run values from the device preset and validate the configuration list."""
     if args.worker is not None:
         return args
-    for key, value in presets[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_presets(args, presets)
     args.tokenizer_vocab = min(args.tokenizer_vocab, args.vocab)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in configs]

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, format_table, machine_info, round_orders, summarize, write_json  # noqa: E402
+from common import RESULTS_DIR, apply_presets, format_table, machine_info, round_orders, summarize, write_json  # noqa: E402
 
 PRESETS = {
     "cuda": dict(tokens=[2048, 8192], hidden=896, vocab=151936, dtype="bfloat16", rounds=3, reps=5, warmup=2),
@@ -56,9 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/fused_kernel_<device>.json)")
     args = parser.parse_args(argv)
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_presets(args, PRESETS)
     if isinstance(args.tokens, str):
         args.tokens = [int(n) for n in args.tokens.split(",")]
     with_triton = args.device == "cuda" and importlib.util.find_spec("triton") is not None

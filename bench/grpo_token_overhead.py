@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     WorkerPool,
     add_worker_scope_argument,
     aggregate_runs,
+    apply_presets,
     build_word_tokenizer,
     default_worker_scope,
     exit_on_sigterm,
@@ -126,9 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_presets(args, PRESETS)
     if args.components is None:
         args.components = args.device == "cpu"
     if args.worker_scope is None:

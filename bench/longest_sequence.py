@@ -91,6 +91,7 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     WORKER_SCOPES,
     WorkerPool,
+    apply_presets,
     build_word_tokenizer,
     format_table,
     machine_info,
@@ -286,9 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_presets(args, PRESETS)
     args.tokenizer_vocab = min(args.tokenizer_vocab, args.vocab)
     args.configs = [c.strip() for c in (args.configs or DEFAULT_CONFIGS[args.device]).split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
