@@ -11,30 +11,32 @@
 # rounds and shapes), >= 3 alternating rounds, warm-up excluded, allocated and reserved GPU peaks, JSON written after
 # every round (a step stopped by its time limit keeps the rounds it finished; fused_kernel writes after each N).
 #
-# Time budget on one H100/H200: at most 474 s, whatever happens. Steps run most important first, and each step ends
+# Time budget on one H100/H200: at most 476 s, whatever happens. Steps run most important first, and each step ends
 # by its cumulative deadline (the sum of its own and the earlier steps' caps): time an early step does not use goes
 # to the later ones, and an overrun only loses the least important tail. Worst case = setup caps (pip 20 + env 15)
-# + sum of step caps (437) + one kill grace (2) = 474 s, under 8 minutes. The caps of steps 6-8 are below their
-# estimates on purpose: they run on whatever the earlier steps leave unused (the estimated total is ~412 s).
+# + sum of step caps (439) + one kill grace (2) = 476 s, under 8 minutes. The caps of steps 6-8 are below their
+# estimates on purpose: they run on whatever the earlier steps leave unused (the estimated total is ~424 s).
 #
 #   step (most important first)                                           cap s   expected s (ESTIMATE)
 #   setup: wheels from .whl/ into /tmp/site, library versions               35      ~12
 #   1. gpu_tests: GPU parity tests of the kernels (bf16; Triton compiled)   75      ~65
 #   2. fused_kernel: LM-head pass alone, torch/triton/twopass, N 2048+8192  30      ~25
 #   3. dpo_memory sweep 1x1024,1x2048,1x4096: stock, tdpo2, sparsepo       100      ~80
-#   4. dpo_memory 2x1024: stock, tdpo2_twopass, tdpo2_triton, aligndistil   70      ~63
+#   4. dpo_memory 2x1024: stock, tdpo2 (torch), tdpo2_twopass,              80      ~75
+#      tdpo2_triton, aligndistil (the evidence for token_kernel="auto")
 #   5. longest_sequence: stock, tdpo2, tdpo2_triton, tdpo2_twopass, 1 pair  60      ~60
 #      under an 8 GiB cap each (kept worker per configuration, all at once;
 #      --budget-s 55: partial bounds rather than an overrun)
 #   6. dpo_token_overhead 2x1024: stock, weighted, cdpo                     35      ~38
-#   7. grpo_token_overhead: stock, entropy_quantile (16 x <= 512 tokens)    30      ~29
-#   8. sft_token_overhead: stock, otr (8 x 1024 tokens)                     33      ~39
+#   7. grpo_token_overhead: stock, entropy_quantile (16 x <= 512 tokens)    25      ~29
+#   8. sft_token_overhead: stock, otr (8 x 1024 tokens)                     30      ~39
 #   9. make_tables.py over the JSON of this run                              4       ~1
-#   total                                                                  472+2    ~412
+#   total                                                                  474+2    ~424
 #
 # How the expected times were estimated (nothing here has run on a GPU yet; the first GPU run's $OUT/suite.txt
 # replaces these guesses):
-# - Worker processes: 14 (3+4+3+2+2; before: 27+12+9+6+6 = 60, one per configuration x round x shape). A process's
+# - Worker processes: 19 (3+5+4+3+2+2, longest_sequence's included; before: 27+12+9+6+6 = 60 without it, one per
+#   configuration x round x shape). A process's
 #   fixed cost (imports, CUDA context, first trainer construction, exit) is ~15-20 s, from the H200 runs in
 #   bench/results/*_cuda_h200.json (dpo_token_overhead: 188 s wall for 8 workers that measured ~6 s each). Here the
 #   workers of a benchmark start together, while the parent builds the model, so a benchmark pays it about once.
@@ -123,14 +125,14 @@ if [ "$DEVICE" = cuda ] && [ -n "$MODE" ] && [ "$MODE" != Default ]; then
 fi
 if [ "$DEVICE" = cuda ]; then
     SHAPE="" SWEEP=1x1024,1x2048,1x4096 PAIRS=2x1024 GRPO_SHAPE="" SFT_PRESET=qwen0.5b
-    VARIANTS=stock,tdpo2_twopass,tdpo2_triton,aligndistil
+    VARIANTS=stock,tdpo2,tdpo2_twopass,tdpo2_triton,aligndistil
     LONGEST="--batch 1 --memory-cap-gib 8 --granularity 2048 --start 8192 --budget-s 55"
     step gpu_tests 75 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/ops/test_chunked.py \
         tests/ops/test_chunked_fused.py tests/ops/test_fused_triton.py
 else  # CPU smoke test of the same commands: tiny Qwen2 shape, two short shapes in the sweep
     SHAPE="--hidden 64 --layers 2 --heads 4 --kv-heads 2 --intermediate 128 --vocab 2048 --tokenizer-vocab 2048"
     SWEEP=1x32,1x64 PAIRS=1x64 GRPO_SHAPE="$SHAPE --batch 4 --completion-len 32 --prompt-len 16" SFT_PRESET=small
-    VARIANTS=stock,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
+    VARIANTS=stock,tdpo2,tdpo2_twopass,aligndistil  # token_kernel="triton" needs CUDA
     LONGEST="--granularity 512 --max-length 1024 --start 512 --budget-s 50"  # emulated cap (see its docstring)
     SCALE=${SCALE_CPU:-3}
     echo "[gpu_tests] skipped on CPU" | tee -a "$OUT/suite.txt"
@@ -139,15 +141,15 @@ step fused_kernel 30 $PY bench/fused_kernel.py --device $DEVICE --out "$OUT/fuse
 DPO="--device $DEVICE $SHAPE $KEPT --rounds 3 --warmup 2 --steps 3 --breakdown 0"
 step dpo_memory_sweep 100 $PY bench/dpo_memory.py $DPO --configs stock,tdpo2,sparsepo --sweep $SWEEP \
     --out "$OUT/dpo_memory_${DEVICE}_sweep.json"
-step dpo_memory_variants 70 $PY bench/dpo_memory.py $DPO --configs $VARIANTS --sweep $PAIRS \
+step dpo_memory_variants 80 $PY bench/dpo_memory.py $DPO --configs $VARIANTS --sweep $PAIRS \
     --out "$OUT/dpo_memory_${DEVICE}_variants.json"
 step longest_sequence 60 $PY bench/longest_sequence.py --device $DEVICE $LONGEST $KEPT \
     --out "$OUT/longest_sequence_${DEVICE}.json"
 step dpo_token_overhead 35 $PY bench/dpo_token_overhead.py $DPO --configs stock,weighted,cdpo --sweep $PAIRS \
     --out "$OUT/dpo_token_overhead_${DEVICE}.json"
-step grpo_token_overhead 30 $PY bench/grpo_token_overhead.py --device $DEVICE $GRPO_SHAPE $KEPT --rounds 3 \
+step grpo_token_overhead 25 $PY bench/grpo_token_overhead.py --device $DEVICE $GRPO_SHAPE $KEPT --rounds 3 \
     --warmup 1 --steps 2 --configs stock,entropy_quantile --out "$OUT/grpo_token_overhead_${DEVICE}.json"
-step sft_token_overhead 33 $PY bench/sft_token_overhead.py --device $DEVICE --preset $SFT_PRESET $KEPT \
+step sft_token_overhead 30 $PY bench/sft_token_overhead.py --device $DEVICE --preset $SFT_PRESET $KEPT \
     --rounds 3 --warmup 1 --steps 2 --configs stock otr --out "$OUT/sft_token_overhead_${DEVICE}.json"
 step tables 4 $PY bench/make_tables.py --results "$OUT" --out "$OUT/benchmarks.md"
 echo "suite total $(elapsed) s" | tee -a "$OUT/suite.txt"

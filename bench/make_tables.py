@@ -198,6 +198,55 @@ def targets_section(results_dir: Path) -> list[str]:
     ]
 
 
+AUTO_CANDIDATES = {"tdpo2": "torch", "tdpo2_triton": "triton"}
+
+
+def auto_section(results_dir: Path) -> list[str]:
+    """The evidence for `token_kernel="auto"`: in every `dpo_memory` shape that measured the two-pass TDPO2 beside a
+    fused one, the fused/two-pass step-time ratio of each round (paired by round) and of the memory medians. The rule
+    (bench/README.md): auto may pick a fused backend on a device only if it is faster in every round at every shape
+    and uses no more peak memory."""
+    rows = []
+    for path in sorted(results_dir.rglob("dpo_memory_*.json")):
+        report = json.loads(path.read_text())
+        device = report.get("machine", {}).get("device", "cpu")
+        time_key, memory_key = (
+            ("step_s", "cuda_alloc_peak_bytes") if device == "cuda" else ("cpu_step_s", "rss_peak_bytes")
+        )
+        for shape in report.get("shapes", []):
+            configs = shape["configs"]
+            if "tdpo2_twopass" not in configs:
+                continue
+            base = configs["tdpo2_twopass"]
+            for config, backend in AUTO_CANDIDATES.items():
+                if config not in configs:
+                    continue
+                entry = configs[config]
+                rounds = [a / b for a, b in zip(entry["times"][time_key]["round_medians"],
+                                                base["times"][time_key]["round_medians"])]  # fmt: skip
+                memory = entry["memory"][memory_key]["median"] / base["memory"][memory_key]["median"]
+                ok = all(r <= 1 for r in rounds) and memory <= 1
+                rows.append([f"`{_shown(path)}`", device, shape_title(shape), f"`{backend}`",
+                             " / ".join(f"{r:.2f}" for r in rounds), f"{memory:.2f}",
+                             "faster in every round, no more memory" if ok else "**no**"])  # fmt: skip
+    if not rows:
+        return []
+    headers = ["results", "device", "shape", "fused backend", "step time / two-pass, per round", "peak memory / two-pass",
+               "meets the rule for auto"]  # fmt: skip
+    return [
+        '## Evidence for `token_kernel="auto"`',
+        "",
+        "`auto` runs the fused pass in torch on CPU and TRL's two-pass path on CUDA. It may switch a device to a fused",
+        "backend only when that backend is faster than two-pass in every round at every shape, with no more peak memory",
+        "(CUDA: allocated; CPU: VmHWM). Ratios of TDPO2 with that backend to TDPO2 two-pass, measured in the same run.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -217,6 +266,7 @@ def render(results_dir: Path) -> str:
         "`max_memory_allocated` / `max_memory_reserved`. GiB = 2^30 bytes. How each benchmark works: `bench/README.md`.",
         "",
         *targets_section(results_dir),
+        *auto_section(results_dir),
     ]
     for benchmark in BENCHMARKS:
         for path in sorted(results_dir.rglob(f"{benchmark}_*.json")):

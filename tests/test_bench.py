@@ -272,3 +272,30 @@ def test_make_tables_states_each_target_verdict(tmp_path):
         ("`aligndistil`", "step time"): "**not met**",
         ("`tdpo2`", "longest fitting length"): "met (partial bounds)",
     }
+
+
+def test_make_tables_auto_evidence_pairs_rounds_with_two_pass(tmp_path):
+    """`auto` evidence: per-round fused/two-pass step-time ratios (paired by round) and the memory ratio; a backend
+    slower in any round, or heavier, does not meet the rule."""
+    import make_tables
+
+    def entry(rounds, memory):
+        return {"times": {"step_s": {"round_medians": rounds}}, "memory": {"cuda_alloc_peak_bytes": {"median": memory}}}
+
+    report = {
+        "benchmark": "dpo_memory",
+        "machine": {"device": "cuda"},
+        "shapes": [{"shape": {"batch": 2, "seq_len": 1024}, "configs": {
+            "stock": entry([1.0, 1.0, 1.0], 10.0),
+            "tdpo2_twopass": entry([2.0, 2.0, 2.0], 12.0),
+            "tdpo2": entry([1.8, 1.9, 1.6], 11.0),
+            "tdpo2_triton": entry([1.5, 2.1, 1.5], 11.0),
+        }}],
+    }  # fmt: skip
+    (tmp_path / "dpo_memory_cuda_variants.json").write_text(json.dumps(report))
+    rows = [line for line in make_tables.auto_section(tmp_path) if line.startswith("| `")]
+    cells = {row.split(" | ")[3]: row.strip("| ").split(" | ")[4:] for row in rows}
+    assert cells == {
+        "`torch`": ["0.90 / 0.95 / 0.80", "0.92", "faster in every round, no more memory"],
+        "`triton`": ["0.75 / 1.05 / 0.75", "0.92", "**no**"],
+    }
