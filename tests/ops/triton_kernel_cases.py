@@ -77,9 +77,17 @@ def _run(case, direction, dtype, backend, monkeypatch=None):
     return out, grads, (student, teacher, upstream, second, targets, params)
 
 
+def _close_fp32_gradients(got, want, msg=None):
+    """fp32 gradients of two summation orders: 1e-5 relative, and an absolute 1e-5 of the gradient's largest entry
+    (round-off in the KL's cancellations scales with the largest entries, not with each entry: up to ~2e-6 of
+    max|g| against fp64 on these shapes, for either backend)."""
+    torch.testing.assert_close(got, want, rtol=FP32["rtol"], atol=FP32["atol"] * max(1.0, want.abs().max().item()),
+                               msg=msg)  # fmt: skip
+
+
 def _close_gradients(got, want, dtype):
     if dtype == torch.float32:
-        torch.testing.assert_close(got, want, **FP32)
+        _close_fp32_gradients(got, want)
     else:
         assert got.dtype == torch.bfloat16
         error = (got.float() - want.float()).norm() / want.float().norm()
@@ -124,7 +132,7 @@ def test_triton_shipped_tile_shape(direction):
     torch.testing.assert_close(out.log_probs, values["log_probs"].detach(), **FP32)
     torch.testing.assert_close(out.kl, values["kl"].detach(), **FP32)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **FP32)
+        _close_fp32_gradients(got, want)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -138,7 +146,7 @@ def test_triton_partial_gradients(direction, monkeypatch):
     student, teacher, _ = make_heads(case)
     student, teacher = _on_device(student), _on_device(teacher)
     targets = _targets(case).to(DEVICE)
-    wide = torch.randn(case["n"], 2 * case["hs"], device=DEVICE)
+    wide = torch.randn(case["n"], 2 * case["hs"], generator=torch.Generator().manual_seed(3)).to(DEVICE)
     strided = wide[:, ::2].requires_grad_()  # stride (2H, 2): not contiguous
     late_rows = torch.arange(case["n"], device=DEVICE) >= 20  # rows 0-15 form a block without KL gradient
     losses = {
@@ -160,7 +168,7 @@ def test_triton_partial_gradients(direction, monkeypatch):
                                          direction=direction, temperature=0.7, backend=backend)  # fmt: skip
             grads[backend] = torch.autograd.grad(loss(out), params)
         for got, want in zip(grads["triton"], grads["torch"]):
-            torch.testing.assert_close(got, want, **FP32, msg=name)
+            _close_fp32_gradients(got, want, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -206,4 +214,4 @@ def test_trainer_tdpo2_triton_matches_torch_kernel(tiny_model_path, tiny_tokeniz
     assert t_kl == pytest.approx(kl, rel=1e-5, abs=1e-6) and kl > 0
     assert t_grads.keys() == grads.keys()
     for name in grads:
-        torch.testing.assert_close(t_grads[name], grads[name], **FP32, msg=name)
+        _close_fp32_gradients(t_grads[name], grads[name], msg=name)
