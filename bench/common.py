@@ -48,6 +48,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -533,6 +534,31 @@ def round_orders(configs: list[str], rounds: int) -> list[list[str]]:
     return orders
 
 
+def measure_rounds(pool, entry: dict, configs: list[str], rounds: int, payload_for, on_round=None,
+                   summarize=aggregate_runs) -> None:  # fmt: skip
+    """Measure one shape into `entry`: `rounds` rounds of every configuration in alternating order (`round_orders`),
+    each run `pool.run(payload_for(name, round_index))`, one line printed per run. `entry` gets `orders` and `runs`
+    (`runs[name][i]` is round i) and, after every round, `configs` = `summarize(runs)` and `rounds_done`; then
+    `on_round()`, if given, is called (e.g. to write the partial JSON)."""
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    orders = round_orders(configs, rounds)
+    entry.update(orders=orders, configs={}, runs=runs, rounds_done=0)
+    for round_index, order in enumerate(orders):
+        for name in order:
+            result = pool.run(payload_for(name, round_index))
+            runs[name].append(result)
+            times, memory = result["times"], result.get("memory", {})
+            peak = memory.get("cuda_alloc_peak_bytes", memory.get("rss_peak_bytes"))
+            print(f"    round {round_index} {name:20s} step {1e3 * statistics.median(times['step_s']):8.1f} ms  cpu "
+                  f"{1e3 * statistics.median(times['cpu_step_s']):8.1f} ms"
+                  + ("" if peak is None else f"  peak {peak / 2**30:.3f} GiB")
+                  + f"  load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
+        entry["configs"] = summarize(runs)
+        entry["rounds_done"] = round_index + 1
+        if on_round is not None:
+            on_round()
+
+
 WORKER_SCOPES = ("run", "config")
 
 
@@ -680,6 +706,25 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # the parent died before the prctl
         os._exit(1)
+
+
+def start_benchmark(name: str, args) -> tuple[Path, Path] | None:
+    """The parent's start shared by the benchmarks: SIGTERM runs `finally` blocks (`exit_on_sigterm`); `--device cuda`
+    without CUDA skips the benchmark (None); progress bars off; the JSON path (`--out`, else
+    `bench/results/<name>_<device>.json`) and the working folder (`--workdir`, else a fresh temporary one)."""
+    exit_on_sigterm()
+    import datasets
+    import torch
+    import transformers
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+        return None
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return args.out or RESULTS_DIR / f"{name}_{args.device}.json", workdir
 
 
 def exit_on_sigterm() -> None:

@@ -320,13 +320,25 @@ PAYLOAD_KEYS = ("device", "dtype", "seq_len", "batch", "warmup", "steps", "seed"
                 "logging_steps", "components", "breakdown")  # fmt: skip
 
 
+def with_breakdown_medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """`common.aggregate_runs`, plus each configuration's after-training breakdown (if any): medians over rounds."""
+    from common import aggregate_runs
+
+    summary = aggregate_runs(runs)
+    for name, results in runs.items():
+        if results and results[0].get("breakdown"):
+            keys = results[0]["breakdown"]
+            summary[name]["breakdown"] = {key: statistics.median(r["breakdown"][key] for r in results) for key in keys}
+    return summary
+
+
 def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_data, payload_for,
               on_round=None) -> list[dict]:  # fmt: skip
     """For each `--sweep` shape: build model and data, run `--rounds` rounds of every configuration in alternating
     order (in `--worker-scope` workers: `common.WorkerPool`), aggregate. Returns one entry per shape: shape, data
     statistics, orders, per-configuration summaries (`common.aggregate_runs`), the raw runs and `rounds_done`.
     `on_round(shapes)` is called after every round with the entries so far (the last one possibly partial)."""
-    from common import WorkerPool, aggregate_runs, parse_sweep, round_orders, worker_env
+    from common import WorkerPool, measure_rounds, parse_sweep, worker_env
 
     shapes = []
     pool = WorkerPool(script, worker_env(args.threads), args.worker_scope, args.worker_timeout, args.device == "cuda")
@@ -339,41 +351,24 @@ def run_sweep(args, script: Path, workdir: Path, configs: dict, build_model_and_
             data_info = build_model_and_data(args, shape_dir)
             print(f"  shape batch={batch} seq_len={seq_len}: model {data_info['num_params'] / 1e6:.1f}M params, "
                   f"~{data_info['mean_sequence_tokens']:.0f} tokens per sequence", file=sys.stderr)  # fmt: skip
-            runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-            orders = round_orders(args.configs, args.rounds)
             entry = {"shape": {"batch": batch, "seq_len": seq_len},
-                     "data": {k: v for k, v in data_info.items() if k not in ("paths", "model_path")},
-                     "orders": orders, "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+                     "data": {k: v for k, v in data_info.items() if k not in ("paths", "model_path")}}  # fmt: skip
             shapes.append(entry)
-            for round_index, order in enumerate(orders):
-                for name in order:
-                    payload = {
-                        "config": name,
-                        **configs[name],
-                        **payload_for(name, data_info, shape_dir),
-                        **{key: getattr(args, key) for key in PAYLOAD_KEYS},
-                        "round": round_index,
-                        "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
-                        "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
-                    }
-                    result = pool.run(payload)
-                    runs[name].append(result)
-                    memory = result["memory"]
-                    peak = memory.get("cuda_alloc_peak_bytes", memory["rss_peak_bytes"])
-                    print(f"    round {round_index} {name:20s} step "
-                          f"{1e3 * statistics.median(result['times']['step_s']):8.1f} ms  cpu "
-                          f"{1e3 * statistics.median(result['times']['cpu_step_s']):8.1f} ms  peak "
-                          f"{peak / 2**30:.3f} GiB  load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-                entry["configs"] = aggregate_runs(runs)
-                for name, results in runs.items():  # the after-training breakdown, if any: medians over rounds
-                    if results[0].get("breakdown"):
-                        keys = results[0]["breakdown"]
-                        entry["configs"][name]["breakdown"] = {
-                            key: statistics.median(r["breakdown"][key] for r in results) for key in keys
-                        }
-                entry["rounds_done"] = round_index + 1
-                if on_round is not None:
-                    on_round(shapes)
+
+            def payload(name, round_index, data_info=data_info, shape_dir=shape_dir):
+                return {
+                    "config": name,
+                    **configs[name],
+                    **payload_for(name, data_info, shape_dir),
+                    **{key: getattr(args, key) for key in PAYLOAD_KEYS},
+                    "round": round_index,
+                    "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                    "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                }
+
+            measure_rounds(pool, entry, args.configs, args.rounds, payload,
+                           on_round=None if on_round is None else lambda: on_round(shapes),
+                           summarize=with_breakdown_medians)  # fmt: skip
     return shapes
 
 

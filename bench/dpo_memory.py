@@ -50,22 +50,20 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    RESULTS_DIR,
     build_word_tokenizer,
-    exit_on_sigterm,
     format_table,
     peak_rss_bytes,
     pseudo_words,
     release_free_heap,
     reset_peak_rss,
     rss_bytes,
+    start_benchmark,
     worker_main,
 )
 from dpo_bench import (  # noqa: E402
@@ -267,22 +265,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker, worker, import_trainers)
-    exit_on_sigterm()
-
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("dpo_memory: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+    started_paths = start_benchmark("dpo_memory", args)
+    if started_paths is None:
         return 0
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-    out = args.out or RESULTS_DIR / f"dpo_memory_{args.device}.json"
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo_memory_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    out, workdir = started_paths
     settings = {key: getattr(args, key) for key in (*PRESETS["cpu"], "prompt_frac", "logging_steps", "seed", "sweep",
                                                      "components", "breakdown", "configs", "device",
                                                      "worker_scope")}  # fmt: skip

@@ -37,16 +37,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    RESULTS_DIR,
     ComponentTimer,
     MemoryProbe,
     WorkerPool,
@@ -55,14 +52,14 @@ from common import (  # noqa: E402
     apply_presets,
     build_word_tokenizer,
     default_worker_scope,
-    exit_on_sigterm,
     format_table,
     machine_info,
     make_step_timer,
+    measure_rounds,
     parse_sweep,
     pseudo_words,
     ratio_cell,
-    round_orders,
+    start_benchmark,
     worker_env,
     worker_main,
     write_json,
@@ -213,17 +210,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker, worker, import_trainers)
-    exit_on_sigterm()
-    import datasets
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("grpo_token_overhead: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+    started_paths = start_benchmark("grpo_token_overhead", args)
+    if started_paths is None:
         return 0
-    datasets.disable_progress_bars()
-    out = args.out or RESULTS_DIR / f"grpo_token_overhead_{args.device}.json"
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo_token_overhead_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    out, workdir = started_paths
     settings = {
         key: getattr(args, key)
         for key in (*PRESETS["cpu"], "seed", "sweep", "components", "configs", "device", "worker_scope")
@@ -271,33 +261,29 @@ def main(argv=None) -> int:
                 shape_dir = workdir / f"b{batch}_c{completion_len}"
                 (shape_dir / "runs").mkdir(parents=True, exist_ok=True)
                 data_info = build_model_and_data(args, shape_dir)
-                runs: dict[str, list[dict]] = {name: [] for name in args.configs}
-                orders = round_orders(args.configs, args.rounds)
                 shape_result = {"shape": {"batch": batch, "completion_len": completion_len},
-                                "data": {k: v for k, v in data_info.items() if k != "model_path"}, "orders": orders,
-                                "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+                                "data": {k: v for k, v in data_info.items() if k != "model_path"}}  # fmt: skip
                 shapes.append(shape_result)
-                for round_index, order in enumerate(orders):
-                    for name in order:
-                        payload = {
-                            "config": name, "round": round_index, "overrides": CONFIGS[name][0],
-                            "model_path": data_info["model_path"], "data_path": str(shape_dir / "data"),
-                            "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
-                            "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
-                            **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations",
-                                                                    "warmup", "steps", "seed", "threads", "device",
-                                                                    "dtype", "components")},
-                        }  # fmt: skip
-                        result = pool.run(payload)
-                        runs[name].append(result)
-                        times = result["times"]
-                        print(f"  round {round_index} {name:17s} step {1e3 * statistics.median(times['step_s']):8.1f} "
-                              f"ms  cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
-                              f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-                    shape_result["configs"] = aggregate_runs(runs)
-                    shaping_overhead(shape_result["configs"])
-                    shape_result["rounds_done"] = round_index + 1
-                    write_json(out, report(shapes, complete=False))
+
+                def payload(name, round_index, data_info=data_info, shape_dir=shape_dir):
+                    return {
+                        "config": name, "round": round_index, "overrides": CONFIGS[name][0],
+                        "model_path": data_info["model_path"], "data_path": str(shape_dir / "data"),
+                        "output_dir": str(shape_dir / "runs" / f"{name}_{round_index}"),
+                        "result_path": str(shape_dir / "runs" / f"{name}_{round_index}.json"),
+                        **{key: getattr(args, key) for key in ("completion_len", "batch", "num_generations", "warmup",
+                                                                "steps", "seed", "threads", "device", "dtype",
+                                                                "components")},
+                    }  # fmt: skip
+
+                def summarize(runs):
+                    summary = aggregate_runs(runs)
+                    shaping_overhead(summary)
+                    return summary
+
+                measure_rounds(pool, shape_result, args.configs, args.rounds, payload,
+                               on_round=lambda: write_json(out, report(shapes, complete=False)),
+                               summarize=summarize)  # fmt: skip
                 shape_result["table"] = print_table(args, shape_result)
         print(f"wrote {write_json(out, report(shapes, complete=True))}", file=sys.stderr)
     finally:

@@ -77,7 +77,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -88,7 +87,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     REPO_ROOT,
-    RESULTS_DIR,
     WORKER_SCOPES,
     WorkerPool,
     apply_presets,
@@ -96,6 +94,7 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     pseudo_words,
+    start_benchmark,
     synthetic_preference_rows,
     worker_env,
     worker_main,
@@ -538,19 +537,10 @@ def main(argv=None) -> int:
         return worker_main(args.worker, worker, import_trainers)
     started = time.monotonic()
     deadline = started + args.budget_s
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("longest_sequence: --device cuda requested but CUDA is not available; skipping.", file=sys.stderr)
+    started_paths = start_benchmark("longest_sequence", args)
+    if started_paths is None:
         return 0
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    out = args.out or RESULTS_DIR / f"longest_sequence_{args.device}.json"
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="longest_sequence_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    out, workdir = started_paths
     kept = args.worker_scope == "config"
     args.parallel = len(args.configs) if kept else auto_parallel(args)
     settings = {key: getattr(args, key) for key in (*SHAPE_KEYS, "batch", "prompt_frac", "steps", "granularity",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,17 +36,16 @@ from common import (  # noqa: E402
     MemoryProbe,
     WorkerPool,
     add_worker_scope_argument,
-    aggregate_runs,
     build_word_tokenizer,
     default_worker_scope,
     exit_on_sigterm,
     format_table,
     machine_info,
     make_step_timer,
+    measure_rounds,
     parse_sweep,
     pseudo_words,
     ratio_cell,
-    round_orders,
     worker_env,
     worker_main,
     write_json,
@@ -217,27 +215,25 @@ def main() -> int:
                 shape_dir = workdir / f"b{batch}_l{length}"
                 shape_dir.mkdir()
                 model_dir, data_path = build_assets(preset, shape_dir, num_rows=batch * (cli.warmup + cli.steps))
-                runs: dict[str, list[dict]] = {name: [] for name in configs}
-                orders = round_orders(configs, cli.rounds)
-                shape_result = {"shape": {"batch": batch, "max_length": length, "prompt": prompt},
-                                "orders": orders, "configs": {}, "runs": runs, "rounds_done": 0}  # fmt: skip
+                shape_result = {"shape": {"batch": batch, "max_length": length, "prompt": prompt}}
                 shapes.append(shape_result)
-                for round_index, order in enumerate(orders):
-                    for name in order:
-                        payload = dict(config=name, round=round_index, model_dir=model_dir, data_path=data_path,
-                                       device=cli.device, steps=cli.steps, warmup=cli.warmup, batch=batch,
-                                       max_length=length, dtype=preset["dtype"], components=components,
-                                       gradient_checkpointing=preset["gradient_checkpointing"], threads=cli.threads,
-                                       result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
-                        result = pool.run(payload)
-                        runs[name].append(result)
-                        times = result["times"]
-                        print(f"  round {round_index} {name:13s} step {1e3 * statistics.median(times['step_s']):8.1f}"
-                              f" ms  cpu {1e3 * statistics.median(times['cpu_step_s']):8.1f} ms  "
-                              f"load {result['load_avg_before']:.2f}", file=sys.stderr)  # fmt: skip
-                    shape_result["configs"] = aggregate_runs(runs)
-                    shape_result["rounds_done"] = round_index + 1
-                    write_json(out, report(shapes, complete=False))
+
+                def payload(name, round_index, model_dir=model_dir, data_path=data_path, shape_dir=shape_dir,
+                            preset=preset, batch=batch, length=length):  # fmt: skip
+                    return dict(config=name, round=round_index, model_dir=model_dir, data_path=data_path,
+                                device=cli.device, steps=cli.steps, warmup=cli.warmup, batch=batch, max_length=length,
+                                dtype=preset["dtype"], components=components,
+                                gradient_checkpointing=preset["gradient_checkpointing"], threads=cli.threads,
+                                result_path=str(shape_dir / f"{name}-{round_index}.json"))  # fmt: skip
+
+                measure_rounds(
+                    pool,
+                    shape_result,
+                    configs,
+                    cli.rounds,
+                    payload,
+                    on_round=lambda: write_json(out, report(shapes, complete=False)),
+                )
                 shape_result["table"] = print_table(cli.device == "cuda", shape_result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

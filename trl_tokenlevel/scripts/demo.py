@@ -53,8 +53,9 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem]) -> HeldoutAccurac
     answers = sample_completions(model, tokenizer, prompts, num_samples=1, temperature=0.0,
                                  max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts))  # fmt: skip
     right = [is_correct(problem, group[0]) for problem, group in zip(problems, answers, strict=True)]
-    first = [ok for ok, problem in zip(right, problems) if larger_comes_first(problem)]
-    second = [ok for ok, problem in zip(right, problems) if not larger_comes_first(problem)]
+    in_front = [larger_comes_first(problem) for problem in problems]
+    first = [ok for ok, front in zip(right, in_front) if front]
+    second = [ok for ok, front in zip(right, in_front) if not front]
     return HeldoutAccuracy(sum(right) / len(right), sum(first) / max(len(first), 1), sum(second) / max(len(second), 1),
                            len(first), len(second))  # fmt: skip
 

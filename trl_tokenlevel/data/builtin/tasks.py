@@ -166,12 +166,13 @@ def first_wrong_token(problem: Problem, completion_ids: Sequence[int], tokenizer
         return None
     offset = len(text) - len(text.lstrip())
     answer_end = offset + len(normalize(text))
+    inside = offset + wrong < answer_end
     # A mistake inside the text is held by the first token whose prefix covers it; one past the end of the answer by
     # the token after the one that completes the answer.
-    covers = offset + wrong + 1 if offset + wrong < answer_end else answer_end
+    covers = offset + wrong + 1 if inside else answer_end
     for index in range(len(completion_ids)):
         if len(tokenizer.decode(list(completion_ids[: index + 1]), skip_special_tokens=True)) >= covers:
-            return index if offset + wrong < answer_end else min(index + 1, len(completion_ids) - 1)
+            return index if inside else min(index + 1, len(completion_ids) - 1)
     return len(completion_ids) - 1
 
 
